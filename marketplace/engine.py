@@ -1,0 +1,185 @@
+"""Balanced perturbed inference: every input takes one vendor path, at the cost of plain inference.
+
+For a version with V vendors per group the V perturbed weight sets are materialized once on the
+device. A batch is padded to a bucket of B = k·V slots; slot j of every group belongs to vendor j // k,
+so each group runs as one kernel over all vendors. Inputs are placed on slots by a random permutation
+(on the host, free), and between groups one gather applies an independent random permutation, so the
+vendor choices of different groups are independent. One TinyJit graph per bucket serves every batch
+and every version (weights and permutations are graph inputs, not constants).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from tinygrad import Device, Tensor, TinyJit, dtypes
+
+from marketplace.models import ModelSpec
+from marketplace.threefry import uniform_delta_tg
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerturbedWeights:
+    """One version's V perturbed weight sets, stacked per parameter as (V, *shape), on the device."""
+
+    version: int
+    seeds: np.ndarray  # (S, V) uint64; column 0 is the leader (seed 0)
+    eps: float
+    tensors: tuple[Tensor, ...]  # group order, sorted keys within a group
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """Where each input sits in every group, and the path it takes."""
+
+    order0: np.ndarray  # slot j of group 0 holds input order0[j] (inputs >= n are padding)
+    perms: list[np.ndarray]  # group s>0: slot j takes slot perms[s-1][j] of group s-1
+    order_last: np.ndarray  # slot j of the last group holds input order_last[j]
+    paths: np.ndarray  # (n, S) vendor per group of each real input
+
+
+def plan_paths(n: int, bucket: int, V: int, S: int, rng: np.random.Generator) -> PathPlan:
+    """Balanced random paths: each vendor of each group gets exactly bucket/V slots."""
+    if bucket % V or n > bucket:
+        raise ValueError(f"bucket {bucket} must be a multiple of V={V} and hold n={n}")
+    k = bucket // V
+    slot_vendor = np.arange(bucket) // k
+    paths = np.empty((bucket, S), dtype=np.int64)
+    order0 = order = rng.permutation(bucket) if V > 1 else np.arange(bucket)
+    paths[order, 0] = slot_vendor
+    perms = []
+    for s in range(1, S):
+        pi = rng.permutation(bucket) if V > 1 else np.arange(bucket)
+        perms.append(pi)
+        order = order[pi]
+        paths[order, s] = slot_vendor
+    return PathPlan(order0, perms, order, paths[:n])
+
+
+def default_buckets(V: int, max_batch: int) -> list[int]:
+    """Powers of two times V up to max_batch (rounded up to a multiple of V)."""
+    top = -(-max_batch // V) * V
+    buckets, b = [], V
+    while b < top:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, top]
+
+
+class Engine:
+    """Runs a model's layer groups over V vendors; V=1 is plain (leader-only) inference."""
+
+    def __init__(self, spec: ModelSpec, vendors: int, max_batch: int = 256, device: str | None = None,
+                 buckets: list[int] | None = None):
+        if vendors < 1:
+            raise ValueError("vendors must be >= 1")
+        self.spec, self.V, self.device = spec, vendors, device or Device.DEFAULT
+        self.buckets = sorted(buckets) if buckets else default_buckets(vendors, max_batch)
+        if any(b % vendors for b in self.buckets):
+            raise ValueError(f"every bucket must be a multiple of V={vendors}: {self.buckets}")
+        self.max_batch = self.buckets[-1]
+        self._group_keys = [list(spec.group_shapes(s)) for s in range(len(spec.groups))]
+        self._jits: dict[int, TinyJit] = {}
+
+    # ------------------------------------------------------------------------------ weights
+    def materialize(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float, version: int = 0
+                    ) -> PerturbedWeights:
+        """θ + δ(σ_v) for every vendor, generated on the device from the seeds, realized once."""
+        seeds = np.asarray(seeds, dtype=np.uint64)
+        S = len(self.spec.groups)
+        if seeds.shape != (S, self.V):
+            raise ValueError(f"seeds must have shape {(S, self.V)}, got {seeds.shape}")
+        tensors: list[Tensor] = []
+        for s, keys in enumerate(self._group_keys):
+            shapes = self.spec.group_shapes(s)
+            total = sum(int(np.prod(shapes[k])) for k in keys)
+            delta = uniform_delta_tg(seeds[s], 0, total, eps, device=self.device) if total else None
+            offset = 0
+            for key in keys:
+                size = int(np.prod(shapes[key]))
+                theta = Tensor(np.ascontiguousarray(params[key], dtype=np.float32).reshape(1, size),
+                               device=self.device)
+                stacked = (theta + delta[:, offset:offset + size]).reshape(self.V, *shapes[key])
+                tensors.append(stacked.contiguous())
+                offset += size
+        Tensor.realize(*tensors)
+        return PerturbedWeights(version, seeds, float(eps), tuple(tensors))
+
+    # ------------------------------------------------------------------------------ forward
+    def graph(self, x: Tensor, perms: list[Tensor], weights: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+        """The forward pass as one lazy graph: x is (B, *input_shape) in group-0 slot order.
+
+        Returns (B, num_classes) logits in last-group slot order. Differentiable, so backprop
+        training runs the very same code with V=1.
+        """
+        V, spec = self.V, self.spec
+        B = x.shape[0]
+        k = B // V
+        h = x.reshape(V, k, *spec.input_shape) * spec.input_scale
+        if spec.input_offset:
+            h = h + spec.input_offset
+        wi = 0
+        for s, group in enumerate(spec.groups):
+            if s > 0 and V > 1:
+                feat = h.shape[2:]
+                h = h.reshape(B, *feat)[perms[s - 1]].reshape(V, k, *feat)
+            for lname, layer in group.layers:
+                names = sorted(layer.param_shapes())
+                w = {}
+                for pname in names:
+                    w[pname] = weights[wi + self._group_keys[s].index(f"{s}.{lname}.{pname}")]
+                h = layer(h, w)
+            wi += len(self._group_keys[s])
+        return h.reshape(B, spec.num_classes)
+
+    def _jit_for(self, bucket: int) -> TinyJit:
+        if bucket not in self._jits:
+            def run(x: Tensor, *rest: Tensor) -> Tensor:
+                n_perm = len(self.spec.groups) - 1 if self.V > 1 else 0
+                return self.graph(x, list(rest[:n_perm]), rest[n_perm:]).realize()
+            self._jits[bucket] = TinyJit(run)
+        return self._jits[bucket]
+
+    def bucket_for(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"batch of {n} exceeds the largest bucket {self.max_batch}")
+
+    def forward(self, weights: PerturbedWeights, x: np.ndarray, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (n, C) float32 and paths (n, S) of a batch, each input on its own balanced path."""
+        x = np.asarray(x, dtype=np.float32)
+        n = x.shape[0]
+        if x.shape[1:] != tuple(self.spec.input_shape):
+            raise ValueError(f"inputs must have shape (n, {self.spec.input_shape}), got {x.shape}")
+        if n > self.max_batch:
+            parts = [self.forward(weights, x[i:i + self.max_batch], rng) for i in range(0, n, self.max_batch)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        bucket = self.bucket_for(n)
+        plan = plan_paths(n, bucket, self.V, len(self.spec.groups), rng)
+        padded = np.zeros((bucket, *self.spec.input_shape), dtype=np.float32)
+        padded[:n] = x
+        xt = Tensor(padded[plan.order0], device=self.device)
+        perms = [Tensor(p.astype(np.int32), dtype=dtypes.int32, device=self.device) for p in plan.perms
+                 if self.V > 1]
+        out = self._jit_for(bucket)(xt, *perms, *weights.tensors).numpy()
+        logits = np.empty_like(out)
+        logits[plan.order_last] = out
+        return logits[:n], plan.paths
+
+    def warmup(self, weights: PerturbedWeights, buckets: list[int] | None = None) -> None:
+        """Capture the JIT of each bucket (TinyJit records on its second call) off the request path."""
+        rng = np.random.default_rng(0)
+        for b in buckets or self.buckets:
+            for _ in range(3):
+                self.forward(weights, np.zeros((b, *self.spec.input_shape), np.float32), rng)
+
+
+def leader_seeds(spec: ModelSpec) -> np.ndarray:
+    """Seeds of a leader-only (V=1) engine: all zero, the unperturbed model."""
+    return np.zeros((len(spec.groups), 1), dtype=np.uint64)

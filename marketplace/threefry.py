@@ -115,8 +115,9 @@ def uniform_delta_tg(seeds: np.ndarray | int, counter: int, n: int, eps: float, 
         raise ValueError("the tinygrad twin supports counters below 2^32 (4G parameters per group)")
     k0 = Tensor((seeds & np.uint64(MASK32)).astype(np.uint32)[:, None], device=device)
     k1 = Tensor((seeds >> np.uint64(32)).astype(np.uint32)[:, None], device=device)
-    scale = Tensor((seeds != 0).astype(np.float32)[:, None] * delta_scale(eps), device=device)
+    scale = Tensor(np.full((len(seeds), 1), delta_scale(eps), dtype=np.float32), device=device)
+    live = Tensor((seeds != 0)[:, None], device=device)
     idx = Tensor.arange(n, dtype=dtypes.uint32).to(device).reshape(1, n) + counter
     x0, _ = threefry2x32_tg((k0, k1), idx, idx.zeros_like())
     signed = (x0 >> 8).cast(dtypes.int32) - 2**23
-    return signed.cast(dtypes.float32) * scale
+    return live.where(signed.cast(dtypes.float32) * scale, 0.0)

@@ -1,0 +1,75 @@
+"""Redis key names of one model (DESIGN §2).
+
+Every key of a model carries the hash tag ``{m}`` so that all of them live in one Redis Cluster
+slot and a Lua script may touch any of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+RECORD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def validate_model_name(model: str) -> str:
+    """Return ``model`` if it is a valid model name, else raise ValueError."""
+    if not isinstance(model, str) or not MODEL_NAME_RE.fullmatch(model):
+        raise ValueError(f"invalid model name {model!r}: must match {MODEL_NAME_RE.pattern}")
+    return model
+
+
+def validate_record_id(record_id: str) -> str:
+    """Return ``record_id`` if it is a valid prediction id, else raise ValueError."""
+    if not isinstance(record_id, str) or not RECORD_ID_RE.fullmatch(record_id):
+        raise ValueError(f"invalid record id {record_id!r}: must match {RECORD_ID_RE.pattern}")
+    return record_id
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """Key names for ``model``; the only place that spells them."""
+
+    model: str
+
+    def __post_init__(self) -> None:
+        validate_model_name(self.model)
+
+    @property
+    def prefix(self) -> str:
+        return f"mp:{{{self.model}}}"
+
+    def pred(self, record_id: str) -> str:
+        """Hash of one served prediction: version, path, logits, created, label."""
+        return f"{self.prefix}:pred:{validate_record_id(record_id)}"
+
+    @property
+    def feedback(self) -> str:
+        """Stream of labelled examples, read by the ``reconciler`` consumer group."""
+        return f"{self.prefix}:feedback"
+
+    @property
+    def version(self) -> str:
+        """String: the version serving must use."""
+        return f"{self.prefix}:version"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel: one JSON message per publish or rollback."""
+        return f"{self.prefix}:events"
+
+    @property
+    def lock(self) -> str:
+        """String: the reconciler's leader lease (value = owner)."""
+        return f"{self.prefix}:lock"
+
+    @property
+    def fence(self) -> str:
+        """String counter: fencing token, INCR'd on every lease taken."""
+        return f"{self.prefix}:fence"
+
+    @property
+    def history(self) -> str:
+        """List of JSON records, one per publish or rollback, oldest first."""
+        return f"{self.prefix}:history"

@@ -1,0 +1,92 @@
+-- Publish a new model version: fence check, version + history, XACK of the entries it used,
+-- event, and a trim of the feedback stream that never drops a pending or undelivered entry.
+-- KEYS[1] version, KEYS[2] fence, KEYS[3] history, KEYS[4] feedback stream, KEYS[5] events
+-- ARGV[1] fencing token, ARGV[2] new version, ARGV[3] history JSON, ARGV[4] group,
+-- ARGV[5..] stream entry ids to acknowledge
+-- Returns {'ok', acked, trimmed} or {'stale_token', fence} / {'bad_version', v} / {'bad_id', id} /
+-- {'no_group', group}. Every check runs before the first write, so a refusal changes nothing.
+local token = tonumber(ARGV[1])
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if token == nil or not string.match(ARGV[1], '^%d+$') or token < fence then
+  return {'stale_token', tostring(fence)}
+end
+if not string.match(ARGV[2], '^%d+$') then
+  return {'bad_version', ARGV[2]}
+end
+for i = 5, #ARGV do
+  if not string.match(ARGV[i], '^%d+%-%d+$') then
+    return {'bad_id', ARGV[i]}
+  end
+end
+
+local stream, group = KEYS[4], ARGV[4]
+-- XINFO GROUPS errors on a missing key; a missing stream simply has no groups.
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+if not ok then
+  groups = {}
+end
+local infos = {}
+local found = false
+for _, g in ipairs(groups) do
+  local info = {}
+  for j = 1, #g, 2 do
+    info[g[j]] = g[j + 1]
+  end
+  infos[#infos + 1] = info
+  if info['name'] == group then
+    found = true
+  end
+end
+if #ARGV >= 5 and not found then
+  return {'no_group', group}
+end
+
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+
+local acked = 0
+local chunk = 256
+for i = 5, #ARGV, chunk do
+  local j = math.min(i + chunk - 1, #ARGV)
+  acked = acked + redis.call('XACK', stream, group, unpack(ARGV, i, j))
+end
+
+redis.call('PUBLISH', KEYS[5], '{"type":"publish","version":' .. ARGV[2] .. '}')
+
+-- Trim bound: for every group, its oldest pending entry, or (nothing pending) the entry just
+-- after its last-delivered-id. The smallest bound over all groups is safe for all of them.
+local function parse_id(s)
+  local ms, seq = string.match(s, '^(%d+)%-(%d+)$')
+  return tonumber(ms), tonumber(seq), ms, seq
+end
+local function less(a, b)
+  local ams, aseq = parse_id(a)
+  local bms, bseq = parse_id(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local minid = nil
+for _, info in ipairs(infos) do
+  local bound
+  local pend = redis.call('XPENDING', stream, info['name'])
+  if tonumber(pend[1]) > 0 then
+    bound = pend[2]
+  else
+    local last = info['last-delivered-id']
+    local _, seqn, ms, seq = parse_id(last)
+    if last == '0-0' then
+      bound = '0-0'
+    elseif #seq <= 12 then
+      bound = ms .. '-' .. tostring(seqn + 1)
+    else
+      bound = last -- keep one extra entry rather than risk float rounding
+    end
+  end
+  if minid == nil or less(bound, minid) then
+    minid = bound
+  end
+end
+local trimmed = 0
+if minid ~= nil and minid ~= '0-0' then
+  trimmed = redis.call('XTRIM', stream, 'MINID', minid)
+end
+return {'ok', acked, trimmed}

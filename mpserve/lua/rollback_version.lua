@@ -1,0 +1,9 @@
+-- Point serving at an older version and tell the replicas.
+-- KEYS[1] version, KEYS[2] history, KEYS[3] events; ARGV[1] version, ARGV[2] history JSON
+if not string.match(ARGV[1], '^%d+$') then
+  return {'bad_version', ARGV[1]}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], '{"type":"rollback","version":' .. ARGV[1] .. '}')
+return {'ok'}

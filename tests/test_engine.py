@@ -1,0 +1,100 @@
+"""Balanced perturbed inference: each input's logits are those of its own path's weights."""
+
+import numpy as np
+import pytest
+
+from marketplace.deltas import path_params
+from marketplace.engine import Engine, default_buckets, leader_seeds, plan_paths
+from marketplace.models import beautiful_mnist, mlp
+from marketplace.reconcile import fresh_seeds
+
+
+def numpy_mlp(spec, params, x):
+    """An independent NumPy forward of the mlp model, to check the leader path."""
+    h = x.reshape(len(x), -1) * spec.input_scale
+    for s in range(len(spec.groups)):
+        h = h @ params[f"{s}.fc.weight"].T + params[f"{s}.fc.bias"]
+        if s < len(spec.groups) - 1:
+            h = np.maximum(h, 0)
+    return h
+
+
+def test_leader_engine_matches_an_independent_numpy_forward():
+    spec = mlp(hidden=(32, 16))
+    params = spec.init_params(3)
+    engine = Engine(spec, 1, max_batch=16)
+    weights = engine.materialize(params, leader_seeds(spec), eps=0.1)
+    x = np.random.default_rng(0).uniform(0, 255, size=(7, *spec.input_shape)).astype(np.float32)
+    logits, paths = engine.forward(weights, x, np.random.default_rng(1))
+    assert logits.shape == (7, 10) and not paths.any()
+    np.testing.assert_allclose(logits, numpy_mlp(spec, params, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [mlp(hidden=(24, 12)), beautiful_mnist()], ids=["mlp", "beautiful_mnist"])
+def test_each_input_gets_the_logits_of_its_own_path(spec):
+    V, eps = 4, 0.05
+    params = spec.init_params(1)
+    seeds = fresh_seeds(len(spec.groups), V, np.random.default_rng(7))
+    engine = Engine(spec, V, max_batch=16)
+    weights = engine.materialize(params, seeds, eps)
+    x = np.random.default_rng(2).uniform(0, 255, size=(11, *spec.input_shape)).astype(np.float32)
+    logits, paths = engine.forward(weights, x, np.random.default_rng(3))
+    assert paths.shape == (11, len(spec.groups))
+    leader = Engine(spec, 1, max_batch=4)
+    for i in range(len(x)):
+        own = leader.materialize(path_params(spec, params, seeds, paths[i], eps), leader_seeds(spec), eps)
+        expected, _ = leader.forward(own, x[i:i + 1], np.random.default_rng(0))
+        np.testing.assert_allclose(logits[i], expected[0], rtol=1e-4, atol=1e-4)
+    # the perturbation is real: some input's logits differ from the leader's
+    lead_w = leader.materialize(params, leader_seeds(spec), eps)
+    plain = np.concatenate([leader.forward(lead_w, x[i:i + 4], np.random.default_rng(0))[0]
+                            for i in range(0, len(x), 4)])
+    assert np.abs(plain - logits).max() > 1e-3
+
+
+def test_full_bucket_is_exactly_balanced_and_groups_are_independent():
+    V, S, B = 4, 3, 64
+    plan = plan_paths(B, B, V, S, np.random.default_rng(0))
+    for s in range(S):
+        assert np.bincount(plan.paths[:, s], minlength=V).tolist() == [B // V] * V
+    # independent permutations: the vendor of group 1 is not a function of the vendor of group 0
+    joint = np.zeros((V, V), int)
+    np.add.at(joint, (plan.paths[:, 0], plan.paths[:, 1]), 1)
+    assert (joint > 0).sum() > V
+
+
+def test_plan_tracks_inputs_through_the_permutations():
+    V, S, B = 4, 3, 16
+    plan = plan_paths(10, B, V, S, np.random.default_rng(5))
+    assert sorted(plan.order0) == list(range(B)) and sorted(plan.order_last) == list(range(B))
+    order = plan.order0
+    for pi in plan.perms:
+        order = order[pi]
+    assert np.array_equal(order, plan.order_last)
+    k = B // V
+    for j, inp in enumerate(plan.order_last):
+        if inp < 10:
+            assert plan.paths[inp, S - 1] == j // k
+
+
+def test_batches_larger_than_the_largest_bucket_are_split():
+    spec = mlp(hidden=(8,))
+    engine = Engine(spec, 2, max_batch=8)
+    weights = engine.materialize(spec.init_params(0), fresh_seeds(2, 2, np.random.default_rng(0)), 0.05)
+    logits, paths = engine.forward(weights, np.zeros((19, *spec.input_shape), np.float32), np.random.default_rng(0))
+    assert logits.shape == (19, 10) and paths.shape == (19, 2)
+
+
+def test_bad_shapes_are_refused():
+    spec = mlp(hidden=(8,))
+    engine = Engine(spec, 2, max_batch=8)
+    weights = engine.materialize(spec.init_params(0), fresh_seeds(2, 2, np.random.default_rng(0)), 0.05)
+    with pytest.raises(ValueError, match="shape"):
+        engine.forward(weights, np.zeros((3, 28, 28), np.float32), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="seeds"):
+        engine.materialize(spec.init_params(0), np.zeros((2, 3), np.uint64), 0.05)
+
+
+def test_default_buckets_are_multiples_of_v():
+    assert default_buckets(4, 256) == [4, 8, 16, 32, 64, 128, 256]
+    assert default_buckets(3, 10) == [3, 6, 12]

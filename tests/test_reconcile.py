@@ -1,0 +1,159 @@
+"""Reconciliation against the naive formula Σ_i a_i·δ(path_i), and the filters around it."""
+
+import numpy as np
+import pytest
+
+from marketplace.deltas import group_delta
+from marketplace.models import mlp
+from marketplace.reconcile import (
+    ReconcileConfig,
+    Records,
+    VersionSeeds,
+    attribute,
+    class_balance,
+    cross_entropy,
+    fresh_seeds,
+    keep_mask,
+    reconcile,
+)
+
+SPEC = mlp(hidden=(16, 8))
+S, V = 3, 4
+
+
+def random_records(rng, versions, per_version):
+    version = np.repeat(np.array(versions), per_version)
+    path = rng.integers(0, V, size=(len(version), S))
+    loss = rng.gamma(2.0, 0.5, size=len(version)) + version * 0.3  # cohorts differ in baseline
+    label = rng.integers(0, 10, size=len(version))
+    return Records(version, path, loss, label)
+
+
+def naive_direction(records, sources, config):
+    """Σ_i a_i·δ(σ[version_i, s, path_i[s]]) record by record, then the unit step."""
+    flat = {k: np.zeros(np.prod(v)) for k, v in SPEC.param_shapes().items()}
+    for n in np.unique(records.version):
+        idx = np.flatnonzero(records.version == n)
+        a = attribute(records.loss[idx], config)
+        for i, ai in zip(idx, a, strict=True):
+            for s in range(S):
+                seed = sources[int(n)].seeds[s, records.path[i, s]]
+                for key, d in group_delta(SPEC, s, int(seed), sources[int(n)].eps).items():
+                    flat[key] += ai * d.ravel().astype(np.float64)
+    norm = np.sqrt(sum((v**2).sum() for v in flat.values()))
+    return {k: v / norm for k, v in flat.items()}
+
+
+@pytest.mark.parametrize("attribution", ["zscore", "rank"])
+def test_matches_the_naive_formula(attribution):
+    rng = np.random.default_rng(0)
+    sources = {n: VersionSeeds(fresh_seeds(S, V, rng), eps) for n, eps in [(3, 0.05), (4, 0.02)]}
+    records = random_records(rng, [3, 4], 40)
+    config = ReconcileConfig(learning_rate=0.7, attribution=attribution, min_cohort=1)
+    params = SPEC.init_params(1)
+    result = reconcile(SPEC, params, records, sources, config)
+    expected = naive_direction(records, sources, config)
+    step = {k: (result.params[k].astype(np.float64) - params[k]).ravel() / 0.7 for k in params}
+    got = np.concatenate([step[k] for k in params])
+    want = np.concatenate([expected[k] for k in params])
+    # float32 weights hold the step to about 1e-7 of |θ|; compare directions at that resolution
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
+    assert result.stats["records"] == 80 and len(result.stats["cohorts"]) == 2
+
+
+def test_direction_matches_naive_formula_in_float64():
+    """The same check on the direction itself, before it is added to float32 weights: 1e-5 relative."""
+    rng = np.random.default_rng(1)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05), 1: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    records = random_records(rng, [0, 1], 30)
+    config = ReconcileConfig(learning_rate=1.0, min_cohort=1)
+    zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
+    result = reconcile(SPEC, zero, records, sources, config)
+    expected = naive_direction(records, sources, config)
+    got = np.concatenate([result.params[k].astype(np.float64).ravel() for k in zero])
+    want = np.concatenate([expected[k] for k in zero])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_step_has_the_learning_rate_as_its_length():
+    rng = np.random.default_rng(2)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    params = SPEC.init_params(0)
+    result = reconcile(SPEC, params, random_records(rng, [0], 64), sources, ReconcileConfig(learning_rate=0.25))
+    step = np.concatenate([(result.params[k].astype(np.float64) - params[k]).ravel() for k in params])
+    assert abs(np.linalg.norm(step) - 0.25) < 1e-4
+
+
+def test_per_group_normalization_gives_each_group_a_unit_step():
+    rng = np.random.default_rng(3)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
+    result = reconcile(SPEC, zero, random_records(rng, [0], 64), sources,
+                       ReconcileConfig(learning_rate=1.0, normalize="group"))
+    for s in range(S):
+        keys = SPEC.group_shapes(s)
+        norm = np.sqrt(sum((result.params[k].astype(np.float64) ** 2).sum() for k in keys))
+        assert abs(norm - 1.0) < 1e-5
+
+
+def test_small_cohorts_are_held_back():
+    rng = np.random.default_rng(4)
+    sources = {n: VersionSeeds(fresh_seeds(S, V, rng), 0.05) for n in (0, 1)}
+    records = Records(np.array([0] * 20 + [1] * 3), rng.integers(0, V, (23, S)), rng.random(23))
+    result = reconcile(SPEC, SPEC.init_params(0), records, sources, ReconcileConfig(min_cohort=8))
+    assert result.used.tolist() == [True] * 20 + [False] * 3
+    assert result.stats["held_back"] == 3 and [c["version"] for c in result.stats["cohorts"]] == [0]
+
+
+def test_no_signal_means_no_update():
+    rng = np.random.default_rng(5)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    params = SPEC.init_params(0)
+    records = Records(np.zeros(16, int), rng.integers(0, V, (16, S)), np.ones(16))
+    result = reconcile(SPEC, params, records, sources, ReconcileConfig())
+    assert all(np.array_equal(result.params[k], params[k]) for k in params)
+    assert result.stats["direction_norm"] == 0.0
+
+
+def test_outlier_filters():
+    loss = np.array([1.0] * 50 + [1.1] * 49 + [40.0])
+    assert keep_mask(loss, ReconcileConfig(outlier="zscore", outlier_z=3.0)).sum() == 99
+    assert not keep_mask(loss, ReconcileConfig(outlier="zscore"))[-1]
+    trimmed = keep_mask(np.arange(100.0), ReconcileConfig(outlier="quantile", outlier_quantile=0.05))
+    assert trimmed.sum() == 90 and not trimmed[0] and not trimmed[-1]
+    assert keep_mask(loss, ReconcileConfig(outlier="none")).all()
+
+
+def test_attributions_reward_low_loss():
+    loss = np.array([3.0, 1.0, 2.0, 2.0])
+    for kind in ("zscore", "rank"):
+        a = attribute(loss, ReconcileConfig(attribution=kind))
+        assert a[1] == a.max() and a[0] == a.min() and a[2] == a[3]
+        assert abs(a.sum()) < 1e-12
+    assert attribute(np.array([2.0]), ReconcileConfig()).tolist() == [0.0]
+
+
+def test_class_balance_upweights_rare_classes():
+    labels = np.array([0] * 30 + [9] * 2)
+    w = class_balance(labels, 10)
+    assert w[-1] > w[0] and abs(w.mean() - 1.0) < 1e-12
+    assert abs(w[labels == 0].sum() - w[labels == 9].sum()) < 1e-9
+
+
+def test_fresh_seeds_keep_the_leader():
+    seeds = fresh_seeds(3, 4, np.random.default_rng(0))
+    assert seeds.dtype == np.uint64 and not seeds[:, 0].any() and seeds[:, 1:].all()
+
+
+def test_cross_entropy_matches_the_definition():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]], np.float32)
+    expected = [-np.log(np.exp(2) / (np.exp(2) + 1 + np.exp(-1))), np.log(3)]
+    np.testing.assert_allclose(cross_entropy(logits, np.array([0, 2])), expected, rtol=1e-12)
+
+
+def test_paths_naming_unknown_vendors_are_refused():
+    rng = np.random.default_rng(6)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    records = Records(np.zeros(10, int), np.full((10, S), V), rng.random(10))
+    with pytest.raises(ValueError, match="vendor"):
+        reconcile(SPEC, SPEC.init_params(0), records, sources, ReconcileConfig(min_cohort=1))

@@ -1,0 +1,469 @@
+"""The Redis data layer against a real redis-server (see conftest.redis_server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio
+
+from mpserve.keys import ModelKeys
+from mpserve.recordlog import (
+    AsyncRecordLog,
+    FeedbackEntry,
+    PredictionRecord,
+    RecordLog,
+    StaleLeaderError,
+)
+from tests.helpers import start_redis, wait_until
+
+MODEL = "fashion"
+K = ModelKeys(MODEL)
+
+
+def rec(i: int, version: int = 1, label: int | None = None, loss: float | None = None) -> PredictionRecord:
+    logits = np.arange(4, dtype=np.float32) * (i + 1) - 0.5
+    return PredictionRecord(f"id{i}", version, (i % 3, 1, 0), logits, label, loss)
+
+
+def labelled(log: RecordLog, n: int, version: int = 1) -> list[str]:
+    """Write n predictions whose labels came with them; returns their ids."""
+    log.write_predictions([rec(i, version, label=i % 4, loss=0.1 * i) for i in range(n)])
+    return [f"id{i}" for i in range(n)]
+
+
+def pending_ids(client: redis.Redis, group: str = "reconciler") -> list[str]:
+    rows = client.xpending_range(K.feedback, group, "-", "+", 10_000)
+    return [r["message_id"].decode() for r in rows]
+
+
+def stream_ids(client: redis.Redis) -> list[str]:
+    return [eid.decode() for eid, _ in client.xrange(K.feedback)]
+
+
+def counting_client(url: str) -> tuple[redis.Redis, type]:
+    """A client whose connections count socket writes, i.e. round trips."""
+
+    class Counting(redis.Connection):
+        sends = 0
+
+        def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+            type(self).sends += 1
+            return super().send_packed_command(command, check_health)
+
+    pool = redis.ConnectionPool.from_url(url, connection_class=Counting)
+    client = redis.Redis(connection_pool=pool)
+    client.ping()  # connect (handshake) before counting
+    Counting.sends = 0
+    return client, Counting
+
+
+@pytest.fixture
+def log(redis_client: redis.Redis) -> RecordLog:
+    rl = RecordLog(redis_client, MODEL, label_window_s=3600)
+    assert rl.ensure_group() is True
+    return rl
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_model_keys_use_hash_tag_and_validate() -> None:
+    k = ModelKeys("fashion")
+    assert k.pred("a-1_B") == "mp:{fashion}:pred:a-1_B"
+    assert (k.feedback, k.version, k.events) == (
+        "mp:{fashion}:feedback",
+        "mp:{fashion}:version",
+        "mp:{fashion}:events",
+    )
+    assert (k.lock, k.fence, k.history) == ("mp:{fashion}:lock", "mp:{fashion}:fence", "mp:{fashion}:history")
+    for bad in ["", "Fashion", "-x", "a" * 65, "a:b", "a{b}"]:
+        with pytest.raises(ValueError):
+            ModelKeys(bad)
+    for bad_id in ["", "a:b", "x" * 65, "a b", "ü"]:
+        with pytest.raises(ValueError):
+            k.pred(bad_id)
+
+
+def test_rejects_decoding_client(redis_server) -> None:  # type: ignore[no-untyped-def]
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        RecordLog(client, MODEL)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_write_predictions_is_one_round_trip_and_sets_ttl(redis_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+    client, counter = counting_client(redis_server.url)
+    rl = RecordLog(client, MODEL, label_window_s=600)
+    items = [rec(0), rec(1), rec(2, label=3, loss=1.25)]
+    rl.write_predictions(items, now_ms=1234)
+    assert counter.sends == 1
+
+    h = redis_client.hgetall(K.pred("id1"))
+    assert h[b"version"] == b"1" and h[b"path"] == b"1,1,0" and h[b"created"] == b"1234"
+    assert h[b"logits"] == items[1].logits.astype("<f4").tobytes()
+    assert b"label" not in h
+    for i in range(3):
+        assert 590_000 < redis_client.pttl(K.pred(f"id{i}")) <= 600_000
+
+    entries = redis_client.xrange(K.feedback)
+    assert len(entries) == 1  # only the labelled item is feedback
+    fields = entries[0][1]
+    assert fields == {
+        b"id": b"id2",
+        b"version": b"1",
+        b"path": b"2,1,0",
+        b"loss": b"1.25",
+        b"label": b"3",
+        b"ts": b"1234",
+    }
+    assert redis_client.hget(K.pred("id2"), "label") == b"3"
+
+
+def test_write_predictions_validates_whole_batch_first(log: RecordLog, redis_client: redis.Redis) -> None:
+    with pytest.raises(ValueError):
+        log.write_predictions([rec(0), rec(1, label=2, loss=float("nan"))])
+    with pytest.raises(ValueError):
+        log.write_predictions([rec(0), rec(1, label=2, loss=None)])
+    assert redis_client.exists(K.pred("id0")) == 0
+
+
+def test_fetch_logits_round_trip(redis_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+    client, counter = counting_client(redis_server.url)
+    rl = RecordLog(client, MODEL)
+    items = [rec(0, version=7), rec(1, version=8)]
+    rl.write_predictions(items)
+    counter.sends = 0
+    got = rl.fetch_logits(["id0", "id1", "nope"])
+    assert counter.sends == 1
+    assert got["nope"] is None
+    version, path, logits = got["id1"]
+    assert (version, path) == (8, (1, 1, 0))
+    assert logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, items[1].logits)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_attach_label_statuses(log: RecordLog, redis_client: redis.Redis) -> None:
+    log.write_predictions([rec(0, version=5), rec(1), rec(2)])
+    assert log.attach_labels([("id0", 2, 0.75), ("id1", 1, 0.5)], now_ms=99) == ["ok", "ok"]
+    assert redis_client.xlen(K.feedback) == 2
+    first = redis_client.xrange(K.feedback, count=1)[0][1]
+    assert first == {
+        b"id": b"id0",
+        b"version": b"5",
+        b"path": b"0,1,0",
+        b"loss": b"0.75",
+        b"label": b"2",
+        b"ts": b"99",
+    }
+
+    results = log.attach_labels_detailed(
+        [("id0", 2, 0.75), ("id1", 3, 0.1), ("ghost", 1, 0.1), ("id2", 0, 0.2)]
+    )
+    assert [(r.status, r.existing_label) for r in results] == [
+        ("duplicate", 2),
+        ("conflict", 1),
+        ("not_found", None),
+        ("ok", None),
+    ]
+    assert redis_client.xlen(K.feedback) == 3  # no second entry for id0, none for the conflict
+    assert redis_client.hget(K.pred("id1"), "label") == b"1"  # conflict left the first label
+
+
+def test_attach_label_after_expiry_is_not_found(redis_client: redis.Redis) -> None:
+    rl = RecordLog(redis_client, MODEL, label_window_s=1)
+    rl.write_predictions([rec(0)])
+    assert redis_client.exists(K.pred("id0")) == 1
+    wait_until(lambda: redis_client.exists(K.pred("id0")) == 0, timeout=5, what="prediction expired")
+    assert rl.attach_labels([("id0", 1, 0.3)]) == ["not_found"]
+    assert rl.fetch_logits(["id0"]) == {"id0": None}
+    assert redis_client.xlen(K.feedback) == 0
+
+
+def test_attach_survives_script_flush(log: RecordLog, redis_client: redis.Redis) -> None:
+    log.write_predictions([rec(0), rec(1)])
+    redis_client.script_flush()
+    assert log.attach_labels([("id0", 1, 0.1), ("id1", 2, 0.2)]) == ["ok", "ok"]
+    assert redis_client.xlen(K.feedback) == 2
+
+
+# --------------------------------------------------------------------------- feedback stream
+
+
+def test_read_feedback_and_pending_after_restart(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 5)
+    first = log.read_feedback("w1", count=3)
+    assert [e.id for e in first] == ["id0", "id1", "id2"]
+    e = first[1]
+    assert isinstance(e, FeedbackEntry)
+    assert (e.version, e.path, e.loss, e.label) == (1, (1, 1, 0), 0.1, 1)
+    assert [x.id for x in log.read_feedback("w2", count=10, block_ms=10)] == ["id3", "id4"]
+
+    # A restarted worker (new object, same consumer name) sees what it had not acked.
+    again = RecordLog(redis_client, MODEL).pending_entries("w1", count=2)
+    assert [x.entry_id for x in again] == [x.entry_id for x in first]
+    assert RecordLog(redis_client, MODEL).pending_entries("nobody") == []
+
+
+def test_read_feedback_splits_between_consumers(log: RecordLog) -> None:
+    labelled(log, 4)
+    a = log.read_feedback("a", count=3)
+    b = log.read_feedback("b", count=3, block_ms=10)
+    assert len(a) == 3 and len(b) == 1
+    assert {e.id for e in a} | {e.id for e in b} == {f"id{i}" for i in range(4)}
+    assert log.read_feedback("a", count=3, block_ms=10) == []
+
+
+def test_read_feedback_recreates_missing_group(redis_client: redis.Redis) -> None:
+    rl = RecordLog(redis_client, MODEL)
+    labelled(rl, 2)  # stream exists, group does not
+    assert [e.id for e in rl.read_feedback("w", count=10)] == ["id0", "id1"]
+    assert rl.ensure_group() is False  # BUSYGROUP is not an error
+
+
+def test_malformed_entries_are_acked_as_dropped(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 1)
+    bad = redis_client.xadd(K.feedback, {"id": "x", "version": "not-a-number"}).decode()
+    log.write_predictions([rec(9, label=1, loss=0.2)])
+    got = log.read_feedback("w", count=10)
+    assert [e.id for e in got] == ["id0", "id9"]
+    assert bad not in pending_ids(redis_client)
+    assert len(pending_ids(redis_client)) == 2
+
+
+def test_reclaim_takes_a_dead_consumers_entries(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 3)
+    dead = log.read_feedback("dead", count=10)
+    assert len(dead) == 3
+    assert log.reclaim("alive", min_idle_ms=60_000) == []  # not idle long enough yet
+    got = wait_until(lambda: log.reclaim("alive", min_idle_ms=30, count=10), timeout=5, what="reclaim")
+    assert sorted(e.entry_id for e in got) == sorted(e.entry_id for e in dead)
+    owners = {c["name"]: c["pending"] for c in redis_client.xpending(K.feedback, "reconciler")["consumers"]}
+    assert owners == {b"alive": 3}
+
+
+def test_reclaim_respects_count(log: RecordLog) -> None:
+    labelled(log, 5)
+    log.read_feedback("dead", count=10)
+    got = wait_until(lambda: log.reclaim("alive", min_idle_ms=1, count=2), timeout=5)
+    assert len(got) == 2
+    rest = log.reclaim("alive2", min_idle_ms=0, count=100)
+    assert len(rest) == 5  # min_idle 0 claims everything pending, including alive's
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def test_publish_acks_exactly_the_given_ids(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 4)
+    entries = log.read_feedback("w", count=10)
+    token = log.acquire_lease("w", 10_000)
+    assert token is not None
+    used = [entries[0].entry_id, entries[2].entry_id]
+    assert log.publish(token, 2, {"parent": 1, "records": 2}, used) == 2
+    assert pending_ids(redis_client) == [entries[1].entry_id, entries[3].entry_id]
+    assert log.current_version() == 2
+    (h,) = log.history()
+    assert (h["type"], h["version"], h["parent"], h["records"]) == ("publish", 2, 1, 2)
+    assert isinstance(h["ts_ms"], int)
+    assert log.backlog() == 2
+    # Acking the same ids again is harmless (0 acked) and still publishes.
+    assert log.publish(token, 3, {}, used) == 0
+    assert log.current_version() == 3
+
+
+def test_stale_token_is_refused_and_changes_nothing(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 3)
+    entries = log.read_feedback("old", count=10)
+    old = log.acquire_lease("old", 10_000)
+    assert old is not None
+    assert log.publish(old, 1, {}, []) == 0
+    assert log.release_lease("old") is True
+    new = log.acquire_lease("new", 10_000)
+    assert new == old + 1
+
+    before = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
+    with pytest.raises(StaleLeaderError):
+        log.publish(old, 2, {"by": "old"}, [e.entry_id for e in entries])
+    after = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
+    assert after == before
+    assert log.publish(new, 2, {"by": "new"}, [entries[0].entry_id]) == 1
+
+
+def test_publish_rejects_bad_input_before_writing(log: RecordLog) -> None:
+    token = log.acquire_lease("w", 10_000)
+    with pytest.raises(ValueError):
+        log.publish(token, 2, {}, ["not-an-id"])
+    with pytest.raises(ValueError):
+        log.publish(token, 2, {"loss": float("nan")}, [])
+    assert log.current_version() is None and log.history() == []
+
+
+def test_publish_without_group_changes_nothing(redis_client: redis.Redis) -> None:
+    rl = RecordLog(redis_client, MODEL)  # ensure_group never called
+    with pytest.raises(RuntimeError, match="no_group"):
+        rl.publish(0, 1, {}, ["1-0"])
+    assert rl.current_version() is None and rl.history() == []
+
+
+def test_trim_never_drops_pending_or_undelivered(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 6)
+    all_ids = stream_ids(redis_client)
+    got = log.read_feedback("w", count=4)  # entries 0..3 delivered, 4..5 never delivered
+    e = [x.entry_id for x in got]
+    token = log.acquire_lease("w", 10_000)
+
+    log.publish(token, 2, {}, [e[1], e[2]])  # pending: 0, 3 -> nothing below entry 0 to trim
+    assert stream_ids(redis_client) == all_ids
+
+    log.publish(token, 3, {}, [e[0]])  # pending: 3 -> entries 0..2 may go
+    assert stream_ids(redis_client) == all_ids[3:]
+
+    log.publish(token, 4, {}, [e[3]])  # nothing pending: trim through the last delivered entry
+    assert stream_ids(redis_client) == all_ids[4:]
+    rest = log.read_feedback("w", count=10)
+    assert [x.entry_id for x in rest] == all_ids[4:]
+
+    log.publish(token, 5, {}, [x.entry_id for x in rest])
+    assert redis_client.xlen(K.feedback) == 0
+    assert log.read_feedback("w", count=10) == []
+
+
+def test_trim_respects_every_group(log: RecordLog, redis_client: redis.Redis) -> None:
+    labelled(log, 3)
+    redis_client.xgroup_create(K.feedback, "audit", id="0")  # another reader, behind
+    entries = log.read_feedback("w", count=10)
+    token = log.acquire_lease("w", 10_000)
+    assert log.publish(token, 2, {}, [x.entry_id for x in entries]) == 3
+    assert redis_client.xlen(K.feedback) == 3  # audit has not read them yet
+
+
+def test_stream_stats(log: RecordLog) -> None:
+    assert log.backlog() == 0
+    labelled(log, 5)
+    log.read_feedback("w", count=2)
+    stats = log.stream_stats()
+    assert (stats.length, stats.pending, stats.undelivered) == (5, 2, 3)
+    assert log.backlog() == 5
+
+
+def test_stats_without_stream(redis_client: redis.Redis) -> None:
+    rl = RecordLog(redis_client, "empty")
+    assert tuple(rl.stream_stats()) == (0, 0, 0)
+
+
+# --------------------------------------------------------------------------- versions and events
+
+
+def _next_message(pubsub: redis.client.PubSub) -> dict:
+    return wait_until(lambda: pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05), timeout=5)
+
+
+def test_publish_and_rollback_send_events(log: RecordLog, redis_client: redis.Redis) -> None:
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(K.events)
+    wait_until(lambda: pubsub.get_message(timeout=0.05), timeout=5, what="subscribed")
+    try:
+        token = log.acquire_lease("w", 10_000)
+        log.publish(token, 4, {}, [])
+        assert json.loads(_next_message(pubsub)["data"]) == {"type": "publish", "version": 4}
+        log.rollback(3, {"reason": "bad metrics"})
+        assert json.loads(_next_message(pubsub)["data"]) == {"type": "rollback", "version": 3}
+    finally:
+        pubsub.close()
+    assert log.current_version() == 3
+    assert [(h["type"], h["version"]) for h in log.history()] == [("publish", 4), ("rollback", 3)]
+    assert log.history()[-1]["reason"] == "bad metrics"
+
+
+def test_history_skips_malformed_records(log: RecordLog, redis_client: redis.Redis) -> None:
+    log.rollback(1)
+    redis_client.rpush(K.history, b"{not json")
+    log.rollback(2)
+    assert [h["version"] for h in log.history()] == [1, 2]
+
+
+# --------------------------------------------------------------------------- lease
+
+
+def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Redis) -> None:
+    t1 = log.acquire_lease("a", 10_000)
+    assert t1 == 1
+    assert log.acquire_lease("b", 10_000) is None
+    assert log.renew_lease("b", 10_000) is False
+    assert log.release_lease("b") is False
+    assert redis_client.get(K.lock) == b"a"
+    assert log.renew_lease("a", 50) is True
+    assert 0 < redis_client.pttl(K.lock) <= 50
+
+    t2 = wait_until(lambda: log.acquire_lease("b", 10_000), timeout=5, what="lease expired")
+    assert t2 == t1 + 1
+    assert redis_client.get(K.fence) == b"2"
+    assert log.renew_lease("a", 10_000) is False  # the old owner lost it
+    assert log.release_lease("a") is False
+    assert log.release_lease("b") is True
+    assert log.acquire_lease("a", 10_000) == 3
+
+
+# --------------------------------------------------------------------------- async twin
+
+
+def test_async_record_log_round_trip(redis_server, log: RecordLog) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> tuple:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            alog = AsyncRecordLog(client, MODEL, label_window_s=60)
+            await alog.ensure_group()
+            await alog.write_predictions([rec(0, version=3), rec(1, version=3, label=2, loss=0.5)])
+            fetched = await alog.fetch_logits(["id0", "zzz"])
+            statuses = await alog.attach_labels([("id0", 1, 0.25), ("id1", 0, 0.1), ("zzz", 1, 0.1)])
+            read = await alog.read_feedback("w", count=10)
+            before = await alog.backlog()
+            token = log.acquire_lease("w", 10_000)
+            acked = await alog.publish(token, 4, {"n": 2}, [e.entry_id for e in read])
+            await alog.rollback(3, {})
+            return fetched, statuses, read, before, acked, await alog.current_version(), await alog.history()
+        finally:
+            await client.aclose()
+
+    fetched, statuses, read, before, acked, version, history = asyncio.run(main())
+    assert fetched["zzz"] is None
+    np.testing.assert_array_equal(fetched["id0"].logits, rec(0).logits)
+    assert fetched["id0"].version == 3
+    assert statuses == ["ok", "conflict", "not_found"]
+    assert [e.id for e in read] == ["id1", "id0"]
+    assert (before, acked, version) == (2, 2, 3)
+    assert [(h["type"], h["version"]) for h in history] == [("publish", 4), ("rollback", 3)]
+    assert log.backlog() == 0
+
+
+# --------------------------------------------------------------------------- durability
+
+
+def test_aof_always_keeps_labels_and_pending_across_a_crash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server = start_redis(tmp_path, appendonly=True, appendfsync="always")
+    try:
+        client = redis.Redis.from_url(server.url)
+        rl = RecordLog(client, MODEL)
+        rl.ensure_group()
+        labelled(rl, 3)
+        read = rl.read_feedback("w", count=10)
+        client.close()
+        server.kill()  # SIGKILL: no shutdown flush
+        server.start()
+        client = redis.Redis.from_url(server.url)
+        again = RecordLog(client, MODEL).pending_entries("w")
+        assert [e.entry_id for e in again] == [e.entry_id for e in read]
+        assert client.hget(K.pred("id2"), "label") == b"2"
+        client.close()
+    finally:
+        server.stop()
+    assert not server.running

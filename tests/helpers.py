@@ -148,3 +148,21 @@ def start_redis(
             log.warning("redis-server failed to start on port %d: %s", proc.port, exc)
             last = exc
     raise RuntimeError(f"could not start redis-server: {last}")
+
+
+def make_store(root: Path, model: str = "fashion", hidden: tuple[int, ...] = (32,), vendors: int = 4,
+               eps: float = 0.05, seed: int = 0):
+    """A model store holding version 0 of a small `mlp` model: fast enough for every test that serves."""
+    import numpy as np
+
+    from marketplace.models import mlp
+    from marketplace.reconcile import fresh_seeds
+    from model_store import ModelStore, make_manifest
+
+    spec = mlp(hidden=hidden)
+    store = ModelStore(root)
+    manifest = make_manifest(version=0, parent=None, model=model, architecture=spec.architecture,
+                             seeds=fresh_seeds(len(spec.groups), vendors, np.random.default_rng(seed)),
+                             probe_scale=eps, learning_rate=0.5, training={"kind": "random init (tests)"})
+    store.write_version(model, 0, spec.init_params(seed), manifest)
+    return store

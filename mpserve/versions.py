@@ -1,0 +1,99 @@
+"""Model versions as the processes see them: a manifest and weights from the store, made usable.
+
+The one place that turns a stored version into a spec, parameters, seeds and probe scale (for the
+server's engine and the worker's reconciler), and a reconciled update into the next stored version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from marketplace.models import ModelSpec, spec_from_architecture
+from marketplace.reconcile import VersionSeeds, fresh_seeds
+from model_store import ModelStore, load_safetensors, make_manifest, seeds_array
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ASSET = "fashion"
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """One immutable version: everything needed to serve it or to reconcile from it."""
+
+    model: str
+    version: int
+    spec: ModelSpec
+    params: dict[str, np.ndarray]
+    seeds: np.ndarray  # (S, V) uint64
+    eps: float
+    manifest: dict[str, Any]
+
+    @property
+    def vendors(self) -> int:
+        return int(self.seeds.shape[1])
+
+    @property
+    def sources(self) -> VersionSeeds:
+        return VersionSeeds(self.seeds, self.eps)
+
+
+def load_version(store: ModelStore, model: str, version: int) -> LoadedVersion:
+    """Read, hash-check and shape-check a version against the architecture its manifest names."""
+    manifest = store.read_manifest(model, version)
+    spec = spec_from_architecture(manifest["architecture"])
+    params, manifest = store.load_version(model, version, expected_shapes=spec.param_shapes(),
+                                          expected_architecture=spec.name)
+    seeds = seeds_array(manifest)
+    if seeds.shape[0] != len(spec.groups):
+        raise ValueError(f"{model} v{version}: seeds for {seeds.shape[0]} groups, the model has {len(spec.groups)}")
+    return LoadedVersion(model, version, spec, params, seeds, float(manifest["probe_scale"]), manifest)
+
+
+def version_sources(store: ModelStore, model: str, versions: set[int] | list[int]) -> dict[int, VersionSeeds]:
+    """Seeds and probe scale of older versions, from their manifests alone (weights are not needed)."""
+    out = {}
+    for n in versions:
+        m = store.read_manifest(model, int(n))
+        out[int(n)] = VersionSeeds(seeds_array(m), float(m["probe_scale"]))
+    return out
+
+
+def write_next_version(store: ModelStore, parent: LoadedVersion, version: int, params: dict[str, np.ndarray],
+                       stats: dict[str, Any], learning_rate: float, rng: np.random.Generator,
+                       eps: float | None = None, vendors: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Store a reconciled update as a new immutable version with fresh seeds; returns its manifest."""
+    S = len(parent.spec.groups)
+    manifest = make_manifest(
+        version=version, parent=parent.version, model=parent.model, architecture=parent.spec.architecture,
+        seeds=fresh_seeds(S, vendors or parent.vendors, rng), probe_scale=parent.eps if eps is None else eps,
+        learning_rate=learning_rate, records=int(stats.get("records", 0)), cohorts=stats.get("cohorts", []),
+        outliers_dropped=int(stats.get("outliers_dropped", 0)),
+        loss={"mean": stats.get("loss_mean"), "std": stats.get("loss_std")}, **extra)
+    return store.write_version(parent.model, version, params, manifest)
+
+
+def shipped_model_dir() -> resources.abc.Traversable:
+    """The default model that ships inside the package (safetensors + manifest)."""
+    return resources.files("mpserve") / "assets" / DEFAULT_ASSET
+
+
+def seed_default_model(store: ModelStore, model: str) -> bool:
+    """Copy the shipped model into an empty store as `model` version 0; False if it already has versions."""
+    if store.versions(model):
+        return False
+    src = shipped_model_dir()
+    manifest = json.loads((src / "00000000.json").read_text())
+    params = load_safetensors((src / "00000000.safetensors").read_bytes())
+    manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "model")}
+    manifest["model"] = model
+    store.write_version(model, 0, params, manifest)
+    log.info("seeded model %s version 0 from the shipped default", model)
+    return True
+

@@ -107,69 +107,170 @@ def class_balance(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return w[labels]
 
 
-def vendor_credit(path: np.ndarray, credit: np.ndarray, V: int) -> np.ndarray:
-    """A[s, v] = Σ credit of the records whose path chose vendor v in group s: (S, V), O(records)."""
-    return np.stack([np.bincount(path[:, s], weights=credit, minlength=V)[:V] for s in range(path.shape[1])])
+def cohort_index(version: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct versions, cohort id per record), without a sort when versions span a small range."""
+    if len(version) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    vmin, vmax = int(version.min()), int(version.max())
+    if vmax - vmin < 1 << 20:
+        present = np.flatnonzero(np.bincount(version - vmin))
+        remap = np.zeros(vmax - vmin + 1, np.int64)
+        remap[present] = np.arange(len(present))
+        return present + vmin, remap[version - vmin]
+    values, cid = np.unique(version, return_inverse=True)
+    return values, cid
+
+
+@dataclass(frozen=True)
+class Cohorts:
+    """Records grouped by version through a cohort id; with one cohort every lookup is a scalar."""
+
+    cid: np.ndarray
+    n: int
+
+    def at(self, per_cohort: np.ndarray) -> np.ndarray:
+        """A per-cohort value for every record (a scalar when there is one cohort)."""
+        return per_cohort[0] if self.n == 1 else per_cohort[self.cid]
+
+    def sums(self, sub: np.ndarray | None, weights: np.ndarray | None, width: int = 1) -> np.ndarray:
+        """Σ weights by (cohort, sub) as (n, width): one bincount."""
+        key = self.cid if sub is None else sub if self.n == 1 else self.cid * width + sub
+        return np.bincount(key, weights=weights, minlength=self.n * width).reshape(self.n, width)
+
+    def moments(self, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-cohort count, mean and (population) std of x over the masked records."""
+        everything = bool(mask.all())
+        if self.n == 1:
+            xs = x if everything else x[mask]
+            return (np.array([float(len(xs))]), np.array([xs.mean() if len(xs) else 0.0]),
+                    np.array([xs.std() if len(xs) else 0.0]))
+        w = None if everything else mask.astype(np.float64)
+        count = self.sums(None, w)[:, 0]
+        safe = np.maximum(count, 1)
+        mean = self.sums(None, x if w is None else x * w)[:, 0] / safe
+        dev = (x - mean[self.cid]) ** 2
+        var = self.sums(None, dev if w is None else dev * w)[:, 0] / safe
+        return count, mean, np.sqrt(var)
+
+
+def _per_cohort(cid: np.ndarray, mask: np.ndarray, n: int) -> list[np.ndarray]:
+    """Record indices of each cohort (masked), for the filters that need a sort anyway."""
+    idx = np.flatnonzero(mask)
+    order = idx[np.argsort(cid[idx], kind="stable")]
+    return np.split(order, np.cumsum(np.bincount(cid[idx], minlength=n))[:-1])
+
+
+def _check_paths(path: np.ndarray, cid: np.ndarray, used: np.ndarray, vendors: list[int]) -> None:
+    """Every used record's path must name vendors its version has (no copies when all cohorts are used)."""
+    if not used.any():
+        return
+    rows = path if used.all() else path[used]
+    live_v = {v for v in vendors if v}
+    if len(live_v) == 1:
+        bad = rows.min() < 0 or rows.max() >= live_v.pop()
+    else:
+        bad = rows.min() < 0 or bool((rows >= np.array(vendors)[cid[used], None]).any())
+    if bad:
+        raise ValueError("a path names a vendor outside its version's 0..V-1")
 
 
 def group_direction(credit: dict[int, np.ndarray], sources: dict[int, VersionSeeds], s: int, size: int
                     ) -> np.ndarray:
-    """D_s = Σ_n Σ_v A[n,s,v] · δ(σ[n,s,v]), regenerating each vendor's delta once."""
+    """D_s = Σ_n Σ_v A[n,s,v] · δ(σ[n,s,v]), regenerating each (non-leader) vendor's delta once."""
     out = np.zeros(size, dtype=np.float64)
     for n, A in credit.items():
-        src = sources[n]
-        if np.any(A[s]):
-            out += A[s] @ uniform_delta_np(src.seeds[s], 0, size, src.eps).astype(np.float64)
+        seeds = sources[n].seeds[s]
+        live = (seeds != 0) & (A[s] != 0)
+        if live.any():
+            out += A[s][live] @ uniform_delta_np(seeds[live], 0, size, sources[n].eps).astype(np.float64)
     return out
 
 
 def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
               sources: dict[int, VersionSeeds], config: ReconcileConfig,
               learning_rate: float | None = None) -> ReconcileResult:
-    """θ + η·D from the records, and figures that say what went into it."""
+    """θ + η·D from the records, and figures that say what went into it.
+
+    Cohorts are handled with bincounts over a cohort id, so the per-record work is a few vectorized
+    passes whatever the number of cohorts.
+    """
     S = len(spec.groups)
     if records.path.shape[1] != S:
         raise ValueError(f"paths have {records.path.shape[1]} groups, the model has {S}")
     eta = config.learning_rate if learning_rate is None else learning_rate
-    used = np.zeros(len(records.loss), dtype=bool)
-    credit: dict[int, np.ndarray] = {}
-    cohorts, dropped, kept_losses = [], 0, []
-    for n in np.unique(records.version):
-        idx = np.flatnonzero(records.version == n)
-        if len(idx) < config.min_cohort:
-            continue
-        if int(n) not in sources:
-            raise KeyError(f"no seeds for version {int(n)}")
-        V = sources[int(n)].seeds.shape[1]
-        if records.path[idx].max(initial=0) >= V or records.path[idx].min(initial=0) < 0:
-            raise ValueError(f"a path of version {int(n)} names a vendor outside 0..{V - 1}")
-        used[idx] = True
-        keep = idx[keep_mask(records.loss[idx], config)]
-        dropped += len(idx) - len(keep)
-        a = attribute(records.loss[keep], config)
-        if config.class_weights and records.label is not None:
-            a = a * class_balance(records.label[keep], spec.num_classes)
-        credit[int(n)] = vendor_credit(records.path[keep], a, V)
-        kept_losses.append(records.loss[keep])
-        cohorts.append({"version": int(n), "records": int(len(idx)), "kept": int(len(keep)),
-                        "loss_mean": float(records.loss[keep].mean()), "loss_std": float(records.loss[keep].std())})
+    loss, path = np.asarray(records.loss, np.float64), records.path
+    versions, cid = cohort_index(records.version)
+    n = len(versions)
+    co = Cohorts(cid, n)
+    counts = np.bincount(cid, minlength=n)
+    live = counts >= config.min_cohort
+    for v in versions[live]:
+        if int(v) not in sources:
+            raise KeyError(f"no seeds for version {int(v)}")
+    used = live[cid]
+    live_vendors = [sources[int(v)].seeds.shape[1] if ok else 0 for v, ok in zip(versions, live, strict=True)]
+    _check_paths(path, cid, used, live_vendors)
+
+    # outlier filter
+    keep = used.copy()
+    if config.outlier == "zscore":
+        _, mean, std = co.moments(loss, used)
+        big = co.at((counts >= 3) & (std > 0))
+        keep &= ~big | (np.abs(loss - co.at(mean)) <= config.outlier_z * co.at(std))
+    elif config.outlier == "quantile":
+        for idx in _per_cohort(cid, used, n):
+            if len(idx) >= 3:
+                keep[idx] = keep_mask(loss[idx], config)
+    elif config.outlier != "none":
+        raise ValueError(f"unknown outlier filter {config.outlier!r}")
+    kept_n, mean, std = co.moments(loss, keep)
+
+    # attribution
+    if config.attribution == "zscore":
+        live_std = (kept_n >= 2) & (std > 0)
+        credit = (co.at(mean) - loss) / co.at(np.where(live_std, std, 1.0))
+        if not (live_std.all() and keep.all()):
+            credit = np.where(keep & co.at(live_std), credit, 0.0)
+    elif config.attribution == "rank":
+        credit = np.zeros(len(loss))
+        for idx in _per_cohort(cid, keep, n):
+            credit[idx] = attribute(loss[idx], config)
+    else:
+        raise ValueError(f"unknown attribution {config.attribution!r}")
+    if config.class_weights and records.label is not None:
+        C = spec.num_classes
+        label = np.asarray(records.label, np.int64)
+        per_class = co.sums(label, keep.astype(np.float64), C)
+        classes_present = (per_class > 0).sum(1)
+        w = co.at(kept_n) / np.maximum(co.at(classes_present) * per_class[cid, label], 1)
+        credit = credit * np.where(keep, w, 0.0)
+
+    # per-vendor credit of every cohort, one bincount per group
+    Vmax = int(max((sources[int(v)].seeds.shape[1] for v in versions[live]), default=1))
+    A = np.stack([co.sums(path[:, s], credit, Vmax) for s in range(S)], axis=1)  # (cohorts, S, Vmax)
+    credit_by_version = {int(versions[c]): A[c, :, :sources[int(versions[c])].seeds.shape[1]]
+                         for c in np.flatnonzero(live)}
 
     sizes = spec.group_sizes()
-    directions = [group_direction(credit, sources, s, sizes[s]) for s in range(S)]
+    directions = [group_direction(credit_by_version, sources, s, sizes[s]) for s in range(S)]
     norms = [float(np.linalg.norm(d)) for d in directions]
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
     new_params = {k: np.array(v, dtype=np.float32, copy=True) for k, v in params.items()}
     for s, d in enumerate(directions):
-        scale = (1.0 / total_norm if total_norm > 0 else 0.0) if config.normalize == "model" else (
-            1.0 / norms[s] if norms[s] > 0 else 0.0)
-        for key, step in split_group(d * scale * eta, spec.group_shapes(s)).items():
-            new_params[key] = (params[key].astype(np.float64) + step).astype(np.float32)
+        norm = total_norm if config.normalize == "model" else norms[s]
+        if norm == 0:
+            continue
+        for key_name, step in split_group(d * (eta / norm), spec.group_shapes(s)).items():
+            new_params[key_name] = (params[key_name].astype(np.float64) + step).astype(np.float32)
 
-    losses = np.concatenate(kept_losses) if kept_losses else np.zeros(0)
+    cohorts = [{"version": int(versions[c]), "records": int(counts[c]), "kept": int(kept_n[c]),
+                "loss_mean": float(mean[c]), "loss_std": float(std[c])} for c in np.flatnonzero(live)]
+    kept_loss = loss[keep]
     stats = {"records": int(used.sum()), "held_back": int((~used).sum()), "cohorts": cohorts,
-             "outliers_dropped": int(dropped), "direction_norm": total_norm, "learning_rate": float(eta),
-             "loss_mean": float(losses.mean()) if len(losses) else None,
-             "loss_std": float(losses.std()) if len(losses) else None}
+             "outliers_dropped": int(used.sum() - keep.sum()), "direction_norm": total_norm,
+             "learning_rate": float(eta),
+             "loss_mean": float(kept_loss.mean()) if len(kept_loss) else None,
+             "loss_std": float(kept_loss.std()) if len(kept_loss) else None}
     return ReconcileResult(new_params, used, stats)
 
 

@@ -6,17 +6,17 @@ server's engine and the worker's reconciler), and a reconciled update into the n
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from marketplace.models import ModelSpec, spec_from_architecture
 from marketplace.reconcile import VersionSeeds, fresh_seeds
-from model_store import ModelStore, load_safetensors, make_manifest, seeds_array
+from model_store import ModelStore, make_manifest, seeds_array
 
 log = logging.getLogger(__name__)
 
@@ -79,21 +79,19 @@ def write_next_version(store: ModelStore, parent: LoadedVersion, version: int, p
     return store.write_version(parent.model, version, params, manifest)
 
 
-def shipped_model_dir() -> resources.abc.Traversable:
-    """The default model that ships inside the package (safetensors + manifest)."""
-    return resources.files("mpserve") / "assets" / DEFAULT_ASSET
+def shipped_store() -> ModelStore:
+    """The store inside the package that holds the default model (`mpserve train --export-dir` writes it)."""
+    return ModelStore(Path(str(resources.files("mpserve") / "assets" / "store")))
 
 
 def seed_default_model(store: ModelStore, model: str) -> bool:
     """Copy the shipped model into an empty store as `model` version 0; False if it already has versions."""
     if store.versions(model):
         return False
-    src = shipped_model_dir()
-    manifest = json.loads((src / "00000000.json").read_text())
-    params = load_safetensors((src / "00000000.safetensors").read_bytes())
+    shipped = shipped_store()
+    params, manifest = shipped.load_version(DEFAULT_ASSET, 0)
     manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "model")}
     manifest["model"] = model
     store.write_version(model, 0, params, manifest)
     log.info("seeded model %s version 0 from the shipped default", model)
     return True
-

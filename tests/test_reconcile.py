@@ -35,6 +35,8 @@ def naive_direction(records, sources, config):
     for n in np.unique(records.version):
         idx = np.flatnonzero(records.version == n)
         a = attribute(records.loss[idx], config)
+        if config.class_weights:
+            a = a * class_balance(records.label[idx], 10)
         for i, ai in zip(idx, a, strict=True):
             for s in range(S):
                 seed = sources[int(n)].seeds[s, records.path[i, s]]
@@ -42,6 +44,21 @@ def naive_direction(records, sources, config):
                     flat[key] += ai * d.ravel().astype(np.float64)
     norm = np.sqrt(sum((v**2).sum() for v in flat.values()))
     return {k: v / norm for k, v in flat.items()}
+
+
+@pytest.mark.parametrize("class_weights", [False, True], ids=["plain", "class-weights"])
+def test_direction_matches_naive_formula_in_float64(class_weights):
+    """The direction itself, before it is added to float32 weights, equals the naive sum to 1e-5 relative."""
+    rng = np.random.default_rng(1)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05), 1: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    records = random_records(rng, [0, 1], 30)
+    config = ReconcileConfig(learning_rate=1.0, min_cohort=1, class_weights=class_weights)
+    zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
+    result = reconcile(SPEC, zero, records, sources, config)
+    expected = naive_direction(records, sources, config)
+    got = np.concatenate([result.params[k].astype(np.float64).ravel() for k in zero])
+    want = np.concatenate([expected[k] for k in zero])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
 @pytest.mark.parametrize("attribution", ["zscore", "rank"])
@@ -59,20 +76,6 @@ def test_matches_the_naive_formula(attribution):
     # float32 weights hold the step to about 1e-7 of |θ|; compare directions at that resolution
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
     assert result.stats["records"] == 80 and len(result.stats["cohorts"]) == 2
-
-
-def test_direction_matches_naive_formula_in_float64():
-    """The same check on the direction itself, before it is added to float32 weights: 1e-5 relative."""
-    rng = np.random.default_rng(1)
-    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05), 1: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
-    records = random_records(rng, [0, 1], 30)
-    config = ReconcileConfig(learning_rate=1.0, min_cohort=1)
-    zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
-    result = reconcile(SPEC, zero, records, sources, config)
-    expected = naive_direction(records, sources, config)
-    got = np.concatenate([result.params[k].astype(np.float64).ravel() for k in zero])
-    want = np.concatenate([expected[k] for k in zero])
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
 def test_step_has_the_learning_rate_as_its_length():

@@ -1,0 +1,88 @@
+"""Inputs/s of plain vs balanced perturbed inference (and a naive per-input loop), side by side.
+
+    python bench/inference.py [--quick] [--json results/inference.json]
+
+plain: the leader only (V=1), the same engine code; perturbed: V vendors per group, every input on its
+own balanced path, one kernel per layer over all vendors; naive: each input run alone through the
+weights of its own path, as the upstream continual-learning code does. Measurements are interleaved
+and each figure is the best of several rounds, so background load hits all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import print_table, rate, write_json
+from marketplace.deltas import path_params
+from marketplace.engine import Engine, leader_seeds
+from marketplace.models import get_model
+from marketplace.reconcile import fresh_seeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="beautiful_mnist")
+    ap.add_argument("--vendors", type=int, default=4)
+    ap.add_argument("--batches", default="1,64,256")
+    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="short measurements (under 60 s)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.rounds = 1.0, 2
+
+    spec = get_model(args.model)
+    params = spec.init_params(0)
+    S, V = len(spec.groups), args.vendors
+    seeds = fresh_seeds(S, V, np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    batches = [int(b) for b in args.batches.split(",")]
+    data = rng.uniform(0, 255, size=(max(batches), *spec.input_shape)).astype(np.float32)
+
+    # naive: one leader engine at batch 1, with the weights of every path materialized up front
+    naive_engine = Engine(spec, 1, buckets=[1])
+    path_weights = {p: naive_engine.materialize(path_params(spec, params, seeds, np.array(p), 0.05),
+                                                leader_seeds(spec), 0.05)
+                    for p in itertools.product(range(V), repeat=S)}
+    for w in list(path_weights.values())[:1]:
+        naive_engine.warmup(w)
+
+    rows = []
+    for batch in batches:
+        x = data[:batch]
+        plain = Engine(spec, 1, buckets=[batch])
+        plain_w = plain.materialize(params, leader_seeds(spec), 0.05)
+        pert = Engine(spec, V, max_batch=max(batch, V))
+        pert_w = pert.materialize(params, seeds, 0.05)
+        plain.warmup(plain_w)
+        pert.warmup(pert_w, [pert.bucket_for(batch)])
+
+        def run_naive(x=x) -> int:
+            for i in range(len(x)):
+                p = tuple(int(v) for v in rng.integers(0, V, size=S))
+                naive_engine.forward(path_weights[p], x[i:i + 1], rng)
+            return len(x)
+
+        runs = {"plain": lambda x=x, e=plain, w=plain_w: len(e.forward(w, x, rng)[0]),
+                "perturbed": lambda x=x, e=pert, w=pert_w: len(e.forward(w, x, rng)[0]),
+                "naive": run_naive}
+        best = dict.fromkeys(runs, 0.0)
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                best[name] = max(best[name], rate(fn, args.seconds))
+        rows.append({"batch": batch, "plain_per_s": best["plain"], "perturbed_per_s": best["perturbed"],
+                     "ratio": best["perturbed"] / best["plain"], "naive_per_s": best["naive"],
+                     "vs_naive": best["perturbed"] / best["naive"]})
+        print_table(rows[-1:], list(rows[-1]))
+    print()
+    print_table(rows, ["batch", "plain_per_s", "perturbed_per_s", "ratio", "naive_per_s", "vs_naive"])
+    write_json(args.json, {"benchmark": "inference", "model": args.model, "vendors": V, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

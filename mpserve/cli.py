@@ -1,0 +1,70 @@
+"""The `mpserve` command: run the stack, its processes, training and the admin calls from the shell."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="mpserve: a continual-learning inference server (Marketplace algorithm).",
+                  no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _root() -> None:
+    """mpserve: a continual-learning inference server (Marketplace algorithm)."""
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Option(help="beautiful_mnist, mlp, or module:factory")] = "beautiful_mnist",
+    name: Annotated[str, typer.Option(help="model name in the store")] = "fashion",
+    store_dir: Annotated[Path | None, typer.Option(envvar="MPSERVE_STORE_DIR", help="store to write v0 to")] = None,
+    export_dir: Annotated[Path | None, typer.Option(help="a second store (the shipped default)")] = None,
+    data_dir: Annotated[str | None, typer.Option(envvar="MPSERVE_DATA_DIR", help="Fashion-MNIST IDX files")] = None,
+    steps: Annotated[int, typer.Option(help="training steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="inputs per step")] = 256,
+    learning_rate: Annotated[float | None, typer.Option(help="Adam lr / marketplace step")] = None,
+    lr_decay: Annotated[float, typer.Option(help="marketplace: step size × this every step")] = 1.0,
+    vendors: Annotated[int, typer.Option(help="vendors per group (training, and the seeds of version 0)")] = 4,
+    probe_scale: Annotated[float, typer.Option(help="ε: half-width of the uniform vendor delta")] = 0.05,
+    exclude_class: Annotated[int | None, typer.Option(help="leave this class out (continual-learning base)")] = None,
+    backprop: Annotated[bool, typer.Option(help="train with backprop (tinygrad autograd, Adam) as a baseline")] = False,
+    eval_every: Annotated[int, typer.Option(help="test accuracy every N steps")] = 100,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    hidden: Annotated[str | None, typer.Option(help="mlp hidden widths, e.g. 128,64")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write the learning curve here (PNG)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here (JSON)")] = None,
+    log_level: Annotated[str, typer.Option(envvar="MPSERVE_LOG_LEVEL")] = "info",
+) -> None:
+    """Train a base model on Fashion-MNIST and store it as version 0."""
+    from marketplace.training import TrainConfig
+    from mpserve.train_cmd import run_train
+
+    _logging(log_level)
+    if store_dir is None and export_dir is None:
+        raise typer.BadParameter("give --store-dir and/or --export-dir")
+    config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, lr_decay=lr_decay,
+                         vendors=vendors, probe_scale=probe_scale, exclude_class=exclude_class, eval_every=eval_every,
+                         seed=seed, backprop=backprop)
+    arch_config = {"hidden": [int(h) for h in hidden.split(",")]} if hidden else None
+    summary = run_train(arch, name, store_dir, export_dir, config, data_dir=data_dir, arch_config=arch_config,
+                        plot=plot)
+    if json_out:
+        json_out.write_text(json.dumps({k: v for k, v in summary.items() if k != "manifest"}, indent=2))
+    typer.echo(f"test accuracy {summary['test_accuracy']:.4f} after {steps} steps ({summary['seconds']:.0f} s)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     backprop: bool = False
     attribution: str = "zscore"
+    replicas: int = 4  # Marketplace: each input runs on this many paths; its mean loss is its own baseline
 
 
 @dataclass
@@ -77,7 +78,8 @@ def train(spec: ModelSpec, params: dict[str, np.ndarray], train_split: Split, te
     losses: list[float] = []
     bar = tqdm(range(1, config.steps + 1), disable=not progress, desc="backprop" if config.backprop else "marketplace")
     for step in bar:
-        idx = rng.integers(0, len(train_split.y), size=config.batch_size)
+        reps = 1 if config.backprop else max(1, config.replicas)
+        idx = np.repeat(rng.integers(0, len(train_split.y), size=config.batch_size // reps), reps)
         losses.append(step_fn(train_split.x[idx].astype(np.float32), train_split.y[idx], rng))
         if step % config.eval_every == 0 or step == config.steps:
             current = step_fn.params()  # type: ignore[attr-defined]
@@ -113,8 +115,12 @@ class _marketplace_steps:
         weights = self.engine.materialize(self.theta, seeds, self.config.probe_scale)
         logits, paths = self.engine.forward(weights, x, rng)
         loss = cross_entropy(logits, y)
+        reps = max(1, self.config.replicas)
+        # per-input baseline: an input's replicas ran on different paths, so subtracting their mean loss
+        # removes the input's own difficulty from the signal and leaves the paths' effect
+        residual = (loss.reshape(-1, reps) - loss.reshape(-1, reps).mean(1, keepdims=True)).ravel()
         lr = self.lr * max(self.config.lr_decay ** self.step, 0.05)
-        out = reconcile(self.spec, self.theta, Records(np.zeros(len(y), np.int64), paths, loss, y),
+        out = reconcile(self.spec, self.theta, Records(np.zeros(len(y), np.int64), paths, residual, y),
                         {0: VersionSeeds(seeds, self.config.probe_scale)}, self.rc, learning_rate=lr)
         self.theta = out.params
         self.step += 1

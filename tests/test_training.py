@@ -1,0 +1,76 @@
+"""Fashion-MNIST loading and base-model training, on the real data set from Debian's package."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from marketplace.data import load_fashion_mnist
+from marketplace.models import mlp
+from marketplace.training import TrainConfig, evaluate, train
+from model_store import ModelStore
+from mpserve.cli import app
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_fashion_mnist()
+
+
+def test_loads_the_real_data_set(data):
+    assert data["train"].x.shape == (60000, 1, 28, 28) and data["test"].x.shape == (10000, 1, 28, 28)
+    assert data["train"].x.dtype == np.uint8 and data["train"].x.max() == 255
+    assert np.bincount(data["test"].y).tolist() == [1000] * 10
+
+
+def test_a_class_can_be_left_out(data):
+    base = data["train"].without(9)
+    assert 9 not in base.y and len(base.y) == 54000
+    assert set(data["test"].only(3).y) == {3}
+
+
+def test_truncated_idx_files_are_refused(tmp_path):
+    header = bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big")
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        with gzip.open(tmp_path / f"{name}.gz", "wb") as f:
+            f.write(header + bytes(5))  # declares 10 bytes, holds 5
+    with pytest.raises(ValueError, match="header says"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_missing_files_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("backprop", [False, True], ids=["marketplace", "backprop"])
+def test_training_beats_chance_quickly(data, backprop):
+    spec = mlp(hidden=(32,))
+    params = spec.init_params(0)
+    before, _ = evaluate(spec, params, data["test"])
+    steps = 60 if not backprop else 40
+    config = TrainConfig(steps=steps, batch_size=128, backprop=backprop, eval_every=steps // 2, seed=1,
+                         learning_rate=1.0 if not backprop else 3e-3)
+    result = train(spec, params, data["train"], data["test"], config, progress=False)
+    assert len(result.curve) == 2 and result.curve[-1]["step"] == steps
+    # ten classes, chance is 10%: forward-only learning is slow (~0.19 after 40 steps here), backprop fast
+    floor = 0.2 if not backprop else 0.6
+    assert result.test_accuracy > max(before + 0.1, floor), (before, result.test_accuracy)
+
+
+def test_mpserve_train_writes_version_zero_with_its_manifest(tmp_path):
+    out = tmp_path / "fig.json"
+    res = CliRunner().invoke(app, ["train", "--arch", "mlp", "--hidden", "16", "--steps", "10", "--batch-size", "64",
+                                   "--eval-every", "5", "--store-dir", str(tmp_path / "store"), "--name", "base",
+                                   "--exclude-class", "9", "--plot", str(tmp_path / "curve.png"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = ModelStore(tmp_path / "store").read_manifest("base", 0)
+    assert manifest["parent"] is None and manifest["architecture"]["name"] == "mlp"
+    assert manifest["training"]["config"]["exclude_class"] == 9
+    assert 0.0 <= manifest["validation"]["test_accuracy"] <= 1.0
+    assert manifest["validation"]["per_class_accuracy"][9] == 0.0  # never seen, never predicted... nearly
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert json.loads(out.read_text())["test_accuracy"] == manifest["validation"]["test_accuracy"]

@@ -73,3 +73,12 @@ class ModelKeys:
     def history(self) -> str:
         """List of JSON records, one per publish or rollback, oldest first."""
         return f"{self.prefix}:history"
+
+    @property
+    def requests(self) -> str:
+        """List of JSON reconcile requests (``POST /admin/reconcile``) for the worker holding the lease."""
+        return f"{self.prefix}:requests"
+
+    def reply(self, request_id: str) -> str:
+        """List holding the worker's JSON answer to one reconcile request (short TTL; BLPOP'd)."""
+        return f"{self.prefix}:reply:{validate_record_id(request_id)}"

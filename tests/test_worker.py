@@ -1,0 +1,493 @@
+"""The reconciler worker against a real redis-server and a real model store (tests.helpers.make_store).
+
+In-process tests drive ``Reconciler.run_once`` directly; the crash and failover tests run
+``python -m worker`` as real processes and kill them, then check from Redis and the store alone that
+every labelled entry went into exactly one published version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+import redis
+
+from model_store import ModelStore
+from mpserve.keys import ModelKeys
+from mpserve.recordlog import PredictionRecord, RecordLog, StaleLeaderError
+from tests.helpers import RedisProcess, make_store, wait_until
+from worker.fenced import fenced_ack
+from worker.main import build_settings
+from worker.reconciler import Reconciler
+from worker.settings import WorkerSettings
+from worker.trigger import ReconcileTimeout, request_reconcile
+
+MODEL = "fashion"
+K = ModelKeys(MODEL)
+GROUPS, VENDORS, CLASSES = 2, 4, 10  # make_store's mlp(hidden=(32,)) with 4 vendors
+REPO = Path(__file__).resolve().parent.parent
+_ids = itertools.count()
+_rng = np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return make_store(tmp_path / "store", model=MODEL, vendors=VENDORS)
+
+
+def make_settings(redis_server: RedisProcess, store: ModelStore, **overrides: object) -> WorkerSettings:
+    values: dict[str, object] = dict(
+        redis_url=redis_server.url, store_dir=store.root, models=[MODEL], consumer="w1", min_records=32,
+        min_cohort=8, interval_s=3600, poll_ms=20, lease_ttl_ms=10_000, claim_idle_ms=60_000)
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+def feed(client: redis.Redis, n: int, version: int = 0, now_ms: int | None = None) -> list[str]:
+    """Write n labelled predictions served by ``version`` on random paths; returns their stream entry ids."""
+    records = [
+        PredictionRecord(f"p{next(_ids)}", version, tuple(int(v) for v in _rng.integers(0, VENDORS, GROUPS)),
+                         np.zeros(CLASSES, np.float32), label=int(_rng.integers(CLASSES)),
+                         loss=float(_rng.exponential(1.0)))
+        for _ in range(n)
+    ]
+    RecordLog(client, MODEL).write_predictions(records, now_ms)
+    return [eid.decode() for eid, _ in reversed(client.xrevrange(K.feedback, count=n))]
+
+
+def pending(client: redis.Redis) -> list[str]:
+    try:
+        rows = client.xpending_range(K.feedback, "reconciler", "-", "+", 100_000)
+    except redis.ResponseError:  # no group yet
+        return []
+    return [r["message_id"].decode() for r in rows]
+
+
+def version_key(client: redis.Redis) -> int | None:
+    raw = client.get(K.version)
+    return None if raw is None else int(raw)
+
+
+def published_versions(client: redis.Redis) -> list[int]:
+    return [h["version"] for h in RecordLog(client, MODEL).history() if h["type"] == "publish"]
+
+
+def used_ids(store: ModelStore, version: int) -> list[str]:
+    return store.read_manifest(MODEL, version)["inputs"]["entry_ids"]
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def test_flags_override_env_and_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPSERVE_MIN_RECORDS", "7")
+    monkeypatch.setenv("MPSERVE_MODELS", "alpha,beta")
+    from_env = build_settings([])
+    assert (from_env.min_records, from_env.models) == (7, ["alpha", "beta"])
+    s = build_settings(["--min-records", "5", "--outlier", "zscore", "--class-weights", "--models", "gamma"])
+    assert (s.min_records, s.outlier, s.class_weights, s.models) == (5, "zscore", True, ["gamma"])
+    assert s.reconcile_config().outlier == "zscore"
+    with pytest.raises(pydantic.ValidationError):
+        WorkerSettings(poll_ms=5000, lease_ttl_ms=10_000)  # a blocking read would outlive the renewal
+    with pytest.raises(SystemExit):
+        build_settings(["--outlier", "bogus"])
+
+
+# ------------------------------------------------------------------------------------------ run_once
+
+
+def test_run_once_publishes_records_inputs_and_acks_exactly_them(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="worker.reconciler")
+    ids = feed(redis_client, 40)
+    rec = Reconciler(make_settings(redis_server, store), store, redis_client, MODEL)
+    out = rec.run_once()
+    later = feed(redis_client, 5)  # written after the reconciliation: not part of it
+    rec.close()
+
+    assert (out.published, out.version, out.parent, out.reason) == (True, 1, 0, None)
+    assert out.stats["records"] == 40 and out.stats["stale_dropped"] == 0
+    assert version_key(redis_client) == 1
+    m = store.read_manifest(MODEL, 1)
+    assert m["parent"] == 0 and m["records"] == 40 and m["stale_dropped"] == 0
+    assert m["inputs"]["entry_ids"] == ids
+    assert (m["inputs"]["entries"], m["inputs"]["first_entry"], m["inputs"]["last_entry"]) == (40, ids[0], ids[-1])
+    assert m["inputs"]["entry_ids_sha256"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    assert m["reconciler"]["min_records"] == 32 and m["reconciler"]["learning_rate"] == 0.5
+    assert m["loss"]["mean"] == pytest.approx(out.stats["loss_mean"])
+    assert pending(redis_client) == []  # every used entry acknowledged...
+    assert RecordLog(redis_client, MODEL).stream_stats().undelivered == 5  # ...and nothing else touched
+    assert set(later).isdisjoint(ids)
+    hist = RecordLog(redis_client, MODEL).history()[-1]
+    assert (hist["version"], hist["parent"], hist["entries"]) == (1, 0, 40)
+    p0, _ = store.load_version(MODEL, 0)
+    p1, _ = store.load_version(MODEL, 1)
+    assert any(not np.array_equal(p0[k], p1[k]) for k in p0)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("reconciled "))
+    assert "model=fashion version=1 parent=0 records=40 cohorts=1" in line and "loss_mean=" in line
+    assert redis_client.get(K.lock) is None  # close() released the lease
+
+
+def test_too_few_records_publishes_and_acks_nothing_and_survives_a_restart(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    settings = make_settings(redis_server, store, consumer="same")
+    ids = feed(redis_client, 10)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    out = rec.run_once()
+    assert (out.published, out.version, out.reason) == (False, None, "too few records: have 10, need 32")
+    assert version_key(redis_client) is None and store.versions(MODEL) == [0]
+    assert sorted(pending(redis_client)) == sorted(ids)  # read, still pending: a crash loses nothing
+    rec.close()
+
+    small = feed(redis_client, 5, version=0)  # 15 in the cohort now; force needs min_cohort=8: enough
+    again = Reconciler(settings, store, redis_client, MODEL)  # same consumer: recovers its own pending entries
+    out = again.run_once(force=True)
+    again.close()
+    assert out.published and used_ids(store, out.version) == ids + small
+    assert pending(redis_client) == []
+
+    feed(redis_client, 3)
+    out = Reconciler(settings, store, redis_client, MODEL).run_once(force=True)
+    assert (out.published, out.reason) == (False, "too few records: have 0, need 8")
+
+
+def test_small_cohort_is_held_back_and_expired_one_dropped(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    rec = Reconciler(make_settings(redis_server, store, label_window_s=60), store, redis_client, MODEL)
+    feed(redis_client, 40)
+    assert rec.run_once().version == 1
+    fresh_v1 = feed(redis_client, 20, version=1)
+    held = feed(redis_client, 4, version=0)
+    old = feed(redis_client, 3, version=0, now_ms=time.time_ns() // 1_000_000 - 120_000)  # beyond the window
+    out = rec.run_once(force=True)
+
+    assert out.published and out.version == 2 and out.parent == 1
+    assert (out.stats["records"], out.stats["held_back"], out.stats["expired_dropped"]) == (20, 4, 3)
+    assert sorted(pending(redis_client)) == sorted(held)  # exactly the held-back cohort stays pending
+    m = store.read_manifest(MODEL, 2)
+    assert m["inputs"]["entry_ids"] == fresh_v1 and m["inputs"]["dropped"]["entry_ids"] == old
+    assert [c["version"] for c in m["cohorts"]] == [1]
+
+
+def test_stale_and_rolled_back_cohorts_are_dropped_and_counted(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    rec = Reconciler(make_settings(redis_server, store, max_cohort_age=1), store, redis_client, MODEL)
+    feed(redis_client, 40, version=0)
+    assert rec.run_once().version == 1
+    feed(redis_client, 40, version=1)
+    assert rec.run_once().version == 2
+    too_old = feed(redis_client, 20, version=0)  # two steps back from 2: beyond max_cohort_age=1
+    unknown = feed(redis_client, 10, version=9)  # not in the lineage at all
+    fresh = feed(redis_client, 32, version=2)
+    out = rec.run_once()
+    assert (out.published, out.version, out.stats["records"], out.stats["stale_dropped"]) == (True, 3, 32, 30)
+    m = store.read_manifest(MODEL, 3)
+    assert m["stale_dropped"] == 30 and m["inputs"]["entry_ids"] == fresh
+    assert sorted(m["inputs"]["dropped"]["entry_ids"]) == sorted(too_old + unknown)
+    assert RecordLog(redis_client, MODEL).history()[-1]["stale_dropped"] == 30
+    assert pending(redis_client) == []  # dropped entries were acknowledged with the publish
+
+    RecordLog(redis_client, MODEL).rollback(1, {"reason": "test"})
+    branch = feed(redis_client, 20, version=3)  # served by the rolled-back branch
+    on_line = feed(redis_client, 32, version=1)
+    out = rec.run_once()
+    assert (out.version, out.parent, out.stats["stale_dropped"], out.stats["records"]) == (4, 1, 20, 32)
+    assert used_ids(store, 4) == on_line and store.lineage(MODEL, 4) == [4, 1, 0]
+    assert store.read_manifest(MODEL, 4)["inputs"]["dropped"]["entry_ids"] == branch
+
+
+def test_invalid_entries_are_dropped_instead_of_blocking_reconciliation(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    good = feed(redis_client, 32)
+    zeros = np.zeros(CLASSES, np.float32)
+    RecordLog(redis_client, MODEL).write_predictions([
+        PredictionRecord("bad-vendor", 0, (0, VENDORS), zeros, label=1, loss=0.5),
+        PredictionRecord("bad-groups", 0, (0, 1, 2), zeros, label=1, loss=0.5),
+        PredictionRecord("bad-label", 0, (0, 1), zeros, label=CLASSES, loss=0.5),
+    ])
+    bad = [eid.decode() for eid, _ in redis_client.xrange(K.feedback)][-3:]
+    out = Reconciler(make_settings(redis_server, store), store, redis_client, MODEL).run_once()
+    assert out.published and out.stats["invalid_dropped"] == 3 and out.stats["records"] == 32
+    m = store.read_manifest(MODEL, out.version)
+    assert m["inputs"]["entry_ids"] == good and m["inputs"]["dropped"]["entry_ids"] == bad
+    assert pending(redis_client) == []
+
+
+def test_a_buffer_full_of_stale_entries_is_acked_under_the_fence(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    settings = make_settings(redis_server, store, max_records_per_reconcile=32)
+    feed(redis_client, 40, version=9)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    out = rec.run_once()
+    assert not out.published and out.stats["acked_without_publish"] == 32 and out.stats["stale_dropped"] == 32
+    assert pending(redis_client) == [] and RecordLog(redis_client, MODEL).stream_stats().undelivered == 8
+    out = rec.run_once()  # 8 stale entries, buffer not full: they wait for a publish
+    assert "acked_without_publish" not in out.stats and len(pending(redis_client)) == 8
+    assert version_key(redis_client) is None and store.versions(MODEL) == [0]
+
+
+def test_fenced_ack_refuses_a_stale_token_and_a_moved_version(redis_client: redis.Redis) -> None:
+    log = RecordLog(redis_client, MODEL)
+    log.ensure_group()
+    ids = feed(redis_client, 3)
+    log.read_feedback("w", 10)
+    old = log.acquire_lease("a", 10_000)
+    redis_client.delete(K.lock)
+    new = log.acquire_lease("b", 10_000)
+    with pytest.raises(StaleLeaderError):
+        fenced_ack(redis_client, K, "reconciler", old, None, ids)
+    assert fenced_ack(redis_client, K, "reconciler", new, 5, ids) is None  # serving is not at version 5
+    assert len(pending(redis_client)) == 3
+    assert fenced_ack(redis_client, K, "reconciler", new, None, ids[:2]) == 2
+    assert pending(redis_client) == ids[2:]
+
+
+def test_idle_entries_of_another_consumer_are_reclaimed(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    rec = Reconciler(make_settings(redis_server, store, claim_idle_ms=50), store, redis_client, MODEL)
+    assert rec.run_once().reason == "too few records: have 0, need 32"  # leader, group created
+    ids = feed(redis_client, 10)
+    # A stale leader that had not noticed yet reads them under its own consumer name.
+    RecordLog(redis_client, MODEL).read_feedback("ghost", 10)
+    assert sorted(pending(redis_client)) == sorted(ids)
+    out = wait_until(lambda: (o := rec.run_once(force=True)).published and o, timeout=5, interval=0.02,
+                     what="the leader reclaims the ghost's entries")
+    assert used_ids(store, out.version) == ids and pending(redis_client) == []
+
+
+# ------------------------------------------------------------------------------------------ lease
+
+
+def test_only_the_lease_holder_publishes_and_a_successor_takes_over(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    a = Reconciler(make_settings(redis_server, store, consumer="a", lease_ttl_ms=600), store, redis_client, MODEL)
+    b = Reconciler(make_settings(redis_server, store, consumer="b", lease_ttl_ms=600), store, redis_client, MODEL)
+    feed(redis_client, 40)
+    assert a.run_once().version == 1
+    second = feed(redis_client, 40)
+    out = b.run_once()
+    assert not out.published and out.reason.startswith("not leader") and "a:" in out.reason
+    assert RecordLog(redis_client, MODEL).stream_stats().undelivered == 40  # b did not even read
+
+    a.close()  # released: b takes over at once
+    out = b.run_once()
+    assert out.published and out.version == 2 and used_ids(store, 2) == second
+
+    third = feed(redis_client, 40)  # b never renews now: its lease expires after 0.6 s
+    t0 = time.monotonic()
+    out = wait_until(lambda: (o := a.run_once()).published and o, timeout=5, interval=0.02, what="a takes over")
+    assert out.version == 3 and used_ids(store, 3) == third and time.monotonic() - t0 < 3
+    later = b.run_once()
+    assert later.reason.startswith("not leader") and not b.is_leader
+    owners = [h["owner"].split(":")[0] for h in RecordLog(redis_client, MODEL).history()]
+    assert owners == ["a", "b", "a"]
+    a.close()
+
+
+def test_a_stale_fencing_token_cannot_publish(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    a = Reconciler(make_settings(redis_server, store, consumer="a"), store, redis_client, MODEL)
+    first = feed(redis_client, 10)
+    assert not a.run_once().published and a.is_leader  # leads, holds 10 entries
+    # The lease vanishes behind a's back (a pause longer than the TTL) and another worker takes it.
+    redis_client.delete(K.lock)
+    intruder = RecordLog(redis_client, MODEL).acquire_lease("intruder", 10_000)
+    assert intruder is not None and intruder > a.lease.token
+    rest = feed(redis_client, 30)
+    out = a.run_once()  # a's renewal is not due yet: it reconciles, writes v1, and the publish is refused
+    assert not out.published and out.reason.startswith("lost leadership") and not a.is_leader
+    assert version_key(redis_client) is None and published_versions(redis_client) == []
+    assert store.versions(MODEL) == [0, 1]  # an unpublished file: garbage, never served
+    assert sorted(pending(redis_client)) == sorted(first + rest)  # nothing acknowledged
+
+    RecordLog(redis_client, MODEL).release_lease("intruder")
+    c = Reconciler(make_settings(redis_server, store, consumer="c"), store, redis_client, MODEL)
+    out = c.run_once()  # claims a's pending entries at takeover
+    assert out.published and out.version == 2 and out.parent == 0  # builds on v0, not on the garbage v1
+    assert used_ids(store, 2) == first + rest and store.lineage(MODEL, 2) == [2, 0]
+    c.close()
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _worker_env(fault: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
+    if fault:
+        env["MPSERVE_FAULT"] = fault
+    return env
+
+
+def _worker_argv(redis_server: RedisProcess, store: ModelStore, consumer: str, min_records: int) -> list[str]:
+    return [sys.executable, "-m", "worker", "--redis-url", redis_server.url, "--store-dir", str(store.root),
+            "--models", MODEL, "--consumer", consumer, "--min-records", str(min_records), "--min-cohort", "8",
+            "--poll-ms", "20", "--lease-ttl-ms", "900", "--claim-idle-ms", "60000", "--interval-s", "3600"]
+
+
+def _start(redis_server: RedisProcess, store: ModelStore, consumer: str, log_dir: Path, min_records: int = 32,
+           fault: str | None = None) -> subprocess.Popen[bytes]:
+    out = open(log_dir / f"{consumer}.log", "wb")  # noqa: SIM115 - owned by the process
+    return subprocess.Popen(_worker_argv(redis_server, store, consumer, min_records), cwd=REPO,
+                            env=_worker_env(fault), stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Worker processes started by a test; whatever is still running at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_crashes_before_and_after_publish_use_every_entry_exactly_once(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path,
+        procs: list[subprocess.Popen[bytes]]) -> None:
+    def crash(consumer: str, fault: str) -> None:
+        p = _start(redis_server, store, consumer, tmp_path, fault=fault)
+        procs.append(p)
+        assert p.wait(timeout=30) == 137, (tmp_path / f"{consumer}.log").read_text()
+        assert f"exiting at {fault}" in (tmp_path / f"{consumer}.log").read_text()
+
+    batch1 = feed(redis_client, 40)
+    crash("c1", "after_store_write")
+    assert store.versions(MODEL) == [0, 1] and version_key(redis_client) is None
+    assert sorted(pending(redis_client)) == sorted(batch1)
+
+    crash("c2", "after_publish")  # waits out c1's lease, claims its entries, publishes, dies
+    assert version_key(redis_client) == 2 and pending(redis_client) == []
+    batch2 = feed(redis_client, 40, version=2)
+    crash("c3", "after_store_write")
+    assert version_key(redis_client) == 2 and store.versions(MODEL) == [0, 1, 2, 3]
+
+    clean = _start(redis_server, store, "c4", tmp_path)
+    procs.append(clean)
+    wait_until(lambda: version_key(redis_client) == 4, timeout=20, interval=0.05, what="the clean worker publishes")
+    clean.send_signal(signal.SIGTERM)
+    assert clean.wait(timeout=10) == 0
+    assert redis_client.get(K.lock) is None  # released on SIGTERM
+
+    assert published_versions(redis_client) == [2, 4]
+    per_version = {v: used_ids(store, v) for v in published_versions(redis_client)}
+    assert per_version == {2: batch1, 4: batch2}
+    everything = Counter(i for ids in per_version.values() for i in ids)
+    assert set(everything) == set(batch1 + batch2) and max(everything.values()) == 1
+    lineage = store.lineage(MODEL, 4)
+    assert lineage == [4, 2, 0]  # the garbage versions 1 and 3 are in no lineage
+    along = Counter(i for v in lineage if v for i in used_ids(store, v))
+    assert max(along.values()) == 1
+    assert pending(redis_client) == []
+
+
+def test_leader_failover_between_two_worker_processes(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path,
+        procs: list[subprocess.Popen[bytes]]) -> None:
+    workers = {name: _start(redis_server, store, name, tmp_path, min_records=48) for name in ("wa", "wb")}
+    procs.extend(workers.values())
+    holder = wait_until(lambda: redis_client.get(K.lock), timeout=20, what="a leader").decode()
+    leader = holder.split(":")[0]
+    survivor = "wb" if leader == "wa" else "wa"
+
+    feed(redis_client, 48)
+    wait_until(lambda: version_key(redis_client) == 1, timeout=10, interval=0.02, what="the leader publishes v1")
+    held = feed(redis_client, 32, version=1)  # fewer than min_records: the leader reads and holds them
+    wait_until(lambda: len(pending(redis_client)) == 32, timeout=10, interval=0.02, what="the leader reads")
+
+    workers[leader].kill()
+    workers[leader].wait()
+    t0 = time.monotonic()
+    more = feed(redis_client, 16, version=1)
+    wait_until(lambda: version_key(redis_client) == 2, timeout=10, interval=0.02, what="the survivor publishes")
+    assert time.monotonic() - t0 < 5
+    last = RecordLog(redis_client, MODEL).history()[-1]
+    assert last["consumer"] == survivor
+    assert used_ids(store, 2) == held + more  # the dead leader's pending entries were claimed, not lost
+    assert workers[survivor].poll() is None
+
+
+# ------------------------------------------------------------------------------------------ trigger
+
+
+def test_trigger_without_a_worker_runs_in_process(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    settings = make_settings(redis_server, store, consumer="api-1")
+    ids = feed(redis_client, 20)  # below min_records: only a forced reconciliation uses them
+    out = request_reconcile(redis_client, store, settings, MODEL, timeout_s=10)
+    assert (out["published"], out["version"], out["parent"], out["reason"]) == (True, 1, 0, None)
+    assert out["stats"]["records"] == 20 and used_ids(store, 1) == ids
+    assert redis_client.get(K.lock) is None  # the admin lease was given back
+    assert RecordLog(redis_client, MODEL).history()[-1]["owner"].startswith("admin:api-1:")
+
+    feed(redis_client, 3)
+    out = request_reconcile(redis_client, store, settings, MODEL, timeout_s=10)
+    assert (out["published"], out["reason"]) == (False, "too few records: have 0, need 8")
+    assert version_key(redis_client) == 1 and len(pending(redis_client)) == 3
+
+
+def test_trigger_with_a_running_worker_goes_through_it(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    settings = make_settings(redis_server, store, consumer="wk", min_records=1000)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: redis_client.get(K.lock), timeout=5, what="the worker leads")
+        ids = feed(redis_client, 20)
+        out = request_reconcile(redis_client, store, make_settings(redis_server, store, consumer="api"), MODEL,
+                                timeout_s=10)
+        assert (out["published"], out["version"]) == (True, 1) and used_ids(store, 1) == ids
+        last = RecordLog(redis_client, MODEL).history()[-1]
+        assert last["trigger"] == "request" and last["owner"] == rec.lease.owner  # the worker published it
+        assert redis_client.get(K.lock).decode() == rec.lease.owner  # and still leads
+        assert redis_client.llen(K.requests) == 0
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive() and redis_client.get(K.lock) is None
+
+
+def test_trigger_times_out_clearly_when_the_lease_holder_does_not_answer(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    redis_client.set(K.lock, "dead-worker:0", px=5000)  # a worker that died holding the lease
+    t0 = time.monotonic()
+    with pytest.raises(ReconcileTimeout, match="did not answer"):
+        request_reconcile(redis_client, store, make_settings(redis_server, store), MODEL, timeout_s=0.3)
+    assert time.monotonic() - t0 < 3
+    assert version_key(redis_client) is None
+
+
+def test_timer_reconciles_what_is_usable(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    settings = make_settings(redis_server, store, consumer="tm", min_records=1000, interval_s=0.3)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        ids = feed(redis_client, 12)
+        wait_until(lambda: version_key(redis_client) == 1, timeout=5, interval=0.02, what="the timer fires")
+        assert used_ids(store, 1) == ids
+        assert RecordLog(redis_client, MODEL).history()[-1]["trigger"] == "timer"
+    finally:
+        stop.set()
+        thread.join(timeout=10)

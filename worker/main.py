@@ -1,0 +1,72 @@
+"""Command line of the reconciler: ``python -m worker`` (mounted as ``mpserve worker``).
+
+One thread per model, each running :meth:`Reconciler.serve_forever`; SIGTERM or SIGINT stops them
+cleanly (each gives its lease back, so a standby worker takes over at once rather than after the TTL).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+
+import redis
+
+from model_store import ModelStore
+from worker.flags import settings_from_argv
+from worker.reconciler import Reconciler
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = "mpserve reconciler worker: turns labelled predictions into new model versions"
+
+
+def build_settings(argv: Sequence[str] | None = None) -> WorkerSettings:
+    """Settings from MPSERVE_* variables, overridden by the flags in ``argv``."""
+    return settings_from_argv(WorkerSettings, argv, prog="python -m worker", description=DESCRIPTION)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run(settings: WorkerSettings, stop: threading.Event) -> None:
+    """Reconcile every configured model until ``stop`` is set (embeddable: no signals, no logging setup)."""
+    store = ModelStore(settings.store_dir)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=False)
+    threads = [
+        threading.Thread(target=Reconciler(settings, store, client, model).serve_forever, args=(stop,),
+                         name=f"reconciler-{model}", daemon=True)
+        for model in settings.models
+    ]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse settings, stop on SIGTERM/SIGINT, run until stopped."""
+    settings = build_settings(argv)
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def _on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    log.info("worker %s: models %s, store %s", settings.consumer, settings.models, settings.store_dir)
+    run(settings, stop)
+    log.info("worker %s stopped", settings.consumer)
+    return 0

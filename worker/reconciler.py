@@ -1,0 +1,466 @@
+"""The reconciler of one model: read labelled records, turn them into the next version, publish it once.
+
+Exactly-once use of every feedback entry rests on three rules (DESIGN §2):
+
+1. an entry stays pending in the consumer group until the publish script acknowledges it, in the same
+   atomic step that makes the version current; the worker's in-memory buffer is only a cache of
+   pending entries, rebuilt from Redis whenever the worker (re)takes the lease;
+2. the new version's file is written *before* the publish, and a file whose publish never happened (a
+   crash, a refused token) is garbage that nothing serves, whose entries are used again by the next
+   version;
+3. only the holder of the newest fencing token can publish, so a leader that lost the lease without
+   noticing cannot publish (nor acknowledge) anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from marketplace.reconcile import Records, VersionSeeds, reconcile
+from model_store import ModelStore, VersionExistsError, VersionNotFound
+from mpserve.keys import validate_model_name
+from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError
+from mpserve.versions import LoadedVersion, load_version, version_sources, write_next_version
+from worker.admin_queue import pop_requests, send_reply
+from worker.faults import fault_point
+from worker.fenced import fenced_ack
+from worker.lease import Lease
+from worker.plan import Batch, entry_order, plan_batch
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+NOT_LEADER = "not leader"
+ENTRY_IDS_IN_MANIFEST = 4096  # above this, a manifest lists the entries by count, bounds and hash only
+READ_CHUNK = 10_000
+
+
+@dataclass
+class ReconcileOutcome:
+    """What one reconciliation attempt did; ``reason`` says why nothing was published."""
+
+    published: bool
+    version: int | None = None
+    parent: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON answer of ``POST /admin/reconcile``."""
+        return {"published": self.published, "version": self.version, "parent": self.parent,
+                "stats": self.stats, "reason": self.reason}
+
+
+def describe_entries(ids: Sequence[str]) -> dict[str, Any]:
+    """Count, bounds and sha256 of entry ids (stream order, joined by newlines); the ids when few."""
+    out: dict[str, Any] = {
+        "entries": len(ids),
+        "first_entry": ids[0] if ids else None,
+        "last_entry": ids[-1] if ids else None,
+        "entry_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+    }
+    if len(ids) <= ENTRY_IDS_IN_MANIFEST:
+        out["entry_ids"] = list(ids)
+    return out
+
+
+def fallback_base(store: ModelStore, model: str, published: set[Any]) -> int | None:
+    """The version to build on (and serve) while ``mp:{m}:version`` is unset.
+
+    The newest stored version, skipping reconciler outputs (manifest with ``inputs``) that are not in
+    ``published`` (the versions of the publish history): such a file is garbage left by a crash between
+    the store write and the publish, and building on it (or serving it) would apply its entries twice.
+    """
+    versions = store.versions(model)
+    for v in reversed(versions):
+        if v in published or "inputs" not in store.read_manifest(model, v):
+            if v != versions[-1]:
+                log.warning("%s: no version is set in Redis; using %d, not the unpublished %s", model, v,
+                            [x for x in versions if x > v])
+            return v
+    return versions[-1] if versions else None
+
+
+def _records(entries: Sequence[FeedbackEntry]) -> Records:
+    return Records(
+        version=np.array([e.version for e in entries], dtype=np.int64),
+        path=np.array([e.path for e in entries], dtype=np.int64).reshape(len(entries), -1),
+        loss=np.array([e.loss for e in entries], dtype=np.float64),
+        label=np.array([e.label for e in entries], dtype=np.int64),
+    )
+
+
+class Reconciler:
+    """Reconciles one model while it holds the model's leader lease; see the module docstring."""
+
+    def __init__(self, settings: WorkerSettings, store: ModelStore, client: redis.Redis, model: str,
+                 owner: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.model = validate_model_name(model)
+        self.records = RecordLog(client, model, settings.label_window_s)
+        self.keys = self.records.keys
+        self.consumer = settings.consumer
+        # The owner is unique per instance even if two processes were given the same consumer name.
+        self.lease = Lease(self.records, owner or f"{settings.consumer}:{secrets.token_hex(4)}",
+                           settings.lease_ttl_ms)
+        self.buffer: dict[str, FeedbackEntry] = {}
+        self._rng = np.random.default_rng()
+        self._generation = 0  # bumped whenever the buffer gains entries
+        self._last_attempt: tuple[Any, ...] | None = None
+        self._last_publish = time.monotonic()
+        self._last_reclaim = time.monotonic()
+        self._window: tuple[int, dict[int, VersionSeeds]] | None = None
+        self._loaded: LoadedVersion | None = None
+
+    # ------------------------------------------------------------------------------------------ public
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lease.held
+
+    def run_once(self, force: bool = False) -> ReconcileOutcome:
+        """Take or keep the lease, read what is ready, and reconcile if enough is usable (or ``force``)."""
+        t0 = time.monotonic()
+        if not self._ensure_leader():
+            holder = self.lease.holder()
+            return ReconcileOutcome(False, reason=f"{NOT_LEADER}: the lease of {self.model} is held by {holder}",
+                                    seconds=time.monotonic() - t0)
+        self._read_all()
+        self._reclaim_idle()
+        return self._attempt(force, "force" if force else None, t0)
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Lead (or wait to lead) until ``stop`` is set; then give the lease back."""
+        log.info("%s: reconciler %s starting (min_records=%d, interval_s=%s)", self.model, self.lease.owner,
+                 self.settings.min_records, self.settings.interval_s)
+        try:
+            while not stop.is_set():
+                try:
+                    self.step(stop)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("%s: Redis unavailable (%s); retrying", self.model, exc)
+                    self._last_attempt = None
+                    stop.wait(1.0)
+                except Exception:
+                    log.exception("%s: reconciler step failed; retrying", self.model)
+                    self._last_attempt = None  # retry even if nothing changes (a transient disk error)
+                    stop.wait(1.0)
+        finally:
+            try:
+                self.close()
+            except redis.RedisError as exc:
+                log.warning("%s: could not release the lease (%s); it expires by itself", self.model, exc)
+
+    def step(self, stop: threading.Event) -> None:
+        """One loop iteration: lease, admin requests, a blocking read, and a reconciliation if due."""
+        poll_s = self.settings.poll_ms / 1000
+        if not self._ensure_leader():
+            stop.wait(poll_s)
+            return
+        self._serve_requests()
+        if self._room() > 0:
+            self._read(self.settings.poll_ms)
+        else:
+            stop.wait(poll_s)
+        self._reclaim_idle()
+        if self._worth_attempting():
+            self._attempt(False, None, time.monotonic())
+
+    def close(self) -> None:
+        """Release the lease; buffered entries stay pending in Redis for the next leader."""
+        self.lease.release()
+        self.buffer.clear()
+
+    # ------------------------------------------------------------------------------------------ lease
+
+    def _ensure_leader(self) -> bool:
+        if self.lease.held:
+            if self.lease.keep():
+                return True
+            self._lost("the lease could not be renewed")
+            return False
+        if not self.lease.acquire():
+            return False
+        self._on_acquired()
+        return True
+
+    def _on_acquired(self) -> None:
+        """Rebuild the buffer from Redis: our own pending entries, then everything a previous leader left.
+
+        Claiming other consumers' entries at once (not only after ``claim_idle_ms``) is safe: only a
+        leader reads the stream, the previous leader's token is now stale, and whatever it published
+        before our token was taken is already acknowledged, hence not pending.
+        """
+        self.buffer.clear()
+        self._window, self._loaded, self._last_attempt = None, None, None
+        self.records.ensure_group()
+        own = self.records.pending_entries(self.consumer)
+        self._add(own)
+        claimed = self.records.reclaim(self.consumer, 0, count=max(self.settings.max_records_per_reconcile, 1000))
+        self._add(claimed)
+        self._last_publish = self._last_reclaim = time.monotonic()
+        log.info("%s: leading as %s; %d pending entries recovered (%d own, %d claimed)", self.model,
+                 self.lease.owner, len(self.buffer), len(own), len(claimed))
+
+    def _lost(self, why: str) -> None:
+        """Stop leading: forget the buffer, whose entries stay pending for whoever leads next."""
+        log.warning("%s: no longer the leader (%s); %d buffered entries left pending", self.model, why,
+                    len(self.buffer))
+        self.lease.drop()
+        self.buffer.clear()
+        self._window, self._loaded, self._last_attempt = None, None, None
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def _room(self) -> int:
+        return self.settings.max_records_per_reconcile - len(self.buffer)
+
+    def _add(self, entries: Sequence[FeedbackEntry]) -> int:
+        new = 0
+        for e in entries:
+            if e.entry_id not in self.buffer:
+                self.buffer[e.entry_id] = e
+                new += 1
+        if new:
+            self._generation += 1
+        return new
+
+    def _read(self, block_ms: int | None) -> int:
+        room = self._room()
+        if room <= 0:
+            return 0
+        return self._add(self.records.read_feedback(self.consumer, min(room, READ_CHUNK), block_ms))
+
+    def _read_all(self) -> None:
+        """Read new entries without blocking until the stream or the buffer's room runs out."""
+        while self._room() > 0:
+            asked = min(self._room(), READ_CHUNK)
+            got = self.records.read_feedback(self.consumer, asked, None)
+            self._add(got)
+            if len(got) < asked:
+                return
+
+    def _reclaim_idle(self) -> None:
+        """Take over entries idle for ``claim_idle_ms``: a dead consumer's, or reads of ours that got lost."""
+        now = time.monotonic()
+        every_s = max(self.settings.claim_idle_ms / 2000, self.settings.poll_ms / 1000)
+        if now - self._last_reclaim < every_s:
+            return
+        self._last_reclaim = now
+        count = max(len(self.buffer) + self._room(), 1000)
+        n = self._add(self.records.reclaim(self.consumer, self.settings.claim_idle_ms, count=count))
+        if n:
+            log.info("%s: reclaimed %d idle entries", self.model, n)
+
+    # ------------------------------------------------------------------------------------------ admin
+
+    def _serve_requests(self) -> None:
+        """Answer queued ``POST /admin/reconcile`` requests with one forced reconciliation."""
+        requests = pop_requests(self.client, self.keys)
+        if not requests:
+            return
+        t0 = time.monotonic()
+        try:
+            self._read_all()
+            outcome = self._attempt(True, "request", t0)
+        except Exception as exc:
+            log.exception("%s: reconcile request failed", self.model)
+            outcome = ReconcileOutcome(False, reason=f"reconciliation failed: {type(exc).__name__}: {exc}",
+                                       seconds=time.monotonic() - t0)
+        send_reply(self.client, self.keys, [r.id for r in requests], outcome.as_dict())
+
+    # ------------------------------------------------------------------------------------------ deciding
+
+    def _timer_fired(self) -> bool:
+        return time.monotonic() - self._last_publish >= self.settings.interval_s
+
+    def _worth_attempting(self) -> bool:
+        """Cheap gate before planning: enough entries could be usable, and something changed."""
+        timer = self._timer_fired()
+        if not timer and len(self.buffer) < self.settings.min_records:
+            return False
+        key = (self._generation, self.records.current_version(), timer)
+        if key == self._last_attempt:
+            return False
+        self._last_attempt = key
+        return True
+
+    def _base(self) -> tuple[int | None, int | None]:
+        """(base version, what ``mp:{m}:version`` says); see ``_fallback_base`` when the key is unset."""
+        current = self.records.current_version()
+        return (current if current is not None else self._fallback_base()), current
+
+    def _fallback_base(self) -> int | None:
+        published = {h.get("version") for h in self.records.history() if h.get("type") == "publish"}
+        return fallback_base(self.store, self.model, published)
+
+    def _sources(self, base: int) -> dict[int, VersionSeeds]:
+        """Seeds of every version a cohort may come from: the base and its ancestors up to max_cohort_age."""
+        if self._window is None or self._window[0] != base:
+            lineage = self.store.lineage(self.model, base)[: self.settings.max_cohort_age + 1]
+            self._window = (base, version_sources(self.store, self.model, lineage))
+        return self._window[1]
+
+    def _parent(self, base: int) -> LoadedVersion:
+        if self._loaded is None or self._loaded.version != base:
+            self._loaded = load_version(self.store, self.model, base)
+        return self._loaded
+
+    def _plan(self, base: int, sources: dict[int, VersionSeeds]) -> Batch:
+        window = {n: (int(s.seeds.shape[0]), int(s.seeds.shape[1])) for n, s in sources.items()}
+        return plan_batch(self.buffer.values(), base, window, self.settings.min_cohort,
+                          self.settings.max_records_per_reconcile, self.settings.label_window_s * 1000,
+                          time.time_ns() // 1_000_000, self._parent(base).spec.num_classes)
+
+    def _attempt(self, force: bool, trigger: str | None, t0: float) -> ReconcileOutcome:
+        base, current = self._base()
+        if base is None:
+            return ReconcileOutcome(False, reason=f"model {self.model} has no version in the store",
+                                    seconds=time.monotonic() - t0)
+        try:
+            sources = self._sources(base)
+            batch = self._plan(base, sources)
+        except VersionNotFound as exc:  # serving points at a version the store lacks (deleted, other store)
+            return ReconcileOutcome(False, None, base, {}, f"base version {base} is not usable: {exc}",
+                                    time.monotonic() - t0)
+        timer = self._timer_fired()
+        need = self.settings.min_cohort if (force or timer) else self.settings.min_records
+        if len(batch.usable) < need:
+            stats: dict[str, Any] = batch.counts()
+            if batch.dropped and self._room() <= 0:
+                self._ack_dropped(batch, current, stats)
+            reason = f"too few records: have {len(batch.usable)}, need {need}"
+            log.debug("%s: not reconciling (%s; %s)", self.model, reason, stats)
+            seconds = time.monotonic() - t0
+            stats["seconds"] = round(seconds, 6)
+            return ReconcileOutcome(False, None, base, stats, reason, seconds)
+        trigger = trigger or ("records" if len(batch.usable) >= self.settings.min_records else "timer")
+        return self._reconcile_and_publish(batch, sources, trigger, t0)
+
+    def _ack_dropped(self, batch: Batch, current: int | None, stats: dict[str, Any]) -> None:
+        """The buffer is full of entries nothing will use: acknowledge them now rather than stall."""
+        assert self.lease.token is not None
+        ids = [e.entry_id for e in batch.dropped]
+        try:
+            acked = fenced_ack(self.client, self.keys, self.records.group, self.lease.token, current, ids)
+        except StaleLeaderError as exc:
+            self._lost(f"acknowledgement refused: {exc}")
+            return
+        if acked is None:
+            self._last_attempt = None  # the version moved under us: plan again
+            return
+        for i in ids:
+            self.buffer.pop(i, None)
+        stats["acked_without_publish"] = len(ids)
+        log.info("%s: buffer full; acknowledged %d dropped entries without a publish (%s)", self.model,
+                 len(ids), batch.counts())
+
+    # ------------------------------------------------------------------------------------------ publishing
+
+    def _reconcile_and_publish(self, batch: Batch, sources: dict[int, VersionSeeds], trigger: str,
+                               t0: float) -> ReconcileOutcome:
+        parent = self._parent(batch.base)
+        cohort_versions = {e.version for e in batch.usable}
+        result = reconcile(parent.spec, parent.params, _records(batch.usable),
+                           {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config())
+        used = [e for e, u in zip(batch.usable, result.used, strict=True) if u]
+        dropped = batch.dropped
+        counts = batch.counts()
+        stats = {**result.stats, **counts, "held_back": counts["held_back"] + len(batch.usable) - len(used),
+                 "trigger": trigger}
+        stats.pop("usable", None)
+        used_ids = [e.entry_id for e in used]
+        dropped_ids = sorted((e.entry_id for e in dropped), key=entry_order)
+        inputs = {**describe_entries(used_ids), "dropped": describe_entries(dropped_ids)}
+
+        version, manifest = self._write(parent, result.params, stats, inputs)
+        fault_point("after_store_write")
+        history = {"parent": parent.version, "records": stats["records"], "cohorts": len(stats["cohorts"]),
+                   "outliers_dropped": stats["outliers_dropped"], "stale_dropped": counts["stale_dropped"],
+                   "expired_dropped": counts["expired_dropped"], "invalid_dropped": counts["invalid_dropped"],
+                   "loss_mean": stats["loss_mean"], "loss_std": stats["loss_std"], "entries": len(used_ids),
+                   "entry_ids_sha256": inputs["entry_ids_sha256"], "weights_sha256": manifest["weights_sha256"],
+                   "consumer": self.consumer, "owner": self.lease.owner, "token": self.lease.token,
+                   "trigger": trigger}
+        token = self.lease.token
+        assert token is not None
+        try:
+            acked = self.records.publish(token, version, history, used_ids + dropped_ids)
+        except StaleLeaderError as exc:
+            self._lost(f"publish of version {version} refused: {exc}")
+            log.warning("%s: version %d stays unpublished garbage in the store", self.model, version)
+            return ReconcileOutcome(False, None, parent.version, stats, f"lost leadership: {exc}",
+                                    time.monotonic() - t0)
+        except BaseException:
+            # The script may or may not have run: only Redis knows which entries are acknowledged now.
+            self._lost(f"publish of version {version} failed; its outcome is unknown")
+            raise
+        fault_point("after_publish")
+        if acked != len(used_ids) + len(dropped_ids):
+            log.warning("%s: version %d acknowledged %d entries, expected %d", self.model, version, acked,
+                        len(used_ids) + len(dropped_ids))
+        for i in used_ids + dropped_ids:
+            self.buffer.pop(i, None)
+        self._last_publish = time.monotonic()
+        seconds = time.monotonic() - t0
+        stats["seconds"] = round(seconds, 6)
+        self._log_publish(version, parent.version, stats)
+        self._retain(version, parent.version)
+        return ReconcileOutcome(True, version, parent.version, stats, None, seconds)
+
+    def _write(self, parent: LoadedVersion, params: dict[str, np.ndarray], stats: dict[str, Any],
+               inputs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Store the update under the next free number (a stale leader may have taken one: skip it)."""
+        extra = {"stale_dropped": stats["stale_dropped"], "expired_dropped": stats["expired_dropped"],
+                 "invalid_dropped": stats["invalid_dropped"], "held_back": stats["held_back"], "inputs": inputs,
+                 "reconciler": {**self.settings.manifest_record(), "trigger": stats["trigger"]},
+                 "training": {"kind": "marketplace reconciliation", "direction_norm": stats["direction_norm"]}}
+        for attempt in range(3):
+            version = max([*self.store.versions(self.model), parent.version]) + 1
+            try:
+                manifest = write_next_version(self.store, parent, version, params, stats,
+                                              self.settings.learning_rate, self._rng, **extra)
+                return version, manifest
+            except VersionExistsError:
+                if attempt == 2:
+                    raise
+                log.warning("%s: version %d was written by someone else; taking the next number", self.model,
+                            version)
+        raise AssertionError("unreachable")
+
+    def _log_publish(self, version: int, parent: int, stats: dict[str, Any]) -> None:
+        fields = {"model": self.model, "version": version, "parent": parent, "records": stats["records"],
+                  "cohorts": len(stats["cohorts"]), "outliers_dropped": stats["outliers_dropped"],
+                  "stale_dropped": stats["stale_dropped"], "expired_dropped": stats["expired_dropped"],
+                  "invalid_dropped": stats["invalid_dropped"], "held_back": stats["held_back"],
+                  "loss_mean": _fmt(stats["loss_mean"]), "loss_std": _fmt(stats["loss_std"]),
+                  "trigger": stats["trigger"], "seconds": f"{stats['seconds']:.3f}"}
+        log.info("reconciled %s", " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def _retain(self, version: int, parent: int) -> None:
+        """Delete old versions, keeping the current one, its parent and every version a cohort may use."""
+        protect = {version, parent, *(self._window[1] if self._window else ())}
+        try:
+            deleted = self.store.apply_retention(self.model, self.settings.keep_versions, protect)
+        except Exception:
+            log.exception("%s: retention failed (versions are kept)", self.model)
+            return
+        if deleted:
+            log.info("%s: retention deleted versions %s", self.model, deleted)
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.6g}"

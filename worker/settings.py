@@ -1,0 +1,106 @@
+"""Settings of the reconciler worker: one pydantic-settings class, from MPSERVE_* variables and CLI flags.
+
+Every field is also a command-line flag (``--min-records`` for ``min_records``, see :mod:`worker.flags`);
+flags override the environment, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from marketplace.reconcile import ReconcileConfig
+from mpserve.keys import validate_model_name
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def default_consumer() -> str:
+    """hostname-pid: unique per process, so two workers never share a consumer or a lease owner."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the reconciler needs to know; nothing else in the worker reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MPSERVE_", extra="ignore", validate_default=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared with the API replicas")
+    store_dir: Path = Field(Path("./data/store"), description="root of the model store")
+    # NoDecode: MPSERVE_MODELS=a,b is split by the validator below instead of being parsed as JSON.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fashion"],
+                                                   description="models to reconcile (a,b or a list)")
+    consumer: str = Field(default_factory=default_consumer, min_length=1, max_length=200,
+                          description="consumer name in the feedback group (unique per process)")
+    min_records: int = Field(256, ge=1, description="reconcile as soon as this many usable records are ready")
+    interval_s: float = Field(30.0, gt=0, description="timer: reconcile whatever is usable this long after the last")
+    poll_ms: int = Field(200, ge=1, le=60_000, description="longest a stream read blocks (also the request poll)")
+    learning_rate: float = Field(0.5, ge=0, description="step size η")
+    outlier: Literal["none", "zscore", "quantile"] = Field("none", description="outlier filter on loss per cohort")
+    outlier_z: float = Field(3.0, gt=0, description="z-score filter: drop |loss - mean| > z·std")
+    outlier_quantile: float = Field(0.02, ge=0, lt=0.5, description="quantile filter: share trimmed from each tail")
+    attribution: Literal["zscore", "rank"] = Field("zscore", description="credit per record within a cohort")
+    normalize: Literal["model", "group"] = Field("model", description="unit direction over the model or per group")
+    class_weights: bool = Field(False, description="weight credit by inverse class frequency")
+    min_cohort: int = Field(16, ge=2, description="a cohort smaller than this waits for more records")
+    max_cohort_age: int = Field(8, ge=0, description="drop cohorts more than this many versions back in the lineage")
+    label_window_s: int = Field(86400, ge=1, description="a held-back record older than this is dropped")
+    lease_ttl_ms: int = Field(10_000, ge=100, description="leader lease lifetime (renewed every third of it)")
+    claim_idle_ms: int = Field(30_000, ge=0, description="reclaim entries idle this long from other consumers")
+    keep_versions: int = Field(50, ge=1, description="retention: keep the newest N versions (and current, parent)")
+    max_records_per_reconcile: int = Field(100_000, ge=1, description="most records one update uses (and buffers)")
+    log_level: LogLevel = Field("info", description="logging level")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        """Accept "a,b" as well as a list (env variables and flags are easier to write that way)."""
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
+            return [m.strip() for m in v.split(",") if m.strip()]
+        if isinstance(v, list):
+            return [m.strip() for item in v for m in (item.split(",") if isinstance(item, str) else [item])
+                    if not isinstance(m, str) or m.strip()]
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _valid_models(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one model is needed")
+        for m in v:
+            validate_model_name(m)
+        return list(dict.fromkeys(v))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _poll_within_lease(self) -> WorkerSettings:
+        """A blocking read must end well before the lease needs renewing (every ttl/3)."""
+        if self.poll_ms * 3 > self.lease_ttl_ms:
+            raise ValueError(f"poll_ms ({self.poll_ms}) must be at most lease_ttl_ms/3 ({self.lease_ttl_ms // 3})")
+        return self
+
+    def reconcile_config(self) -> ReconcileConfig:
+        """The algorithm's knobs, as marketplace.reconcile takes them."""
+        return ReconcileConfig(
+            learning_rate=self.learning_rate, outlier=self.outlier, outlier_z=self.outlier_z,
+            outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
+            min_cohort=self.min_cohort, class_weights=self.class_weights)
+
+    def manifest_record(self) -> dict[str, Any]:
+        """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
+        keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
+                "class_weights", "min_cohort", "max_cohort_age", "min_records", "interval_s",
+                "max_records_per_reconcile", "label_window_s", "consumer")
+        return {k: getattr(self, k) for k in keys}

@@ -1,0 +1,322 @@
+"""A small typed client of the mpserve HTTP API, blocking (:class:`MPServeClient`) and asyncio
+(:class:`AsyncMPServeClient`).
+
+Requests are described once, by :class:`_Calls` (method, path, body, whether the admin token goes
+along), and answers are checked once, by :func:`_answer`; the two clients only differ in how they send.
+Any non-2xx answer raises :class:`MPServeError` with the status and the server's ``detail``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict, cast
+from urllib.parse import quote
+
+import httpx
+
+__all__ = [
+    "AsyncMPServeClient",
+    "BatchLabelResponse",
+    "LabelResult",
+    "MPServeClient",
+    "MPServeError",
+    "ModelInfo",
+    "PredictResponse",
+    "Prediction",
+    "Readiness",
+    "ReconcileResponse",
+    "RollbackResponse",
+]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+# ---------------------------------------------------------------------------------- answers
+class Prediction(TypedDict):
+    id: str
+    label: int
+    probabilities: list[float]
+
+
+class PredictResponse(TypedDict):
+    model: str
+    version: int
+    predictions: list[Prediction]
+
+
+class LabelResult(TypedDict):
+    id: str
+    status: str  # ok | duplicate | conflict | not_found | invalid_label
+    code: int
+    existing_label: int | None
+    detail: str | None
+
+
+class BatchLabelResponse(TypedDict):
+    model: str
+    results: list[LabelResult]
+
+
+class ReconcileResponse(TypedDict):
+    model: str
+    version: int
+    parent: int | None
+    stats: dict[str, Any]
+
+
+class RollbackResponse(TypedDict):
+    model: str
+    version: int
+    previous: int | None
+
+
+class ModelInfo(TypedDict):
+    name: str
+    version: int | None
+    target_version: int | None
+    architecture: str | None
+    input_shape: list[int] | None
+    num_classes: int | None
+    vendors: int | None
+    probe_scale: float | None
+    error: str | None
+    stored_versions: list[int]
+    history: list[dict[str, Any]]
+
+
+class Readiness(TypedDict):
+    status: str
+    redis: str
+    models: dict[str, dict[str, Any]]
+    reasons: list[str]
+
+
+class MPServeError(Exception):
+    """A non-2xx answer: ``status``, the server's ``detail``, and the whole JSON ``body`` when there is one."""
+
+    def __init__(self, status: int, detail: Any, body: Any = None) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status, self.detail, self.body = status, detail, body
+
+
+# ---------------------------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    json: Any = None
+    admin: bool = False
+    text: bool = False  # the answer is text (metrics), not JSON
+
+
+def _plain(value: Any) -> Any:
+    """Arrays (anything with ``tolist``) and sequences of them as nested lists, ready for JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _with_model(body: dict[str, Any], model: str | None) -> dict[str, Any]:
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def _label_item(item: tuple[str, int] | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(item, Mapping):
+        return {"id": item["id"], "label": _plain(item["label"])}
+    record_id, label = item
+    return {"id": record_id, "label": _plain(label)}
+
+
+class _Calls:
+    """What each API method sends; no I/O here."""
+
+    @staticmethod
+    def predict(inputs: Any, labels: Sequence[int] | Any | None, model: str | None) -> _Call:
+        body: dict[str, Any] = {"inputs": _plain(inputs)}
+        if labels is not None:
+            body["labels"] = _plain(labels)
+        return _Call("POST", "/predict", _with_model(body, model))
+
+    @staticmethod
+    def label(record_id: str, label: int, model: str | None) -> _Call:
+        return _Call("POST", "/label", _with_model({"id": record_id, "label": _plain(label)}, model))
+
+    @staticmethod
+    def label_many(items: Iterable[tuple[str, int] | Mapping[str, Any]], model: str | None) -> _Call:
+        return _Call("POST", "/label", _with_model({"labels": [_label_item(i) for i in items]}, model))
+
+    @staticmethod
+    def reconcile(model: str | None) -> _Call:
+        return _Call("POST", "/admin/reconcile", _with_model({}, model), admin=True)
+
+    @staticmethod
+    def rollback(version: int, model: str | None) -> _Call:
+        return _Call("POST", "/admin/rollback", _with_model({"version": version}, model), admin=True)
+
+    @staticmethod
+    def models() -> _Call:
+        return _Call("GET", "/models")
+
+    @staticmethod
+    def model(name: str) -> _Call:
+        return _Call("GET", f"/models/{quote(name, safe='')}")
+
+    @staticmethod
+    def health() -> _Call:
+        return _Call("GET", "/healthz")
+
+    @staticmethod
+    def ready() -> _Call:
+        return _Call("GET", "/readyz")
+
+    @staticmethod
+    def metrics() -> _Call:
+        return _Call("GET", "/metrics", text=True)
+
+
+def _answer(call: _Call, response: httpx.Response) -> Any:
+    """The decoded answer, or MPServeError for a non-2xx status."""
+    if not response.is_success:
+        try:
+            body = response.json()
+            detail = body.get("detail", body) if isinstance(body, dict) else body
+        except ValueError:
+            body, detail = None, response.text or response.reason_phrase
+        raise MPServeError(response.status_code, detail, body)
+    return response.text if call.text else response.json()
+
+
+class _Base:
+    def __init__(self, base_url: str, admin_token: str | None, timeout: float | httpx.Timeout) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._admin_token = admin_token
+        self._timeout = timeout
+
+    def _request_kwargs(self, call: _Call) -> dict[str, Any]:
+        headers = {}
+        if call.admin and self._admin_token is not None:
+            headers["Authorization"] = f"Bearer {self._admin_token}"
+        kwargs: dict[str, Any] = {"headers": headers}
+        if call.json is not None:
+            kwargs["json"] = call.json
+        return kwargs
+
+
+# ---------------------------------------------------------------------------------- clients
+class MPServeClient(_Base):
+    """Blocking client; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, base_url: str, admin_token: str | None = None,
+                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None
+                 ) -> None:
+        super().__init__(base_url, admin_token, timeout)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def _send(self, call: _Call) -> Any:
+        return _answer(call, self._http.request(call.method, call.path, **self._request_kwargs(call)))
+
+    def predict(self, inputs: Any, labels: Sequence[int] | Any | None = None, model: str | None = None
+                ) -> PredictResponse:
+        """Predict each input (nested lists or an array of shape (n, *input_shape)); labels are recorded."""
+        return cast(PredictResponse, self._send(_Calls.predict(inputs, labels, model)))
+
+    def label(self, id: str, label: int, model: str | None = None) -> LabelResult:
+        """Attach a label; raises MPServeError 404 (unknown id), 409 (other label), 422 (bad class)."""
+        return cast(LabelResult, self._send(_Calls.label(id, label, model)))
+
+    def label_many(self, items: Iterable[tuple[str, int] | Mapping[str, Any]], model: str | None = None
+                   ) -> list[LabelResult]:
+        """Attach many labels; one result (status, code) per item, in order."""
+        return cast(BatchLabelResponse, self._send(_Calls.label_many(items, model)))["results"]
+
+    def reconcile(self, model: str | None = None) -> ReconcileResponse:
+        """Admin: reconcile now; MPServeError 409 says why nothing was published."""
+        return cast(ReconcileResponse, self._send(_Calls.reconcile(model)))
+
+    def rollback(self, version: int, model: str | None = None) -> RollbackResponse:
+        """Admin: serve a stored (older) version from now on."""
+        return cast(RollbackResponse, self._send(_Calls.rollback(version, model)))
+
+    def models(self) -> list[ModelInfo]:
+        return cast(list[ModelInfo], self._send(_Calls.models())["models"])
+
+    def model(self, name: str) -> ModelInfo:
+        return cast(ModelInfo, self._send(_Calls.model(name)))
+
+    def health(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self._send(_Calls.health()))
+
+    def ready(self) -> Readiness:
+        """Readiness; MPServeError 503 (with the reasons in ``body``) when not ready."""
+        return cast(Readiness, self._send(_Calls.ready()))
+
+    def metrics(self) -> str:
+        return cast(str, self._send(_Calls.metrics()))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MPServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncMPServeClient(_Base):
+    """asyncio client; use as an async context manager or await :meth:`aclose`."""
+
+    def __init__(self, base_url: str, admin_token: str | None = None,
+                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(base_url, admin_token, timeout)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    async def _send(self, call: _Call) -> Any:
+        return _answer(call, await self._http.request(call.method, call.path, **self._request_kwargs(call)))
+
+    async def predict(self, inputs: Any, labels: Sequence[int] | Any | None = None, model: str | None = None
+                      ) -> PredictResponse:
+        return cast(PredictResponse, await self._send(_Calls.predict(inputs, labels, model)))
+
+    async def label(self, id: str, label: int, model: str | None = None) -> LabelResult:
+        return cast(LabelResult, await self._send(_Calls.label(id, label, model)))
+
+    async def label_many(self, items: Iterable[tuple[str, int] | Mapping[str, Any]], model: str | None = None
+                         ) -> list[LabelResult]:
+        return cast(BatchLabelResponse, await self._send(_Calls.label_many(items, model)))["results"]
+
+    async def reconcile(self, model: str | None = None) -> ReconcileResponse:
+        return cast(ReconcileResponse, await self._send(_Calls.reconcile(model)))
+
+    async def rollback(self, version: int, model: str | None = None) -> RollbackResponse:
+        return cast(RollbackResponse, await self._send(_Calls.rollback(version, model)))
+
+    async def models(self) -> list[ModelInfo]:
+        return cast(list[ModelInfo], (await self._send(_Calls.models()))["models"])
+
+    async def model(self, name: str) -> ModelInfo:
+        return cast(ModelInfo, await self._send(_Calls.model(name)))
+
+    async def health(self) -> dict[str, Any]:
+        return cast(dict[str, Any], await self._send(_Calls.health()))
+
+    async def ready(self) -> Readiness:
+        return cast(Readiness, await self._send(_Calls.ready()))
+
+    async def metrics(self) -> str:
+        return cast(str, await self._send(_Calls.metrics()))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncMPServeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

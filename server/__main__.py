@@ -1,0 +1,5 @@
+"""``python -m server``: run one API replica."""
+
+from server.main import main
+
+main()

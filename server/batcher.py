@@ -1,0 +1,216 @@
+"""Micro-batching: concurrent /predict requests of a model share one engine batch.
+
+A batch closes when it holds ``max_batch`` inputs or when its oldest request has waited
+``max_wait_ms``, whichever comes first; while the engine runs a batch, the next one gathers, so under
+load batches grow by themselves. A batch runs once on the engine thread, on the :class:`Served` it
+captured (every answer names that version), its records go to Redis in one round trip, and only then
+does each request get its slice: a client can label an id as soon as it has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from marketplace.reconcile import cross_entropy
+from mpserve.recordlog import AsyncRecordLog, PredictionRecord
+from server.engine_thread import EngineThread
+from server.errors import ApiError, redis_op
+from server.metrics import ServerMetrics
+from server.runtime import ModelRuntime, Served
+
+log = logging.getLogger(__name__)
+
+QUEUE_BATCHES = 64  # more queued inputs than this many full batches: shed load with a 503
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's share of a batch."""
+
+    version: int
+    ids: list[str]
+    logits: np.ndarray  # (n, C) float32
+
+
+@dataclass
+class _Item:
+    x: np.ndarray  # (n, *input_shape) float32
+    labels: np.ndarray | None  # (n,) int64
+    future: asyncio.Future[Answer]
+    arrived: float
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+
+class MicroBatcher:
+    """The batching loop of one model."""
+
+    def __init__(self, runtime: ModelRuntime, records: AsyncRecordLog, engine_thread: EngineThread,
+                 metrics: ServerMetrics, max_batch: int, max_wait_ms: float, redis_timeout_s: float) -> None:
+        self.runtime, self.records, self.engine_thread, self.metrics = runtime, records, engine_thread, metrics
+        self.max_batch, self.max_wait_s, self.redis_timeout_s = max_batch, max_wait_ms / 1000.0, redis_timeout_s
+        self.rng = np.random.default_rng()  # path choices; used on the engine thread only
+        self._pending: deque[_Item] = deque()
+        self._queued = 0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.runtime.name}")
+
+    async def stop(self) -> None:
+        """Stop batching; answer what is still queued with a 503, let batches already run finish."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(ApiError(503, "the server is shutting down"))
+        self._queued = 0
+        await asyncio.gather(*self._finishing, return_exceptions=True)
+
+    async def submit(self, x: np.ndarray, labels: np.ndarray | None) -> Answer:
+        """Queue validated inputs (and their labels) and wait for their share of a batch."""
+        if self.runtime.served is None:
+            raise ApiError(503, f"model {self.runtime.name!r} is not loaded yet: {self.runtime.error or 'starting'}")
+        if self._task is None:
+            raise ApiError(503, "the server is shutting down")
+        if self._queued + len(x) > QUEUE_BATCHES * self.max_batch:
+            raise ApiError(503, "the server is overloaded; retry later", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        item = _Item(x, labels, loop.create_future(), loop.time())
+        self._pending.append(item)
+        self._queued += item.n
+        self._arrived.set()
+        return await item.future
+
+    # ------------------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._pending[0].arrived + self.max_wait_s
+            while self._queued < self.max_batch and loop.time() < deadline:
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+            items = self._take()
+            if items:
+                await self._run(items)
+
+    def _take(self) -> list[_Item]:
+        """Up to max_batch inputs in arrival order; a request larger than that runs alone."""
+        items: list[_Item] = []
+        total = 0
+        while self._pending:
+            item = self._pending[0]
+            if item.future.done():  # its client left before it ran
+                self._pending.popleft()
+                self._queued -= item.n
+                continue
+            if items and total + item.n > self.max_batch:
+                break
+            self._pending.popleft()
+            self._queued -= item.n
+            items.append(item)
+            total += item.n
+        return items
+
+    async def _run(self, items: list[_Item]) -> None:
+        served = self.runtime.served  # captured: this batch runs and is answered on this version
+        if served is None:
+            _fail(items, ApiError(503, f"model {self.runtime.name!r} is not loaded"))
+            return
+        shape = tuple(served.engine.spec.input_shape)
+        stale = [it for it in items if it.x.shape[1:] != shape]
+        if stale:  # validated against a version of another architecture that was swapped out meanwhile
+            _fail(stale, ApiError(409, f"model {self.runtime.name!r} changed its input shape to {shape}; "
+                                       "check GET /models and retry"))
+            items = [it for it in items if it.x.shape[1:] == shape]
+            if not items:
+                return
+        x = np.concatenate([it.x for it in items]) if len(items) > 1 else items[0].x
+        started = time.perf_counter()
+        try:
+            logits, paths = await self.engine_thread.run(served.engine.forward, served.weights, x, self.rng)
+        except asyncio.CancelledError:
+            _fail(items, ApiError(503, "the server is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("model %s: engine batch of %d inputs failed", self.runtime.name, len(x))
+            _fail(items, ApiError(500, f"inference failed: {type(exc).__name__}"))
+            return
+        name = self.runtime.name
+        self.metrics.engine_seconds.observe(time.perf_counter() - started, name)
+        self.metrics.batch_inputs.observe(len(x), name)
+        self.metrics.batch_requests.observe(len(items), name)
+        task = asyncio.create_task(self._finish(served, items, logits, paths))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray) -> None:
+        """Write the batch's records in one round trip, then answer each request."""
+        records: list[PredictionRecord] = []
+        answers: list[tuple[_Item, Answer]] = []
+        offset = 0
+        for item in items:
+            lg, pth = logits[offset:offset + item.n], paths[offset:offset + item.n]
+            offset += item.n
+            if item.future.done():
+                continue  # cancelled: nobody will ever see (or label) these ids
+            if not np.isfinite(lg).all():
+                bad = int(np.flatnonzero(~np.isfinite(lg).all(axis=1))[0])
+                item.future.set_exception(ApiError(422, [{
+                    "loc": ["body", "inputs", bad], "type": "value_error",
+                    "msg": "the model produced non-finite outputs for this input (values too large?)"}]))
+                continue
+            ids = [uuid.uuid4().hex for _ in range(item.n)]
+            losses = cross_entropy(lg, item.labels) if item.labels is not None else None
+            for i in range(item.n):
+                records.append(PredictionRecord(
+                    ids[i], served.version, tuple(int(v) for v in pth[i]), lg[i],
+                    None if item.labels is None else int(item.labels[i]),
+                    None if losses is None else float(losses[i])))
+            answers.append((item, Answer(served.version, ids, lg)))
+        if not records:
+            return
+        try:
+            async with redis_op("write prediction records", self.redis_timeout_s):
+                await self.records.write_predictions(records)
+        except ApiError as exc:
+            _fail([it for it, _ in answers], exc)
+            return
+        except Exception as exc:
+            log.exception("model %s: writing %d records failed", self.runtime.name, len(records))
+            _fail([it for it, _ in answers], ApiError(500, f"recording the predictions failed: {type(exc).__name__}"))
+            return
+        self.metrics.records.inc(self.runtime.name, amount=len(records))
+        labelled = sum(1 for r in records if r.label is not None)
+        if labelled:
+            self.metrics.labels.inc(self.runtime.name, "with_prediction", amount=labelled)
+        for item, answer in answers:
+            if not item.future.done():
+                item.future.set_result(answer)
+
+
+def _fail(items: list[_Item], exc: Exception) -> None:
+    for it in items:
+        if not it.future.done():
+            it.future.set_exception(exc)

@@ -1,0 +1,5 @@
+"""HTTP routes, one module per concern; :func:`server.app.create_app` includes their routers."""
+
+from server.routes import admin, health, labels, models, predict
+
+ROUTERS = [predict.router, labels.router, admin.router, models.router, health.router]

@@ -1,0 +1,101 @@
+"""Admin routes: reconcile now, roll back. Bearer token only; with no token configured they are closed (403)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from model_store import ModelStoreError
+from mpserve.versions import load_version
+from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
+from server.schemas import ErrorResponse, ReconcileRequest, ReconcileResponse, RollbackRequest, RollbackResponse
+from server.settings import ServerSettings
+from server.state import StateDep
+
+log = logging.getLogger(__name__)
+
+_bearer = HTTPBearer(auto_error=False, description="the server's admin token (MPSERVE_ADMIN_TOKEN)")
+
+
+def require_admin(state: StateDep,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    """403 when admin is disabled (no token configured: never open); 401 for a missing or wrong token."""
+    token = state.settings.admin_token
+    if token is None:
+        raise ApiError(403, "admin endpoints are disabled: the server has no admin token (MPSERVE_ADMIN_TOKEN)")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise ApiError(401, "admin endpoints need an 'Authorization: Bearer <token>' header", challenge)
+    if not hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "invalid admin token", challenge)
+
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses={
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    403: {"model": ErrorResponse, "description": "admin disabled: no token configured"},
+    404: {"model": ErrorResponse, "description": "unknown model or version"},
+    503: {"model": ErrorResponse, "description": "Redis unavailable"},
+})
+
+
+def worker_settings(settings: ServerSettings) -> Any:
+    """The worker's settings: its own MPSERVE_* environment, with this server's Redis and store."""
+    from worker.settings import WorkerSettings
+
+    return WorkerSettings(redis_url=settings.redis_url, store_dir=settings.store_dir, models=settings.models,
+                          label_window_s=settings.label_window_s)
+
+
+@router.post("/reconcile", response_model=ReconcileResponse, responses={
+    409: {"model": ErrorResponse, "description": "nothing published, and why (e.g. too few records)"},
+    504: {"model": ErrorResponse, "description": "no outcome within the timeout"},
+})
+async def reconcile(body: ReconcileRequest, state: StateDep) -> ReconcileResponse:
+    """Reconcile the model's labelled records now and publish the new version (or say why not)."""
+    ctx = state.model(body.model)
+    try:
+        from worker.trigger import ReconcileTimeout, request_reconcile
+    except ImportError as exc:  # an API-only install without the worker package
+        raise ApiError(501, f"the reconciler is not installed: {exc}") from exc
+    settings = state.settings
+    async with redis_op("reconcile", settings.redis_timeout_s):  # fail fast: the worker's client waits long
+        await state.redis.ping()
+    try:
+        outcome = await asyncio.to_thread(request_reconcile, state.sync_redis, state.store,
+                                          worker_settings(settings), ctx.name, settings.reconcile_timeout_s)
+    except ReconcileTimeout as exc:
+        raise ApiError(504, f"reconciliation of {ctx.name!r} gave no outcome in time: {exc}") from exc
+    except REDIS_DOWN as exc:
+        raise RedisUnavailable("reconcile", exc) from exc
+    if not outcome.get("published"):
+        raise ApiError(409, outcome.get("reason") or "nothing was published")
+    ctx.runtime.nudge()  # the event does it too; this replica need not wait for it
+    log.info("admin: reconciled %s into version %s", ctx.name, outcome.get("version"))
+    return ReconcileResponse(model=ctx.name, version=outcome["version"], parent=outcome.get("parent"),
+                             stats=outcome.get("stats") or {})
+
+
+@router.post("/rollback", response_model=RollbackResponse, responses={
+    409: {"model": ErrorResponse, "description": "the version exists but cannot be served (corrupt)"},
+})
+async def rollback(body: RollbackRequest, state: StateDep) -> RollbackResponse:
+    """Point every replica at a stored version (typically an older one); they swap on the event."""
+    ctx = state.model(body.model)
+    if not await asyncio.to_thread(state.store.has_version, ctx.name, body.version):
+        raise ApiError(404, f"model {ctx.name!r} has no stored version {body.version}")
+    try:  # refuse to point every replica at a file none of them could load
+        await asyncio.to_thread(load_version, state.store, ctx.name, body.version)
+    except (ModelStoreError, ValueError, KeyError) as exc:
+        raise ApiError(409, f"version {body.version} cannot be served: {exc}") from exc
+    timeout = state.settings.redis_timeout_s
+    async with redis_op("roll back", timeout):
+        previous = await ctx.records.current_version()
+        await ctx.records.rollback(body.version, {"from": previous, "by": "admin"})
+    ctx.runtime.nudge()
+    log.warning("admin: rolled %s back from version %s to %d", ctx.name, previous, body.version)
+    return RollbackResponse(model=ctx.name, version=body.version, previous=previous)

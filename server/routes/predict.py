@@ -1,0 +1,46 @@
+"""POST /predict: validate against the model, batch, answer with the version that served it."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter
+
+from server.errors import invalid
+from server.schemas import ErrorResponse, Prediction, PredictRequest, PredictResponse
+from server.state import StateDep
+from server.validation import inputs_array, labels_array
+
+router = APIRouter(tags=["inference"])
+
+ERRORS = {
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    422: {"model": ErrorResponse, "description": "malformed inputs or labels"},
+    503: {"model": ErrorResponse, "description": "model not loaded, Redis unavailable, or overloaded"},
+}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@router.post("/predict", response_model=PredictResponse, responses=ERRORS)  # type: ignore[arg-type]
+async def predict(body: PredictRequest, state: StateDep) -> PredictResponse:
+    """Predict a class for each input; each one is served on one balanced vendor path and recorded.
+
+    Labels given here are attached at once (with their loss) and feed the next reconciliation.
+    """
+    ctx = state.model(body.model)
+    limit = state.settings.max_inputs_per_request
+    if len(body.inputs) > limit:
+        raise invalid(["inputs"], f"{len(body.inputs)} inputs in one request; the limit is {limit}")
+    spec = ctx.served().loaded.spec
+    x = inputs_array(body.inputs, spec.input_shape)
+    labels = labels_array(body.labels, len(x), spec.num_classes)
+    answer = await ctx.batcher.submit(x, labels)
+    probs = softmax(answer.logits)
+    return PredictResponse(model=ctx.name, version=answer.version, predictions=[
+        Prediction(id=rid, label=int(p.argmax()), probabilities=p.tolist())
+        for rid, p in zip(answer.ids, probs, strict=True)])

@@ -1,0 +1,251 @@
+"""What each model serves, and how a replica moves to a new version without dropping a request.
+
+``mp:{m}:version`` in Redis is the one source of truth. A replica learns that it changed from the
+``mp:{m}:events`` channel at once and, as a fallback, by polling the key. A change is prepared off the
+request path (file read and hash check on a worker thread; materialize and warmup on the engine
+thread, between batches) and then swapped in by reference: a batch holds the :class:`Served` it
+started with, so in-flight batches finish on the old weights and every answer names its version.
+A version that cannot be loaded (missing, corrupt, non-finite outputs) is logged and the replica keeps
+serving the last good one; the reason shows in /readyz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio
+
+from marketplace.engine import Engine, PerturbedWeights
+from model_store import ModelStore
+from mpserve.recordlog import AsyncRecordLog
+from mpserve.versions import LoadedVersion, load_version
+from server.engine_thread import EngineThread
+from server.errors import ApiError, redis_op
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+RETRY_FAILED_S = 30.0  # a version that failed to load is tried again at most this often
+
+
+@dataclass(frozen=True)
+class Served:
+    """A version ready to serve: as loaded from the store, its vendor weights on the device, its engine."""
+
+    loaded: LoadedVersion
+    weights: PerturbedWeights
+    engine: Engine
+
+    @property
+    def version(self) -> int:
+        return self.loaded.version
+
+
+def _smoke_test(engine: Engine, weights: PerturbedWeights) -> None:
+    """One forward on zeros: a version whose outputs are not finite must never be served."""
+    x = np.zeros((1, *engine.spec.input_shape), np.float32)
+    logits, _ = engine.forward(weights, x, np.random.default_rng(0))
+    if not np.isfinite(logits).all():
+        raise ValueError("the version produces non-finite logits")
+
+
+class ModelRuntime:
+    """One model of this replica: the version it serves and the loop that keeps it current."""
+
+    def __init__(self, name: str, store: ModelStore, records: AsyncRecordLog, engine_thread: EngineThread,
+                 metrics: ServerMetrics, max_batch: int, device: str | None, redis_timeout_s: float) -> None:
+        self.name, self.store, self.records = name, store, records
+        self.engine_thread, self.metrics = engine_thread, metrics
+        self.max_batch, self.device, self.redis_timeout_s = max_batch, device, redis_timeout_s
+        self.served: Served | None = None
+        self.target: int | None = None  # what Redis said last
+        self.error: str | None = None  # why the target is not what this replica serves, if it is not
+        self._failed: dict[int, tuple[str, float]] = {}
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------------------ the loop
+    def nudge(self) -> None:
+        """Something may have changed: check Redis soon (coalesces with a check already due)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"runtime-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the watcher die: the next nudge tries again
+                log.exception("model %s: version check failed", self.name)
+
+    # ------------------------------------------------------------------------------ sync
+    async def sync(self) -> None:
+        """Serve the version Redis names; on failure keep serving the current one and say why."""
+        async with self._lock:
+            try:
+                target = await self._target_version()
+            except Exception as exc:
+                error = f"cannot read the version to serve: {exc}"
+                if error != self.error:  # once per outage, not once per poll
+                    log.warning("model %s: %s", self.name, error)
+                self.error = error
+                return
+            self.target = target
+            if self.served is not None and self.served.version == target:
+                self.error = None
+                return
+            failed = self._failed.get(target)
+            if failed is not None and time.monotonic() - failed[1] < RETRY_FAILED_S:
+                self.error = self._still_serving(failed[0])
+                return
+            started = time.perf_counter()
+            try:
+                served = await self._prepare(target)
+            except Exception as exc:
+                reason = f"version {target} cannot be served: {type(exc).__name__}: {exc}"
+                self._failed[target] = (reason, time.monotonic())
+                self.error = self._still_serving(reason)
+                log.error("model %s: %s", self.name, self.error)
+                self.metrics.swaps.inc(self.name, "failed")
+                return
+            previous = self.served
+            self.served = served  # the swap: new batches take this one, running batches keep theirs
+            self.error = None
+            self._failed.pop(target, None)
+            self.metrics.version.set(target, self.name)
+            self.metrics.swaps.inc(self.name, "ok")
+            log.info("model %s: serving version %d (was %s), ready in %.2fs", self.name, target,
+                     None if previous is None else previous.version, time.perf_counter() - started)
+
+    def _still_serving(self, reason: str) -> str:
+        return reason if self.served is None else f"{reason}; still serving version {self.served.version}"
+
+    async def _target_version(self) -> int:
+        """``mp:{m}:version``; when unset, propose one with SET NX (the first replica to ask wins).
+
+        The proposal is what this replica already serves (Redis lost its data: keep serving), else the
+        store's latest version (a fresh deployment).
+        """
+        async with redis_op("read the serving version", self.redis_timeout_s):
+            current = await self.records.current_version()
+        if current is not None:
+            return current
+        if self.served is not None:
+            proposal: int | None = self.served.version
+        else:
+            proposal = await asyncio.to_thread(self.store.latest, self.name)
+        if proposal is None:
+            raise ApiError(503, f"the model store has no version of {self.name!r}")
+        async with redis_op("initialize the serving version", self.redis_timeout_s):
+            await self.records.client.set(self.records.keys.version, proposal, nx=True)
+            current = await self.records.current_version()
+        log.info("model %s: no serving version in Redis; proposed %d, Redis says %s", self.name, proposal, current)
+        if current is None:
+            raise ApiError(503, "the serving version vanished while it was being initialized")
+        return current
+
+    async def _prepare(self, version: int) -> Served:
+        """Everything a swap needs, off the request path; the engine and its JIT are reused when they fit."""
+        loaded = await asyncio.to_thread(load_version, self.store, self.name, version)
+        prev = self.served
+        reuse = (prev is not None and prev.loaded.spec.architecture == loaded.spec.architecture
+                 and prev.engine.V == loaded.vendors)
+        if reuse:
+            assert prev is not None
+            engine = prev.engine
+        else:
+            engine = await self.engine_thread.run(Engine, loaded.spec, loaded.vendors, self.max_batch, self.device)
+        weights = await self.engine_thread.run(engine.materialize, loaded.params, loaded.seeds, loaded.eps,
+                                               loaded.version)
+        if not reuse:
+            for bucket in engine.buckets:  # one job per bucket, so request batches run in between
+                await self.engine_thread.run(engine.warmup, weights, [bucket])
+        await self.engine_thread.run(_smoke_test, engine, weights)
+        return Served(loaded, weights, engine)
+
+
+class VersionWatcher:
+    """Nudges the runtimes: on every event of their channel, and every ``poll_interval_s`` regardless."""
+
+    def __init__(self, runtimes: dict[str, ModelRuntime], client: redis.asyncio.Redis, poll_interval_s: float
+                 ) -> None:
+        self.runtimes, self.client, self.poll_interval_s = runtimes, client, poll_interval_s
+        self.channels = {rt.records.keys.events: name for name, rt in runtimes.items()}
+        self.subscribed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._listen(), name="version-events"),
+                       asyncio.create_task(self._poll(), name="version-poll")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def _nudge_all(self) -> None:
+        for rt in self.runtimes.values():
+            rt.nudge()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            self._nudge_all()
+
+    async def _listen(self) -> None:
+        backoff = 0.2
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self.channels)
+                self.subscribed = True
+                backoff = 0.2
+                self._nudge_all()  # anything published while we were not listening
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+                    model = self.channels.get(channel)
+                    if model is not None:
+                        log.debug("event on %s: %s", channel, _describe(msg.get("data")))
+                        self.runtimes[model].nudge()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.subscribed = False
+                log.warning("version events: %r; resubscribing in %.1fs (polling meanwhile)", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.subscribed = False
+                try:
+                    await pubsub.aclose()
+                except Exception:  # the connection is gone already
+                    pass
+
+
+def _describe(data: object) -> str:
+    """The event, for the log only: the version key is what counts, whatever the message says."""
+    try:
+        return json.dumps(json.loads(data if isinstance(data, (str, bytes)) else ""))
+    except ValueError:
+        return repr(data)[:80]

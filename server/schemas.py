@@ -1,0 +1,159 @@
+"""Request and response bodies of the HTTP contract (DESIGN §5), with the OpenAPI schema they imply.
+
+Requests forbid unknown fields, so a misspelt key is a 422 rather than silently ignored. The exact
+shape of ``inputs`` depends on the model, so the schema says "nested arrays of numbers" and
+:mod:`server.validation` checks the rest against the model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, WithJsonSchema
+
+from mpserve.keys import MODEL_NAME_RE, RECORD_ID_RE
+
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_RE.pattern, description="model name; default: the server's",
+                                 examples=["fashion"])]
+RecordId = Annotated[str, Field(pattern=RECORD_ID_RE.pattern, description="id of a served prediction")]
+Label = Annotated[StrictInt, Field(ge=0, description="class index, 0 <= label < num_classes")]
+InputTensor = Annotated[
+    list[Any],
+    WithJsonSchema({
+        "type": "array",
+        "description": "one input: nested arrays of finite numbers in the model's input shape",
+        "items": {"anyOf": [{"type": "number"}, {"type": "array", "items": {}}]},
+    }),
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------- /predict
+class PredictRequest(_Request):
+    model: ModelName | None = None
+    inputs: list[InputTensor] = Field(min_length=1, description="inputs, each of the model's input shape")
+    labels: list[Label] | None = Field(None, description="known labels, one per input: recorded at once")
+
+
+class Prediction(BaseModel):
+    id: str = Field(description="record id: label it later with POST /label")
+    label: int = Field(description="predicted class (argmax of the probabilities)")
+    probabilities: list[float] = Field(description="softmax of the served logits, one per class")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int = Field(description="the model version that produced these predictions")
+    predictions: list[Prediction]
+
+
+# ---------------------------------------------------------------------------------- /label
+class LabelItem(_Request):
+    id: RecordId
+    label: Label
+
+
+class SingleLabelRequest(LabelItem):
+    model: ModelName | None = None
+
+
+class BatchLabelRequest(_Request):
+    model: ModelName | None = None
+    labels: list[LabelItem] = Field(min_length=1)
+
+
+def _label_kind(v: Any) -> str:
+    """A body with "labels" is a batch; anything else is validated (and explained) as a single label."""
+    if isinstance(v, dict):
+        return "batch" if "labels" in v else "single"
+    return "batch" if isinstance(v, BatchLabelRequest) else "single"
+
+
+LabelRequest = Annotated[
+    Annotated[SingleLabelRequest, Tag("single")] | Annotated[BatchLabelRequest, Tag("batch")],
+    Discriminator(_label_kind),
+]
+
+LabelStatus = Literal["ok", "duplicate", "conflict", "not_found", "invalid_label"]
+
+
+class LabelResult(BaseModel):
+    id: str
+    status: LabelStatus = Field(description="ok | duplicate (same label again: nothing new) | conflict | "
+                                            "not_found (unknown or expired) | invalid_label")
+    code: int = Field(description="the HTTP status this item alone would get")
+    existing_label: int | None = Field(None, description="the label already attached (duplicate, conflict)")
+    detail: str | None = None
+
+
+class BatchLabelResponse(BaseModel):
+    model: str
+    results: list[LabelResult]
+
+
+# ---------------------------------------------------------------------------------- admin
+class ReconcileRequest(_Request):
+    model: ModelName | None = None
+
+
+class ReconcileResponse(BaseModel):
+    model: str
+    version: int = Field(description="the version just published")
+    parent: int | None
+    stats: dict[str, Any]
+
+
+class RollbackRequest(_Request):
+    model: ModelName | None = None
+    version: StrictInt = Field(ge=0, description="a stored version to serve from now on")
+
+
+class RollbackResponse(BaseModel):
+    model: str
+    version: int
+    previous: int | None
+
+
+# ---------------------------------------------------------------------------------- models
+class ModelInfo(BaseModel):
+    name: str
+    version: int | None = Field(description="the version this replica serves (null: none loaded)")
+    target_version: int | None = Field(description="the version Redis says to serve")
+    architecture: str | None
+    input_shape: list[int] | None
+    num_classes: int | None
+    vendors: int | None
+    probe_scale: float | None
+    error: str | None = Field(None, description="why the target version is not served, if it is not")
+    stored_versions: list[int] = Field(description="versions in the model store")
+    history: list[dict[str, Any]] = Field(description="publish and rollback records, oldest first")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+# ---------------------------------------------------------------------------------- health
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelReadiness(BaseModel):
+    loaded: bool
+    version: int | None
+    target_version: int | None
+    error: str | None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    redis: str
+    models: dict[str, ModelReadiness]
+    reasons: list[str]
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(description="a message, or a list of {loc, msg, type} for malformed input")

@@ -1,0 +1,84 @@
+"""Settings of an API replica: one pydantic-settings class, read from MPSERVE_* variables and CLI flags.
+
+Every field is also a command-line flag (``--redis-url`` for ``redis_url``, see :mod:`server.main`);
+flags override the environment, which overrides the defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mpserve.keys import validate_model_name
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class ServerSettings(BaseSettings):
+    """Everything an API replica needs to know; nothing else reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MPSERVE_", extra="ignore", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by replicas and the worker")
+    store_dir: Path = Field(Path("./data/store"), description="root of the model store")
+    default_model: str = Field("fashion", description="model used when a request names none")
+    models: list[str] = Field(default_factory=lambda: ["fashion"],
+                              description="models this replica serves (default: just the default model)")
+    max_batch: int = Field(256, ge=1, le=65536, description="largest engine batch, in inputs")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for others to batch with")
+    label_window_s: int = Field(86400, ge=1, description="how long a prediction can still be labelled")
+    admin_token: SecretStr | None = Field(None, description="bearer token of /admin/* (unset: admin is disabled)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    max_inputs_per_request: int = Field(1024, ge=1, description="most inputs (or labels) in one request")
+    poll_interval_s: float = Field(5.0, gt=0, description="version polling period (fallback to pub/sub events)")
+    redis_timeout_s: float = Field(2.0, gt=0, description="longest a request waits on Redis before a 503")
+    reconcile_timeout_s: float = Field(300.0, gt=0, description="longest POST /admin/reconcile waits")
+    log_level: LogLevel = Field("info", description="logging level")
+    device: str | None = Field(None, description="tinygrad device (unset: tinygrad's default)")
+
+    @field_validator("default_model")
+    @classmethod
+    def _valid_default(cls, v: str) -> str:
+        return validate_model_name(v)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        """Accept "a,b" as well as a list (env variables and flags are easier to write that way)."""
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        if isinstance(v, list):
+            return [m.strip() for item in v for m in (item.split(",") if isinstance(item, str) else [item])
+                    if not isinstance(m, str) or m.strip()]
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _valid_models(cls, v: list[str]) -> list[str]:
+        for m in v:
+            validate_model_name(m)
+        return list(dict.fromkeys(v))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _nonempty_token(cls, v: SecretStr | None) -> SecretStr | None:
+        """An empty token would be a door without a lock: treat it as unset (admin disabled)."""
+        return v if v is not None and v.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> ServerSettings:
+        if "models" not in self.model_fields_set:
+            self.models = [self.default_model]
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not among models {self.models}")
+        return self

@@ -1,0 +1,114 @@
+"""The long-lived objects of one replica, built at startup and handed to routes by dependency injection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+import redis.asyncio
+from fastapi import Depends, Request
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from model_store import ModelStore
+from mpserve.recordlog import AsyncRecordLog
+from server.batcher import MicroBatcher
+from server.engine_thread import EngineThread
+from server.errors import ApiError
+from server.metrics import ServerMetrics
+from server.runtime import ModelRuntime, Served, VersionWatcher
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelContext:
+    """One served model: its Redis records, its runtime (version) and its batcher."""
+
+    name: str
+    records: AsyncRecordLog
+    runtime: ModelRuntime
+    batcher: MicroBatcher
+
+    def served(self) -> Served:
+        """The version being served, or a 503 that says why there is none."""
+        served = self.runtime.served
+        if served is None:
+            raise ApiError(503, f"model {self.name!r} is not loaded: {self.runtime.error or 'still starting'}",
+                           {"Retry-After": "1"})
+        return served
+
+
+@dataclass
+class AppState:
+    settings: ServerSettings
+    store: ModelStore
+    redis: redis.asyncio.Redis  # requests: every call bounded by redis_timeout_s
+    events_redis: redis.asyncio.Redis  # pub/sub: a long-lived read without a socket timeout
+    sync_redis: redis.Redis  # the worker's trigger runs on a thread with a blocking client
+    engine_thread: EngineThread
+    metrics: ServerMetrics
+    models: dict[str, ModelContext]
+    watcher: VersionWatcher
+
+    def model(self, name: str | None) -> ModelContext:
+        """The named model (default: the server's), or a 404 naming the ones served."""
+        name = name or self.settings.default_model
+        ctx = self.models.get(name)
+        if ctx is None:
+            raise ApiError(404, f"unknown model {name!r}: this server serves {sorted(self.models)}")
+        return ctx
+
+    @classmethod
+    async def start(cls, settings: ServerSettings, metrics: ServerMetrics | None = None) -> AppState:
+        """Connect, load every model's serving version (failures leave it not ready), start the loops."""
+        t = settings.redis_timeout_s
+        client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False, socket_timeout=t,
+                                              socket_connect_timeout=t, retry=Retry(NoBackoff(), 1))
+        events = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=t,
+                                              socket_keepalive=True, health_check_interval=30)
+        sync_client = redis.Redis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=t,
+                                           socket_timeout=settings.reconcile_timeout_s + 10)
+        store = ModelStore(settings.store_dir)
+        engine_thread = EngineThread()
+        metrics = metrics or ServerMetrics()
+        models: dict[str, ModelContext] = {}
+        for name in settings.models:
+            records = AsyncRecordLog(client, name, settings.label_window_s)
+            runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
+                                   settings.device, t)
+            batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
+                                   settings.max_wait_ms, t)
+            models[name] = ModelContext(name, records, runtime, batcher)
+        watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
+        state = cls(settings, store, client, events, sync_client, engine_thread, metrics, models, watcher)
+        await asyncio.gather(*(c.runtime.sync() for c in models.values()))
+        for c in models.values():
+            c.runtime.start()
+            c.batcher.start()
+        watcher.start()
+        log.info("serving %s (default %s); versions %s", sorted(models), settings.default_model,
+                 {m: (c.runtime.served.version if c.runtime.served else None) for m, c in models.items()})
+        return state
+
+    async def close(self) -> None:
+        """Stop watching, drain batches, stop the engine thread, close connections."""
+        await self.watcher.stop()
+        for c in self.models.values():
+            await c.runtime.stop()
+            await c.batcher.stop()
+        await asyncio.to_thread(self.engine_thread.shutdown)
+        for client in (self.redis, self.events_redis):
+            await client.aclose()
+        self.sync_redis.close()
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.mp  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

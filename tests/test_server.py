@@ -1,0 +1,636 @@
+"""The API end to end: real uvicorn processes on loopback, a real redis-server, a real model store.
+
+Two replicas share one Redis and one store for the whole module: A has an admin token, B has none.
+Tests that change the serving version read the current one instead of assuming it, so their order
+does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from marketplace.reconcile import cross_entropy
+from model_store import ModelStore
+from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
+from mpserve.keys import ModelKeys
+from mpserve.recordlog import RecordLog
+from mpserve.versions import load_version, write_next_version
+from server.main import settings_from_args
+from server.settings import ServerSettings
+from tests.helpers import RedisProcess, free_port, make_store, start_redis, wait_until
+
+MODEL = "fashion"
+TOKEN = "s3cret-admin-token"
+SHAPE = (1, 28, 28)
+CLASSES = 10
+MAX_INPUTS = 64
+MAX_BODY = 256 * 1024
+REDIS_TIMEOUT_S = 0.5
+KEYS = ModelKeys(MODEL)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------- processes
+class ServerProcess:
+    """``python -m server`` on a free loopback port, its output in a log file."""
+
+    def __init__(self, log_dir: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.log_path = log_dir / f"server-{name}.log"
+        self.args, self.env = args, env
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *self.args],
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            return httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        try:
+            wait_until(self._ready, timeout=timeout, interval=0.1, what=f"{self.url}/readyz")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """This module's own Redis (AOF always: the outage test restarts it without losing the version)."""
+    proc = start_redis(tmp_path_factory.mktemp("redis-api"), appendonly=True, appendfsync="always")
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Replica A (admin token, worker settings for a small reconcile) and replica B (no token), started together."""
+    logs = tmp_path_factory.mktemp("logs")
+    common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
+              "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
+              "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
+    a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN],
+                      _env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000"))
+    b = ServerProcess(logs, "b", common, _env())
+    try:
+        for s in (a, b):
+            s.launch()
+        for s in (a, b):
+            s.wait_ready()
+        yield a, b
+    finally:
+        for s in (a, b):
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def replica(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+    return servers[1]
+
+
+@pytest.fixture(scope="module")
+def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[MPServeClient]:
+    with MPServeClient(server.url, admin_token=TOKEN, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client_b(replica: ServerProcess) -> Iterator[MPServeClient]:
+    with MPServeClient(replica.url, admin_token=TOKEN, timeout=60) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------- helpers
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *SHAPE)).astype(np.float32)
+
+
+def serving(r: redis.Redis) -> int:
+    return int(r.get(KEYS.version))
+
+
+def xlen(r: redis.Redis) -> int:
+    return int(r.xlen(KEYS.feedback))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        sample, value = line.rsplit(" ", 1)
+        got_name, _, raw_labels = sample.partition("{")
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', raw_labels))
+        if got_name == name and all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def engine_batches(c: MPServeClient) -> float:
+    return metric(c.metrics(), "mpserve_batch_size_count", model=MODEL)
+
+
+def publish_new_version(store: ModelStore, r: redis.Redis, corrupt: bool = False) -> int:
+    """What the worker does: store version n+1 of the serving version, then publish it (fenced script)."""
+    parent = load_version(store, MODEL, serving(r))
+    version = (store.latest(MODEL) or 0) + 1
+    params = {k: v + np.float32(0.01) for k, v in parent.params.items()}
+    write_next_version(store, parent, version, params, {"records": 0}, 0.5, np.random.default_rng(version))
+    if corrupt:
+        path = store.root / MODEL / "versions" / f"{version:08d}.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    token = int(r.get(KEYS.fence) or 0)
+    RecordLog(r, MODEL).publish(token, version, {"parent": parent.version, "by": "test"}, [])
+    return version
+
+
+def predicted_version(c: MPServeClient) -> int:
+    return c.predict(images(1))["version"]
+
+
+def post_raw(url: str, body: bytes | str, content_type: str = "application/json", **kw: Any) -> httpx.Response:
+    return httpx.post(url, content=body, headers={"content-type": content_type}, timeout=30, **kw)
+
+
+def redis_snapshot(r: redis.Redis) -> tuple[int, int]:
+    return int(r.dbsize()), xlen(r)
+
+
+def assert_clear_4xx(resp: httpx.Response, status: int | None = None) -> None:
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:500])
+    if status is not None:
+        assert resp.status_code == status, resp.text[:500]
+    detail = resp.json()["detail"]
+    if isinstance(detail, list):
+        assert detail and all(e["msg"] and "loc" in e for e in detail), detail
+        assert len(resp.content) < 20_000  # errors never echo the (possibly huge) input
+    else:
+        assert isinstance(detail, str) and len(detail) > 5, detail
+
+
+# ---------------------------------------------------------------------------------- predict
+def test_predict_answers_in_order_and_records_each_input(client: MPServeClient, r: redis.Redis) -> None:
+    before = xlen(r)
+    x = images(3, seed=1)
+    out = client.predict(x)
+    assert out["model"] == MODEL and out["version"] == serving(r)
+    preds = out["predictions"]
+    assert len(preds) == 3 and len({p["id"] for p in preds}) == 3
+    for p in preds:
+        probs = np.array(p["probabilities"])
+        assert probs.shape == (CLASSES,) and abs(probs.sum() - 1) < 1e-6 and (probs >= 0).all()
+        assert p["label"] == int(probs.argmax())
+        assert re.fullmatch(r"[0-9a-f]{32}", p["id"])
+        stored = r.hgetall(KEYS.pred(p["id"]))
+        assert int(stored[b"version"]) == out["version"] and b"label" not in stored
+        path = [int(v) for v in stored[b"path"].decode().split(",")]
+        assert len(path) == 2 and all(0 <= v < 4 for v in path)  # mlp(32): 2 groups, 4 vendors
+        logits = np.frombuffer(stored[b"logits"], dtype="<f4")
+        z = np.exp(logits - logits.max())
+        np.testing.assert_allclose(z / z.sum(), probs, rtol=1e-5, atol=1e-7)
+        assert 0 < r.pttl(KEYS.pred(p["id"])) <= 86400 * 1000
+    assert xlen(r) == before  # no labels, no feedback
+
+
+def test_predict_with_labels_records_loss_in_the_feedback_stream(client: MPServeClient, r: redis.Redis) -> None:
+    before = xlen(r)
+    labels = [3, 7, 0, 9]
+    out = client.predict(images(4, seed=2), labels=labels, model=MODEL)
+    assert xlen(r) == before + 4
+    entries = r.xrevrange(KEYS.feedback, count=4)[::-1]
+    for p, y, (_, fields) in zip(out["predictions"], labels, entries, strict=True):
+        assert fields[b"id"].decode() == p["id"] and int(fields[b"label"]) == y
+        assert int(fields[b"version"]) == out["version"]
+        assert float(fields[b"loss"]) == pytest.approx(-math.log(p["probabilities"][y]), rel=1e-5)
+        assert int(r.hget(KEYS.pred(p["id"]), "label")) == y
+
+
+def test_label_later_statuses(client: MPServeClient, r: redis.Redis) -> None:
+    out = client.predict(images(2, seed=3))
+    first, second = (p["id"] for p in out["predictions"])
+    n0 = xlen(r)
+
+    res = client.label(first, 4)
+    assert res["status"] == "ok" and res["code"] == 200
+    assert xlen(r) == n0 + 1
+    (_, fields), = r.xrevrange(KEYS.feedback, count=1)
+    logits = np.frombuffer(r.hget(KEYS.pred(first), "logits"), dtype="<f4")
+    assert float(fields[b"loss"]) == pytest.approx(float(cross_entropy(logits[None], np.array([4]))[0]), rel=1e-6)
+
+    again = client.label(first, 4)
+    assert again["status"] == "duplicate" and again["existing_label"] == 4
+    assert xlen(r) == n0 + 1  # the same label twice is one example
+
+    with pytest.raises(MPServeError) as conflict:
+        client.label(first, 5)
+    assert conflict.value.status == 409 and "4" in conflict.value.detail
+    assert conflict.value.body["existing_label"] == 4
+
+    with pytest.raises(MPServeError) as unknown:
+        client.label("0" * 32, 1)
+    assert unknown.value.status == 404 and "0" * 32 in unknown.value.detail
+
+    with pytest.raises(MPServeError) as outside:
+        client.label(second, CLASSES)
+    assert outside.value.status == 422 and "classes" in outside.value.detail
+    assert r.hget(KEYS.pred(second), "label") is None and xlen(r) == n0 + 1
+
+    results = client.label_many([(second, 1), (first, 4), (first, 6), ("f" * 32, 2), (second, 12)])
+    assert [(x["status"], x["code"]) for x in results] == [
+        ("ok", 200), ("duplicate", 200), ("conflict", 409), ("not_found", 404), ("invalid_label", 422)]
+    assert xlen(r) == n0 + 2
+
+
+# ---------------------------------------------------------------------------------- malformed input
+def _body(inputs: Any, **extra: Any) -> str:
+    return json.dumps({"inputs": inputs, **extra})
+
+
+def _zeros(n: int = 1) -> list[Any]:
+    return np.zeros((n, *SHAPE), dtype=int).tolist()
+
+
+def _with(value: Any, where: tuple[int, ...] = (0, 0, 5, 5)) -> list[Any]:
+    x = _zeros()
+    i, c, h, w = where
+    x[i][c][h][w] = value
+    return x
+
+
+def _ragged() -> list[Any]:
+    x = _zeros()
+    x[0][0][7] = x[0][0][7][:-1]
+    return x
+
+
+MALFORMED_PREDICT: dict[str, tuple[bytes | str, int]] = {
+    "wrong shape (28x27)": (_body(np.zeros((1, 1, 28, 27)).tolist()), 422),
+    "missing channel dim": (_body(np.zeros((1, 28, 28)).tolist()), 422),
+    "extra dim": (_body(np.zeros((1, 1, 1, 28, 28)).tolist()), 422),
+    "NaN": (_body(_with(float("nan"))), 422),
+    "Infinity": (_body(_with(float("inf"))), 422),
+    "-Infinity": (_body(_with(float("-inf"))), 422),
+    "1e400 (inf once parsed)": (_body(_zeros()).replace("0", "1e400", 1), 422),
+    "beyond float32": (_body(_with(1e39)), 422),
+    "ragged": (_body(_ragged()), 422),
+    "nested deeper than the shape": (_body(_with([[1.0]])), 422),
+    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 400),
+    "string pixel": (_body(_with("7")), 422),
+    "bool pixel": (_body(_with(True)), 422),
+    "null pixel": (_body(_with(None)), 422),
+    "inputs not a list": (_body("abc"), 422),
+    "no inputs": (_body([]), 422),
+    "missing inputs": (json.dumps({"labels": [1]}), 422),
+    "too many inputs": (_body(_zeros(MAX_INPUTS + 1)), 422),
+    "labels shorter than inputs": (_body(_zeros(2), labels=[1]), 422),
+    "label out of range": (_body(_zeros(1), labels=[CLASSES]), 422),
+    "negative label": (_body(_zeros(1), labels=[-1]), 422),
+    "bool label": (_body(_zeros(1), labels=[True]), 422),
+    "float label": (_body(_zeros(1), labels=[1.5]), 422),
+    "unknown field": (_body(_zeros(1), label=[1]), 422),
+    "bad model name": (_body(_zeros(1), model="../etc"), 422),
+    "unknown model": (_body(_zeros(1), model="digits"), 404),
+    "invalid JSON": ('{"inputs": [[1, 2]', 422),
+    "not an object": ("[1, 2, 3]", 422),
+    "oversized body": (_body(_zeros(1)) + " " * MAX_BODY, 413),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_PREDICT))
+def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
+                                                                client: MPServeClient, r: redis.Redis) -> None:
+    body, status = MALFORMED_PREDICT[case]
+    before, batches = redis_snapshot(r), engine_batches(client)
+    resp = post_raw(server.url + "/predict", body)
+    assert_clear_4xx(resp, status)
+    assert redis_snapshot(r) == before
+    assert engine_batches(client) == batches  # nothing reached the engine
+
+
+def test_oversized_chunked_body_is_413(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+    """No Content-Length: the limit is enforced on the bytes as they stream in."""
+    before, batches = redis_snapshot(r), engine_batches(client)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"inputs": ['
+        for _ in range(MAX_BODY // 4096 + 2):
+            yield b" " * 4096
+        yield b"]}"
+
+    resp = httpx.post(server.url + "/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in resp.request.headers
+    assert_clear_4xx(resp, 413)
+    assert redis_snapshot(r) == before and engine_batches(client) == batches
+
+
+MALFORMED_LABEL: dict[str, tuple[str, int]] = {
+    "missing label": (json.dumps({"id": "a" * 32}), 422),
+    "bad id characters": (json.dumps({"id": "a b", "label": 1}), 422),
+    "id too long": (json.dumps({"id": "a" * 65, "label": 1}), 422),
+    "bool label": (json.dumps({"id": "a" * 32, "label": False}), 422),
+    "string label": (json.dumps({"id": "a" * 32, "label": "1"}), 422),
+    "both forms": (json.dumps({"id": "a" * 32, "label": 1, "labels": [{"id": "b", "label": 1}]}), 422),
+    "empty batch": (json.dumps({"labels": []}), 422),
+    "too many labels": (json.dumps({"labels": [{"id": f"x{i}", "label": 1} for i in range(MAX_INPUTS + 1)]}), 422),
+    "unknown model": (json.dumps({"id": "a" * 32, "label": 1, "model": "digits"}), 404),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_LABEL))
+def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
+                                                              r: redis.Redis) -> None:
+    body, status = MALFORMED_LABEL[case]
+    before = redis_snapshot(r)
+    assert_clear_4xx(post_raw(server.url + "/label", body), status)
+    assert redis_snapshot(r) == before
+
+
+# ---------------------------------------------------------------------------------- admin
+def test_admin_needs_the_token_and_is_closed_without_one(server: ServerProcess, replica: ServerProcess,
+                                                         r: redis.Redis) -> None:
+    before, version = redis_snapshot(r), serving(r)
+    for path, body in (("/admin/reconcile", {}), ("/admin/rollback", {"version": 0})):
+        missing = httpx.post(server.url + path, json=body)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}x"})
+        assert wrong.status_code == 401 and "invalid" in wrong.json()["detail"]
+        basic = httpx.post(server.url + path, json=body, auth=("admin", TOKEN))
+        assert basic.status_code == 401
+        closed = httpx.post(replica.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert closed.status_code == 403 and "disabled" in closed.json()["detail"]
+    assert redis_snapshot(r) == before and serving(r) == version
+
+
+def test_hot_swap_reaches_both_replicas(client: MPServeClient, client_b: MPServeClient, store: ModelStore,
+                                        r: redis.Redis) -> None:
+    new = publish_new_version(store, r)
+    wait_until(lambda: predicted_version(client) == new, timeout=20, interval=0.05, what="A swaps")
+    wait_until(lambda: predicted_version(client_b) == new, timeout=20, interval=0.05, what="B swaps")
+    out = client_b.predict(images(1))
+    assert int(r.hget(KEYS.pred(out["predictions"][0]["id"]), "version")) == new
+    for c in (client, client_b):
+        info = c.model(MODEL)
+        assert info["version"] == new and info["target_version"] == new and info["error"] is None
+        assert metric(c.metrics(), "mpserve_model_version", model=MODEL) == new
+
+
+def test_rollback_points_every_replica_at_an_older_version(client: MPServeClient, client_b: MPServeClient,
+                                                           store: ModelStore, r: redis.Redis) -> None:
+    old = serving(r)
+    new = publish_new_version(store, r)
+    wait_until(lambda: predicted_version(client) == new, timeout=20, interval=0.05)
+    res = client.rollback(old)
+    assert res == {"model": MODEL, "version": old, "previous": new}
+    assert serving(r) == old
+    wait_until(lambda: predicted_version(client) == old, timeout=20, interval=0.05, what="A rolls back")
+    wait_until(lambda: predicted_version(client_b) == old, timeout=20, interval=0.05, what="B rolls back")
+    history = client.model(MODEL)["history"]
+    assert history[-1]["type"] == "rollback" and history[-1]["version"] == old and history[-1]["from"] == new
+    with pytest.raises(MPServeError) as missing:
+        client.rollback(9999)
+    assert missing.value.status == 404 and serving(r) == old
+    with pytest.raises(MPServeError) as unknown_model:
+        client.rollback(0, model="digits")
+    assert unknown_model.value.status == 404
+
+
+def test_corrupt_version_is_refused_and_the_last_good_one_keeps_serving(
+        client: MPServeClient, client_b: MPServeClient, store: ModelStore, r: redis.Redis) -> None:
+    good = serving(r)
+    wait_until(lambda: predicted_version(client) == good, timeout=20, interval=0.05)
+    bad = publish_new_version(store, r, corrupt=True)
+
+    def refused(c: MPServeClient) -> bool:
+        m = c.ready()["models"][MODEL]
+        return m["target_version"] == bad and bool(m["error"])
+
+    wait_until(lambda: refused(client) and refused(client_b), timeout=20, interval=0.05, what="refusal")
+    ready = client.ready()
+    assert ready["status"] == "ready" and ready["models"][MODEL]["version"] == good
+    assert f"version {bad}" in ready["models"][MODEL]["error"] and "sha256" in ready["models"][MODEL]["error"]
+    assert predicted_version(client) == good and predicted_version(client_b) == good
+    with pytest.raises(MPServeError) as refused_rollback:
+        client.rollback(bad)
+    assert refused_rollback.value.status == 409
+    client.rollback(good)  # leave the module serving a good version
+    wait_until(lambda: client.ready()["models"][MODEL]["error"] is None, timeout=20, interval=0.05)
+
+
+def test_full_cycle_predict_label_reconcile_serves_the_new_version(client: MPServeClient, store: ModelStore,
+                                                                   r: redis.Redis) -> None:
+    base = serving(r)
+    wait_until(lambda: predicted_version(client) == base, timeout=20, interval=0.05)
+    out = client.predict(images(24, seed=5))
+    assert out["version"] == base
+    results = client.label_many([(p["id"], i % CLASSES) for i, p in enumerate(out["predictions"])])
+    assert all(x["status"] == "ok" for x in results)
+    res = client.reconcile()
+    assert res["model"] == MODEL and res["parent"] == base and res["version"] > base
+    assert res["stats"]["records"] >= 24
+    assert serving(r) == res["version"] and store.has_version(MODEL, res["version"])
+    wait_until(lambda: predicted_version(client) == res["version"], timeout=20, interval=0.05)
+    with pytest.raises(MPServeError) as nothing:
+        client.reconcile()
+    assert nothing.value.status == 409 and "too few" in nothing.value.detail
+    assert serving(r) == res["version"]
+
+
+# ---------------------------------------------------------------------------------- batching, metrics
+def test_concurrent_requests_share_engine_batches(server: ServerProcess, client: MPServeClient) -> None:
+    n = 24
+    batches = engine_batches(client)
+
+    async def burst() -> list[Any]:
+        async with AsyncMPServeClient(server.url, timeout=60) as c:
+            return await asyncio.gather(*(c.predict(images(1, seed=i)) for i in range(n)))
+
+    answers = asyncio.run(burst())
+    assert len(answers) == n and all(len(a["predictions"]) == 1 for a in answers)
+    used = engine_batches(client) - batches
+    assert 1 <= used < n, f"{n} concurrent requests took {used} engine batches"
+    text = client.metrics()
+    assert metric(text, "mpserve_batch_requests_sum", model=MODEL) > metric(
+        text, "mpserve_batch_requests_count", model=MODEL)  # some batch held more than one request
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
+
+
+def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+    client.predict(images(1))
+    resp = httpx.get(server.url + "/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    types: dict[str, str] = {}
+    samples: list[tuple[str, str, float]] = []
+    for line in resp.text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+        elif line.startswith("# HELP ") or not line:
+            continue
+        else:
+            m = _SAMPLE.match(line)
+            assert m, f"not a Prometheus sample: {line!r}"
+            samples.append((m.group(1), m.group(2) or "", float(m.group(3))))
+    for name, _, _ in samples:
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types else name
+        assert family in types, f"{name} has no TYPE"
+    assert types["mpserve_http_requests_total"] == "counter"
+    assert types["mpserve_http_request_duration_seconds"] == "histogram"
+    text = resp.text
+    assert metric(text, "mpserve_http_requests_total", route="/predict", status="200") >= 1
+    assert metric(text, "mpserve_http_requests_total", route="/predict", status="422") >= 1
+    assert metric(text, "mpserve_http_request_duration_seconds_count", route="/predict", status="200") >= 1
+    assert metric(text, "mpserve_model_version", model=MODEL) == serving(r)
+    assert metric(text, "mpserve_records_written_total", model=MODEL) >= 1
+    assert metric(text, "mpserve_labels_total", model=MODEL, status="ok") >= 1
+    assert metric(text, "mpserve_redis_up") == 1
+    assert "mpserve_feedback_backlog" in types
+    buckets = [v for n, labels, v in samples if n == "mpserve_batch_size_bucket"]
+    assert buckets == sorted(buckets) and buckets[-1] == metric(text, "mpserve_batch_size_count", model=MODEL)
+
+
+# ---------------------------------------------------------------------------------- health, models, docs
+def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+    assert client.health() == {"status": "ok"}
+    ready = client.ready()
+    assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["models"][MODEL]["loaded"]
+    (info,) = client.models()
+    assert info == client.model(MODEL)
+    assert info["name"] == MODEL and info["input_shape"] == list(SHAPE) and info["num_classes"] == CLASSES
+    assert info["vendors"] == 4 and info["probe_scale"] == pytest.approx(0.05)
+    assert info["version"] == serving(r) and 0 in info["stored_versions"]
+    with pytest.raises(MPServeError) as unknown:
+        client.model("digits")
+    assert unknown.value.status == 404
+    assert httpx.get(server.url + "/models/Not_Valid").status_code == 422
+    assert httpx.get(server.url + "/docs").status_code == 200
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/predict", "/label", "/admin/reconcile", "/admin/rollback", "/models", "/models/{name}", "/healthz",
+            "/readyz", "/metrics"} <= set(schema["paths"])
+    predict = schema["components"]["schemas"]["PredictRequest"]
+    assert predict["additionalProperties"] is False and "inputs" in predict["required"]
+
+
+# ---------------------------------------------------------------------------------- Redis outage
+def test_redis_outage_is_a_fast_503_and_service_resumes(server: ServerProcess, client: MPServeClient,
+                                                        redis_proc: RedisProcess, r: redis.Redis) -> None:
+    assert redis_proc.proc is not None
+    version = serving(r)
+    x = images(1).tolist()
+    os.kill(redis_proc.proc.pid, signal.SIGSTOP)  # a Redis that accepts connections but never answers
+    try:
+        for path, body in (("/predict", {"inputs": x}), ("/label", {"id": "a" * 32, "label": 1}),
+                           ("/models", None), ("/admin/reconcile", {})):
+            started = time.monotonic()
+            resp = httpx.request("GET" if body is None else "POST", server.url + path, json=body, timeout=30,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+            elapsed = time.monotonic() - started
+            assert resp.status_code == 503 and "Redis" in resp.json()["detail"], resp.text
+            assert elapsed < REDIS_TIMEOUT_S + 1.5, f"{path} took {elapsed:.2f}s"
+        ready = httpx.get(server.url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["reasons"]
+        assert client.health() == {"status": "ok"}
+    finally:
+        os.kill(redis_proc.proc.pid, signal.SIGCONT)
+    wait_until(lambda: httpx.get(server.url + "/readyz").status_code == 200, timeout=20, interval=0.05)
+
+    redis_proc.stop()  # refused connections: a 503 at once
+    try:
+        resp = httpx.post(server.url + "/predict", json={"inputs": x}, timeout=30)
+        assert resp.status_code == 503 and "Redis" in resp.json()["detail"]
+    finally:
+        redis_proc.start()
+    wait_until(lambda: httpx.get(server.url + "/readyz").status_code == 200, timeout=20, interval=0.05)
+    assert client.predict(images(1))["version"] == version
+
+
+# ---------------------------------------------------------------------------------- settings (no server)
+def test_flags_override_env_and_defaults_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MPSERVE_PORT", "9001")
+    monkeypatch.setenv("MPSERVE_REDIS_URL", "redis://env:6379/0")
+    s = settings_from_args(["--redis-url", "redis://flag:6379/1", "--max-wait-ms", "3.5", "--admin-token", "tok-xyz"])
+    assert s.port == 9001 and s.redis_url == "redis://flag:6379/1" and s.max_wait_ms == 3.5
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == "tok-xyz" and "tok-xyz" not in repr(s)
+    assert s.models == ["fashion"] and s.device is None
+    assert settings_from_args(["--default-model", "digits"]).models == ["digits"]
+    assert settings_from_args(["--models", "a,b", "c", "--default-model", "b"]).models == ["a", "b", "c"]
+    monkeypatch.setenv("MPSERVE_ADMIN_TOKEN", "")
+    assert ServerSettings().admin_token is None  # an empty token never opens admin
+    for bad in (["--default-model", "Bad/Name"], ["--models", "x", "--default-model", "y"], ["--port", "-1"],
+                ["--log-level", "loud"]):
+        with pytest.raises((ValueError, SystemExit)):
+            settings_from_args(bad)

@@ -57,7 +57,7 @@ def _find(directory: Path, stem: str) -> Path:
 
 def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Split]:
     """{'train': Split, 'test': Split} with images as (n, 1, 28, 28) uint8."""
-    directory = Path(data_dir or os.environ.get("MPSERVE_DATA_DIR") or DEFAULT_DIR)
+    directory = Path(data_dir or os.environ.get("MPSERVE_DATASET_DIR") or DEFAULT_DIR)
     out = {}
     for split, (images, labels) in _FILES.items():
         x = _read_idx(_find(directory, images))

@@ -28,7 +28,7 @@ def train(
     name: Annotated[str, typer.Option(help="model name in the store")] = "fashion",
     store_dir: Annotated[Path | None, typer.Option(envvar="MPSERVE_STORE_DIR", help="store to write v0 to")] = None,
     export_dir: Annotated[Path | None, typer.Option(help="a second store (the shipped default)")] = None,
-    data_dir: Annotated[str | None, typer.Option(envvar="MPSERVE_DATA_DIR", help="Fashion-MNIST IDX files")] = None,
+    data_dir: Annotated[str | None, typer.Option(envvar="MPSERVE_DATASET_DIR", help="Fashion-MNIST IDX files")] = None,
     steps: Annotated[int, typer.Option(help="training steps")] = 1000,
     batch_size: Annotated[int, typer.Option(help="inputs per step")] = 256,
     learning_rate: Annotated[float | None, typer.Option(help="Adam lr / marketplace step")] = None,
@@ -60,6 +60,33 @@ def train(
     if json_out:
         json_out.write_text(json.dumps({k: v for k, v in summary.items() if k != "manifest"}, indent=2))
     typer.echo(f"test accuracy {summary['test_accuracy']:.4f} after {steps} steps ({summary['seconds']:.0f} s)")
+
+
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def up(ctx: typer.Context) -> None:
+    """The whole stack here: Redis (embedded unless MPSERVE_REDIS_URL), the API and the worker. --help: options."""
+    from mpserve.stack import main as stack_main
+
+    raise typer.Exit(stack_main(ctx.args))
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def serve(ctx: typer.Context) -> None:
+    """One API replica (FastAPI on uvicorn). --help: options."""
+    from server.main import main as server_main
+
+    raise typer.Exit(server_main(ctx.args) or 0)
+
+
+@app.command(context_settings=_PASS_THROUGH)
+def worker(ctx: typer.Context) -> None:
+    """The reconciler (one leader at a time per model). --help: options."""
+    from worker.main import main as worker_main
+
+    raise typer.Exit(worker_main(ctx.args) or 0)
 
 
 def main() -> None:

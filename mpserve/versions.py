@@ -79,6 +79,23 @@ def write_next_version(store: ModelStore, parent: LoadedVersion, version: int, p
     return store.write_version(parent.model, version, params, manifest)
 
 
+def fallback_base(store: ModelStore, model: str, published: set[Any]) -> int | None:
+    """The version to build on (and serve) while ``mp:{m}:version`` is unset.
+
+    The newest stored version, skipping reconciler outputs (manifest with ``inputs``) that are not in
+    ``published`` (the versions of the publish history): such a file is garbage left by a crash between
+    the store write and the publish, and building on it (or serving it) would apply its entries twice.
+    """
+    versions = store.versions(model)
+    for v in reversed(versions):
+        if v in published or "inputs" not in store.read_manifest(model, v):
+            if v != versions[-1]:
+                log.warning("%s: no version is set in Redis; using %d, not the unpublished %s", model, v,
+                            [x for x in versions if x > v])
+            return v
+    return versions[-1] if versions else None
+
+
 def shipped_store() -> ModelStore:
     """The store inside the package that holds the default model (`mpserve train --export-dir` writes it)."""
     return ModelStore(Path(str(resources.files("mpserve") / "assets" / "store")))

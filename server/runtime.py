@@ -23,7 +23,7 @@ import redis.asyncio
 from marketplace.engine import Engine, PerturbedWeights
 from model_store import ModelStore
 from mpserve.recordlog import AsyncRecordLog
-from mpserve.versions import LoadedVersion, load_version
+from mpserve.versions import LoadedVersion, fallback_base, load_version
 from server.engine_thread import EngineThread
 from server.errors import ApiError, redis_op
 from server.metrics import ServerMetrics
@@ -150,7 +150,11 @@ class ModelRuntime:
         if self.served is not None:
             proposal: int | None = self.served.version
         else:
-            proposal = await asyncio.to_thread(self.store.latest, self.name)
+            async with redis_op("read the version history", self.redis_timeout_s):
+                history = await self.records.history()
+            published = {h.get("version") for h in history if h.get("type") == "publish"}
+            # the newest version that was really published (or trained): never a crashed worker's leftover
+            proposal = await asyncio.to_thread(fallback_base, self.store, self.name, published)
         if proposal is None:
             raise ApiError(503, f"the model store has no version of {self.name!r}")
         async with redis_op("initialize the serving version", self.redis_timeout_s):

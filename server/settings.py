@@ -40,6 +40,7 @@ class ServerSettings(BaseSettings):
     reconcile_timeout_s: float = Field(300.0, gt=0, description="longest POST /admin/reconcile waits")
     log_level: LogLevel = Field("info", description="logging level")
     device: str | None = Field(None, description="tinygrad device (unset: tinygrad's default)")
+    seed_default: bool = Field(False, description="copy the shipped default model into an empty store at start")
 
     @field_validator("default_model")
     @classmethod

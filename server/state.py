@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 
 from model_store import ModelStore
 from mpserve.recordlog import AsyncRecordLog
+from mpserve.versions import seed_default_model
 from server.batcher import MicroBatcher
 from server.engine_thread import EngineThread
 from server.errors import ApiError
@@ -74,6 +75,8 @@ class AppState:
         sync_client = redis.Redis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=t,
                                            socket_timeout=settings.reconcile_timeout_s + 10)
         store = ModelStore(settings.store_dir)
+        if settings.seed_default:
+            await asyncio.to_thread(seed_default_model, store, settings.default_model)
         engine_thread = EngineThread()
         metrics = metrics or ServerMetrics()
         models: dict[str, ModelContext] = {}

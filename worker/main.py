@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import redis
 
 from model_store import ModelStore
-from worker.flags import settings_from_argv
+from mpserve.flags import settings_from_argv
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 

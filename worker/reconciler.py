@@ -30,7 +30,7 @@ from marketplace.reconcile import Records, VersionSeeds, reconcile
 from model_store import ModelStore, VersionExistsError, VersionNotFound
 from mpserve.keys import validate_model_name
 from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError
-from mpserve.versions import LoadedVersion, load_version, version_sources, write_next_version
+from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
 from worker.faults import fault_point
 from worker.fenced import fenced_ack
@@ -73,23 +73,6 @@ def describe_entries(ids: Sequence[str]) -> dict[str, Any]:
     if len(ids) <= ENTRY_IDS_IN_MANIFEST:
         out["entry_ids"] = list(ids)
     return out
-
-
-def fallback_base(store: ModelStore, model: str, published: set[Any]) -> int | None:
-    """The version to build on (and serve) while ``mp:{m}:version`` is unset.
-
-    The newest stored version, skipping reconciler outputs (manifest with ``inputs``) that are not in
-    ``published`` (the versions of the publish history): such a file is garbage left by a crash between
-    the store write and the publish, and building on it (or serving it) would apply its entries twice.
-    """
-    versions = store.versions(model)
-    for v in reversed(versions):
-        if v in published or "inputs" not in store.read_manifest(model, v):
-            if v != versions[-1]:
-                log.warning("%s: no version is set in Redis; using %d, not the unpublished %s", model, v,
-                            [x for x in versions if x > v])
-            return v
-    return versions[-1] if versions else None
 
 
 def _records(entries: Sequence[FeedbackEntry]) -> Records:

@@ -1,6 +1,6 @@
 """Settings of the reconciler worker: one pydantic-settings class, from MPSERVE_* variables and CLI flags.
 
-Every field is also a command-line flag (``--min-records`` for ``min_records``, see :mod:`worker.flags`);
+Every field is also a command-line flag (``--min-records`` for ``min_records``, see :mod:`mpserve.flags`);
 flags override the environment, which overrides the defaults.
 """
 

@@ -1,0 +1,109 @@
+"""`mpserve up` and docker-compose.yml: the same stack, started for real here and held to the same spec."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from model_store import ModelStore
+from mpserve.client import MPServeClient
+from mpserve.stack import StackSettings, process_specs
+from mpserve.versions import shipped_store
+from tests.helpers import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_services_run_what_mpserve_up_runs(compose):
+    specs = process_specs(StackSettings(_env_file=None), "redis://redis:6379/0", "token")
+    services = compose["services"]
+    assert set(services) == {"redis", "api", "worker"}
+    for name, spec in specs.items():
+        svc = services[name]
+        assert svc["command"] == ["mpserve", *spec.args]
+        env = svc["environment"]
+        assert set(env) == set(spec.env), f"{name}: compose and mpserve up set different variables"
+        for key in ("MPSERVE_MODELS", "MPSERVE_LOG_LEVEL", "MPSERVE_DEFAULT_MODEL", "MPSERVE_SEED_DEFAULT"):
+            if key in spec.env:
+                assert str(env[key]).lower() == spec.env[key].lower(), key
+        assert env["MPSERVE_REDIS_URL"].startswith("redis://redis:")
+        # both share one model store volume, mounted where MPSERVE_STORE_DIR points
+        mounts = dict(v.split(":")[::-1] for v in svc["volumes"])
+        assert mounts[env["MPSERVE_STORE_DIR"]] == "model-store"
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["api"]["image"] == services["worker"]["image"]
+
+
+def test_compose_redis_is_durable_and_checked(compose):
+    redis_svc = compose["services"]["redis"]
+    cmd = redis_svc["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--appendfsync") + 1] in ("everysec", "always")
+    assert any(v.endswith(":/data") and not v.startswith("/") for v in redis_svc["volumes"])  # a named volume
+    assert "redis-cli" in redis_svc["healthcheck"]["test"]
+    assert set(compose["volumes"]) >= {"redis-data", "model-store"}
+
+
+def test_dockerfile_is_multi_stage_and_non_root():
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.count("FROM ") >= 2 and "COPY --from=build" in text
+    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
+    assert user and user[-1] not in ("root", "0")
+
+
+def test_the_shipped_default_model_loads_and_says_how_it_was_trained():
+    store = shipped_store()
+    params, manifest = store.load_version("fashion", 0)
+    assert manifest["architecture"]["name"] == "beautiful_mnist"
+    assert manifest["validation"]["test_accuracy"] >= 0.90
+    assert "backprop" in manifest["training"]["method"] or "marketplace" in manifest["training"]["method"]
+    assert sum(p.size for p in params.values()) < 200_000
+
+
+def test_mpserve_up_serves_learns_and_stops_cleanly(tmp_path):
+    """The README's first command, for real: embedded Redis with AOF, API, worker; Ctrl-C stops all three."""
+    port, token = free_port(), "up-test-token"
+    env = {**os.environ, "MPSERVE_ADMIN_TOKEN": token, "MPSERVE_MIN_RECORDS": "100000", "MPSERVE_MIN_COHORT": "8",
+           "MPSERVE_MAX_BATCH": "64"}
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mpserve.cli", "up", "--port", str(port), "--data-dir",
+                             str(tmp_path / "data")], env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = MPServeClient(f"http://127.0.0.1:{port}", admin_token=token, timeout=30)
+    try:
+        wait_until(lambda: b"mpserve is up" in (tmp_path / "up.log").read_bytes() or proc.poll() is not None,
+                   timeout=240, what="mpserve up to print its URLs")
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+        assert token in (tmp_path / "up.log").read_text()
+        # the seeded default model serves, and learns from labels through the worker
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, size=(16, 1, 28, 28)).astype(float)
+        first = client.predict(x.tolist(), labels=[int(i % 10) for i in range(16)])
+        assert first["version"] == 0 and len(first["predictions"]) == 16
+        outcome = client.reconcile()
+        assert outcome["version"] == 1 and outcome["parent"] == 0
+        wait_until(lambda: client.predict(x[:1].tolist())["version"] == 1, timeout=60, what="swap to v1")
+        stored = ModelStore(tmp_path / "data" / "store").read_manifest("fashion", 1)
+        assert stored["records"] == 16
+        assert (tmp_path / "data" / "redis" / "appendonlydir").is_dir()  # AOF is on
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    # all three went down with it: the API port is closed, Redis logged its clean exit
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    assert "ready to exit" in (tmp_path / "data" / "logs" / "redis.log").read_text()

@@ -89,6 +89,43 @@ def worker(ctx: typer.Context) -> None:
     raise typer.Exit(worker_main(ctx.args) or 0)
 
 
+UrlOpt = Annotated[str, typer.Option(envvar="MPSERVE_URL", help="the API's base URL")]
+TokenOpt = Annotated[str | None, typer.Option(envvar="MPSERVE_ADMIN_TOKEN", help="admin bearer token")]
+ModelOpt = Annotated[str | None, typer.Option(help="model name (default: the server's default model)")]
+
+
+def _admin_call(fn_name: str, url: str, token: str | None, *args: object, **kwargs: object) -> None:
+    """Call the API with the shared client and print its JSON answer; a 4xx/5xx is a clear error."""
+    from mpserve.client import MPServeClient, MPServeError
+
+    with MPServeClient(url, admin_token=token, timeout=600) as client:
+        try:
+            answer = getattr(client, fn_name)(*args, **kwargs)
+        except MPServeError as err:
+            typer.echo(f"error {err.status}: {err.detail}", err=True)
+            raise typer.Exit(1) from err
+    typer.echo(json.dumps(answer, indent=2))
+
+
+@app.command()
+def models(url: UrlOpt = "http://127.0.0.1:8000", name: ModelOpt = None) -> None:
+    """List the models a server serves, or one model with its version history."""
+    _admin_call("model" if name else "models", url, None, *([name] if name else []))
+
+
+@app.command()
+def reconcile(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None, model: ModelOpt = None) -> None:
+    """Run one reconciliation now (POST /admin/reconcile)."""
+    _admin_call("reconcile", url, token, model=model)
+
+
+@app.command()
+def rollback(version: int, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None,
+             model: ModelOpt = None) -> None:
+    """Point serving at an older stored version (POST /admin/rollback)."""
+    _admin_call("rollback", url, token, version, model=model)
+
+
 def main() -> None:
     app()
 

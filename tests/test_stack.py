@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,8 +13,10 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from model_store import ModelStore
+from mpserve.cli import app
 from mpserve.client import MPServeClient
 from mpserve.stack import StackSettings, process_specs
 from mpserve.versions import shipped_store
@@ -98,6 +101,15 @@ def test_mpserve_up_serves_learns_and_stops_cleanly(tmp_path):
         stored = ModelStore(tmp_path / "data" / "store").read_manifest("fashion", 1)
         assert stored["records"] == 16
         assert (tmp_path / "data" / "redis" / "appendonlydir").is_dir()  # AOF is on
+        # the admin commands of the CLI talk to the same stack
+        url = f"http://127.0.0.1:{port}"
+        listed = CliRunner().invoke(app, ["models", "--url", url, "--name", "fashion"])
+        assert listed.exit_code == 0 and json.loads(listed.output)["version"] == 1
+        denied = CliRunner().invoke(app, ["rollback", "0", "--url", url, "--token", "wrong"])
+        assert denied.exit_code == 1 and "401" in denied.output
+        rolled = CliRunner().invoke(app, ["rollback", "0", "--url", url, "--token", token])
+        assert rolled.exit_code == 0, rolled.output
+        wait_until(lambda: client.predict(x[:1].tolist())["version"] == 0, timeout=60, what="rollback to v0")
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)

@@ -98,3 +98,21 @@ def test_bad_shapes_are_refused():
 def test_default_buckets_are_multiples_of_v():
     assert default_buckets(4, 256) == [4, 8, 16, 32, 64, 128, 256]
     assert default_buckets(3, 10) == [3, 6, 12]
+
+
+def test_one_captured_graph_serves_every_version():
+    """Weights are graph inputs: after the JIT captured version A, version B's weights give B's logits."""
+    spec = mlp(hidden=(16,))
+    engine = Engine(spec, 2, buckets=[4])
+    seeds = fresh_seeds(2, 2, np.random.default_rng(0))
+    a = engine.materialize(spec.init_params(0), seeds, 0.05, version=0)
+    b = engine.materialize(spec.init_params(1), seeds, 0.05, version=1)
+    x = np.random.default_rng(1).uniform(0, 255, size=(4, *spec.input_shape)).astype(np.float32)
+    engine.warmup(a)  # captures the bucket's graph on version A
+    logits_b, paths_b = engine.forward(b, x, np.random.default_rng(2))
+    fresh = Engine(spec, 2, buckets=[4])  # never saw version A
+    expected, paths = fresh.forward(fresh.materialize(spec.init_params(1), seeds, 0.05), x, np.random.default_rng(2))
+    assert np.array_equal(paths, paths_b)
+    np.testing.assert_allclose(logits_b, expected, rtol=1e-5, atol=1e-6)
+    logits_a, _ = engine.forward(a, x, np.random.default_rng(2))
+    assert np.abs(logits_a - logits_b).max() > 1e-3

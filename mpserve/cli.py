@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +43,7 @@ def train(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     hidden: Annotated[str | None, typer.Option(help="mlp hidden widths, e.g. 128,64")] = None,
     plot: Annotated[Path | None, typer.Option(help="write the learning curve here (PNG)")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="continue from --name in this store")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the figures here (JSON)")] = None,
     log_level: Annotated[str, typer.Option(envvar="MPSERVE_LOG_LEVEL")] = "info",
 ) -> None:
@@ -56,7 +59,7 @@ def train(
                          seed=seed, backprop=backprop)
     arch_config = {"hidden": [int(h) for h in hidden.split(",")]} if hidden else None
     summary = run_train(arch, name, store_dir, export_dir, config, data_dir=data_dir, arch_config=arch_config,
-                        plot=plot)
+                        plot=plot, init_from=init_from, command=shlex.join(["mpserve", *sys.argv[1:]]))
     if json_out:
         json_out.write_text(json.dumps({k: v for k, v in summary.items() if k != "manifest"}, indent=2))
     typer.echo(f"test accuracy {summary['test_accuracy']:.4f} after {steps} steps ({summary['seconds']:.0f} s)")

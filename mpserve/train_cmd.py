@@ -44,20 +44,34 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
 
 def run_train(arch: str, model_name: str, store_dir: Path | None, export_dir: Path | None, config: TrainConfig,
               data_dir: str | None = None, arch_config: dict[str, Any] | None = None, plot: Path | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, init_from: Path | None = None,
+              command: str | None = None) -> dict[str, Any]:
     """Train, then write version 0 to a store (manifest: how it was trained, how well it does).
 
-    `export_dir` is a second store root, e.g. the package's shipped-model store.
+    `export_dir` is a second store root, e.g. the package's shipped-model store. `init_from` is a store
+    whose latest version of `model_name` is the starting point (training continues; the earlier
+    stages are kept in the manifest).
     """
     spec = get_model(arch, arch_config)
     data = load_fashion_mnist(data_dir)
-    result = train(spec, spec.init_params(config.seed), data["train"], data["test"], config, progress=progress)
+    params, earlier = spec.init_params(config.seed), []
+    if init_from is not None:
+        src = ModelStore(init_from)
+        latest = src.latest(model_name)
+        if latest is None:
+            raise FileNotFoundError(f"no version of {model_name!r} in {init_from}")
+        params, prior = src.load_version(model_name, latest, expected_shapes=spec.param_shapes(),
+                                         expected_architecture=spec.name)
+        prior_training = prior.get("training") or {}
+        earlier = [*prior_training.get("earlier_stages", []),
+                   {k: v for k, v in prior_training.items() if k != "earlier_stages"}]
+    result = train(spec, params, data["train"], data["test"], config, progress=progress)
     seeds = fresh_seeds(len(spec.groups), config.vendors, np.random.default_rng(config.seed + 2))
     training = {
         "method": "backprop (tinygrad, Adam)" if config.backprop else "marketplace v2 (forward passes only)",
         "dataset": "fashion-mnist", "config": config_dict(config), "steps": config.steps,
         "seconds": round(result.seconds, 1), "device": Device.DEFAULT, "machine": platform.machine(),
-        "curve": result.curve, "command": f"mpserve train --arch {arch} ...",
+        "curve": result.curve, "command": command, "earlier_stages": earlier,
     }
     validation = {"test_accuracy": result.test_accuracy, "per_class_accuracy": result.per_class_accuracy,
                   "split": "fashion-mnist t10k"}

@@ -74,3 +74,19 @@ def test_mpserve_train_writes_version_zero_with_its_manifest(tmp_path):
     assert manifest["validation"]["per_class_accuracy"][9] == 0.0  # never seen, never predicted... nearly
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert json.loads(out.read_text())["test_accuracy"] == manifest["validation"]["test_accuracy"]
+
+
+def test_training_can_continue_from_a_stored_model(tmp_path):
+    common = ["train", "--arch", "mlp", "--hidden", "16", "--batch-size", "64", "--name", "base", "--backprop",
+              "--learning-rate", "0.003"]
+    first = CliRunner().invoke(app, [*common, "--steps", "30", "--eval-every", "30",
+                                     "--store-dir", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(app, [*common, "--steps", "2", "--eval-every", "2", "--learning-rate", "0.0000001",
+                                      "--store-dir", str(tmp_path / "b"), "--init-from", str(tmp_path / "a")])
+    assert second.exit_code == 0, second.output
+    a = ModelStore(tmp_path / "a").read_manifest("base", 0)
+    b = ModelStore(tmp_path / "b").read_manifest("base", 0)
+    assert [s["steps"] for s in b["training"]["earlier_stages"]] == [30]
+    # a near-zero learning rate keeps what the first stage learned (a fresh init would be near 10%)
+    assert abs(b["validation"]["test_accuracy"] - a["validation"]["test_accuracy"]) < 0.02

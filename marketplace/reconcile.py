@@ -247,7 +247,8 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
 
     # per-vendor credit of every cohort, one bincount per group
     Vmax = int(max((sources[int(v)].seeds.shape[1] for v in versions[live]), default=1))
-    A = np.stack([co.sums(path[:, s], credit, Vmax) for s in range(S)], axis=1)  # (cohorts, S, Vmax)
+    counted = path if used.all() else np.where(used[:, None], path, 0)  # held-back paths may name any vendor
+    A = np.stack([co.sums(counted[:, s], credit, Vmax) for s in range(S)], axis=1)  # (cohorts, S, Vmax)
     credit_by_version = {int(versions[c]): A[c, :, :sources[int(versions[c])].seeds.shape[1]]
                          for c in np.flatnonzero(live)}
 

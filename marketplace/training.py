@@ -118,7 +118,8 @@ class _marketplace_steps:
         reps = max(1, self.config.replicas)
         # per-input baseline: an input's replicas ran on different paths, so subtracting their mean loss
         # removes the input's own difficulty from the signal and leaves the paths' effect
-        residual = (loss.reshape(-1, reps) - loss.reshape(-1, reps).mean(1, keepdims=True)).ravel()
+        grouped = loss.reshape(-1, reps)
+        residual = loss if reps == 1 else (grouped - grouped.mean(1, keepdims=True)).ravel()
         lr = self.lr * max(self.config.lr_decay ** self.step, 0.05)
         out = reconcile(self.spec, self.theta, Records(np.zeros(len(y), np.int64), paths, residual, y),
                         {0: VersionSeeds(seeds, self.config.probe_scale)}, self.rc, learning_rate=lr)

@@ -48,15 +48,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _MANIFEST_NAME_RE = re.compile(r"^([0-9]{8})\.json$")
 _VERSIONS_DIR = "versions"
 
 
 def validate_model_name(name: str) -> str:
     """Return `name` if it is a safe model name (it becomes a directory name), else raise ValueError."""
-    if not isinstance(name, str) or not _MODEL_NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid model name {name!r}: must match {_MODEL_NAME_RE.pattern}")
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+        raise ValueError(f"invalid model name {name!r}: must match {MODEL_NAME_RE.pattern}")
     return name
 
 
@@ -80,7 +80,7 @@ class ModelStore:
         return [
             name
             for name in sorted(self._fs_list(self.root))
-            if _MODEL_NAME_RE.fullmatch(name) and self.versions(name)
+            if MODEL_NAME_RE.fullmatch(name) and self.versions(name)
         ]
 
     def versions(self, model: str) -> list[int]:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# one rule: a model name is also a directory name in the store
+from model_store.store import MODEL_NAME_RE, validate_model_name
+
+__all__ = ["MODEL_NAME_RE", "RECORD_ID_RE", "ModelKeys", "validate_model_name", "validate_record_id"]
+
 RECORD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-def validate_model_name(model: str) -> str:
-    """Return ``model`` if it is a valid model name, else raise ValueError."""
-    if not isinstance(model, str) or not MODEL_NAME_RE.fullmatch(model):
-        raise ValueError(f"invalid model name {model!r}: must match {MODEL_NAME_RE.pattern}")
-    return model
 
 
 def validate_record_id(record_id: str) -> str:

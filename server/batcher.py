@@ -139,11 +139,13 @@ class MicroBatcher:
             _fail(items, ApiError(503, f"model {self.runtime.name!r} is not loaded"))
             return
         shape = tuple(served.engine.spec.input_shape)
-        stale = [it for it in items if it.x.shape[1:] != shape]
+        classes = served.engine.spec.num_classes
+        stale = [it for it in items if it.x.shape[1:] != shape
+                 or (it.labels is not None and len(it.labels) and int(it.labels.max()) >= classes)]
         if stale:  # validated against a version of another architecture that was swapped out meanwhile
-            _fail(stale, ApiError(409, f"model {self.runtime.name!r} changed its input shape to {shape}; "
-                                       "check GET /models and retry"))
-            items = [it for it in items if it.x.shape[1:] == shape]
+            _fail(stale, ApiError(409, f"model {self.runtime.name!r} changed to input shape {shape} and "
+                                       f"{classes} classes; check GET /models and retry"))
+            items = [it for it in items if not any(it is st for st in stale)]
             if not items:
                 return
         x = np.concatenate([it.x for it in items]) if len(items) > 1 else items[0].x
@@ -166,6 +168,16 @@ class MicroBatcher:
         task.add_done_callback(self._finishing.discard)
 
     async def _finish(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray) -> None:
+        """Answer every request of the batch, whatever happens: nobody awaits this task, so nothing may hang."""
+        try:
+            await self._write_and_answer(served, items, logits, paths)
+        except Exception as exc:
+            log.exception("model %s: finishing a batch failed", self.runtime.name)
+            _fail([it for it in items if not it.future.done()],
+                  ApiError(500, f"recording failed: {type(exc).__name__}"))
+
+    async def _write_and_answer(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray
+                                ) -> None:
         """Write the batch's records in one round trip, then answer each request."""
         records: list[PredictionRecord] = []
         answers: list[tuple[_Item, Answer]] = []

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mpserve.keys import validate_model_name
+from mpserve.settings_types import ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -27,7 +28,7 @@ class ServerSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by replicas and the worker")
     store_dir: Path = Field(Path("./data/store"), description="root of the model store")
     default_model: str = Field("fashion", description="model used when a request names none")
-    models: list[str] = Field(default_factory=lambda: ["fashion"],
+    models: ModelNames = Field(default_factory=lambda: ["fashion"],
                               description="models this replica serves (default: just the default model)")
     max_batch: int = Field(256, ge=1, le=65536, description="largest engine batch, in inputs")
     max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest a request waits for others to batch with")
@@ -46,24 +47,6 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _valid_default(cls, v: str) -> str:
         return validate_model_name(v)
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, v: object) -> object:
-        """Accept "a,b" as well as a list (env variables and flags are easier to write that way)."""
-        if isinstance(v, str):
-            return [m.strip() for m in v.split(",") if m.strip()]
-        if isinstance(v, list):
-            return [m.strip() for item in v for m in (item.split(",") if isinstance(item, str) else [item])
-                    if not isinstance(m, str) or m.strip()]
-        return v
-
-    @field_validator("models")
-    @classmethod
-    def _valid_models(cls, v: list[str]) -> list[str]:
-        for m in v:
-            validate_model_name(m)
-        return list(dict.fromkeys(v))
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -160,3 +160,15 @@ def test_paths_naming_unknown_vendors_are_refused():
     records = Records(np.zeros(10, int), np.full((10, S), V), rng.random(10))
     with pytest.raises(ValueError, match="vendor"):
         reconcile(SPEC, SPEC.init_params(0), records, sources, ReconcileConfig(min_cohort=1))
+
+
+def test_held_back_cohorts_may_have_more_vendors_than_live_ones():
+    rng = np.random.default_rng(7)
+    sources = {0: VersionSeeds(fresh_seeds(S, 2, rng), 0.05), 1: VersionSeeds(fresh_seeds(S, 8, rng), 0.05)}
+    records = Records(np.array([0] * 20 + [1] * 3), np.concatenate([rng.integers(0, 2, (20, S)),
+                                                                    np.full((3, S), 7)]), rng.random(23))
+    result = reconcile(SPEC, SPEC.init_params(0), records, sources, ReconcileConfig(min_cohort=8))
+    assert result.stats["records"] == 20 and result.stats["held_back"] == 3
+    nothing = reconcile(SPEC, SPEC.init_params(0), Records(np.zeros(3, int), np.full((3, S), 3), rng.random(3)),
+                        {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}, ReconcileConfig(min_cohort=8))
+    assert nothing.stats["records"] == 0 and nothing.stats["direction_norm"] == 0.0

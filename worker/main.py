@@ -35,7 +35,11 @@ def configure_logging(level: str) -> None:
 def run(settings: WorkerSettings, stop: threading.Event) -> None:
     """Reconcile every configured model until ``stop`` is set (embeddable: no signals, no logging setup)."""
     store = ModelStore(settings.store_dir)
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=False)
+    # a half-open connection must not block a reconciler forever: reads block at most poll_ms, so a few
+    # seconds more than that is a dead socket
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=False,
+                                  socket_timeout=settings.poll_ms / 1000 + 5, socket_connect_timeout=5,
+                                  socket_keepalive=True, health_check_interval=30)
     threads = [
         threading.Thread(target=Reconciler(settings, store, client, model).serve_forever, args=(stop,),
                          name=f"reconciler-{model}", daemon=True)

@@ -6,17 +6,16 @@ flags override the environment, which overrides the defaults.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marketplace.reconcile import ReconcileConfig
-from mpserve.keys import validate_model_name
+from mpserve.settings_types import ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -33,8 +32,8 @@ class WorkerSettings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared with the API replicas")
     store_dir: Path = Field(Path("./data/store"), description="root of the model store")
-    # NoDecode: MPSERVE_MODELS=a,b is split by the validator below instead of being parsed as JSON.
-    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["fashion"],
+    # MPSERVE_MODELS=a,b or a JSON list (see mpserve.settings_types)
+    models: ModelNames = Field(default_factory=lambda: ["fashion"],
                                                    description="models to reconcile (a,b or a list)")
     consumer: str = Field(default_factory=default_consumer, min_length=1, max_length=200,
                           description="consumer name in the feedback group (unique per process)")
@@ -56,28 +55,6 @@ class WorkerSettings(BaseSettings):
     keep_versions: int = Field(50, ge=1, description="retention: keep the newest N versions (and current, parent)")
     max_records_per_reconcile: int = Field(100_000, ge=1, description="most records one update uses (and buffers)")
     log_level: LogLevel = Field("info", description="logging level")
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, v: object) -> object:
-        """Accept "a,b" as well as a list (env variables and flags are easier to write that way)."""
-        if isinstance(v, str):
-            if v.strip().startswith("["):
-                return json.loads(v)
-            return [m.strip() for m in v.split(",") if m.strip()]
-        if isinstance(v, list):
-            return [m.strip() for item in v for m in (item.split(",") if isinstance(item, str) else [item])
-                    if not isinstance(m, str) or m.strip()]
-        return v
-
-    @field_validator("models")
-    @classmethod
-    def _valid_models(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one model is needed")
-        for m in v:
-            validate_model_name(m)
-        return list(dict.fromkeys(v))
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,28 @@
+"""Each process reads MPSERVE_MODELS the same way: "a,b" or a JSON list, validated names."""
+
+import pytest
+from pydantic import ValidationError
+
+from mpserve.stack import StackSettings
+from server.settings import ServerSettings
+from worker.settings import WorkerSettings
+
+
+@pytest.mark.parametrize("cls", [ServerSettings, WorkerSettings])
+@pytest.mark.parametrize("value", ["fashion,other", '["fashion", "other"]', " fashion , other,"])
+def test_models_from_the_environment(monkeypatch, cls, value):
+    monkeypatch.setenv("MPSERVE_MODELS", value)
+    monkeypatch.setenv("MPSERVE_DEFAULT_MODEL", "fashion")
+    assert cls().models == ["fashion", "other"]
+
+
+@pytest.mark.parametrize("cls", [ServerSettings, WorkerSettings])
+def test_bad_model_names_are_refused(monkeypatch, cls):
+    monkeypatch.setenv("MPSERVE_MODELS", "fashion,../etc")
+    with pytest.raises(ValidationError):
+        cls()
+
+
+def test_stack_settings_read_flags_and_env(monkeypatch):
+    monkeypatch.setenv("MPSERVE_PORT", "9001")
+    assert StackSettings().port == 9001 and StackSettings().redis_url is None

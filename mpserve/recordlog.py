@@ -26,18 +26,31 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from mpserve.keys import ModelKeys
-from mpserve.scripts import Call, Scripts, eval_many, eval_many_async
+from mpserve.scripts import Call, Prelude, Scripts, eval_many, eval_many_async
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "reconciler"
+HISTORY_MAX = 1000  # publish and rollback records kept in mp:{m}:history (the newest ones)
 ATTACH_STATUSES = ("ok", "duplicate", "conflict", "not_found")
 _PRED_FIELDS = ("version", "path", "logits")
 _ENTRY_ID_RE = re.compile(r"^\d+-\d+$")
 
 
 class StaleLeaderError(RuntimeError):
-    """The publisher's fencing token is older than the current one: another leader took over."""
+    """The publisher's fencing token is not the current one: another leader took over."""
+
+
+class VersionMovedError(RuntimeError):
+    """``mp:{m}:version`` is no longer the version the publisher built on (a rollback, another publish).
+
+    Nothing was changed: the caller's entries stay pending, and it should plan again from ``current``.
+    """
+
+    def __init__(self, expected: int | None, current: int | None) -> None:
+        super().__init__(f"serving moved to version {current} (the update was built on {expected})")
+        self.expected = expected
+        self.current = current
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,38 +181,48 @@ def _history_json(kind: str, version: int, record: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- predictions
 
 
-def _q_write_predictions(
-    pipe: Any, keys: ModelKeys, items: Sequence[PredictionRecord], window_ms: int, now_ms: int
-) -> None:
-    """Validate everything first, then queue: a bad item must not leave half a batch queued."""
+def _prediction_batch(
+    keys: ModelKeys, items: Sequence[PredictionRecord], window_ms: int, now_ms: int
+) -> tuple[Prelude, list[Call]]:
+    """Validate everything first, then queue: a bad item must not leave half a batch queued.
+
+    Returns the prelude that stores the prediction hashes (never their label) and the attach_label
+    calls of the labels given with them. Labels go through the same script as late labels, so the
+    feedback entry is laid out in one place and a replayed batch answers 'duplicate' instead of
+    adding a second stream entry.
+    """
     rows = []
+    labels: list[tuple[str, int, float]] = []
     for it in items:
-        key = keys.pred(it.id)
-        mapping: dict[str, Any] = {
-            "version": _nonneg_int(it.version, "version"),
-            "path": _encode_path(it.path),
-            "logits": _encode_logits(it.logits),
-            "created": now_ms,
-        }
-        entry = None
+        rows.append((
+            keys.pred(it.id),
+            {
+                "version": _nonneg_int(it.version, "version"),
+                "path": _encode_path(it.path),
+                "logits": _encode_logits(it.logits),
+                "created": now_ms,
+            },
+        ))
         if it.label is not None:
             if it.loss is None:
                 raise ValueError(f"record {it.id}: a label needs its loss")
-            mapping["label"] = _nonneg_int(it.label, "label")
-            entry = {
-                "id": it.id,
-                "version": mapping["version"],
-                "path": mapping["path"],
-                "loss": _encode_loss(it.loss),
-                "label": mapping["label"],
-                "ts": now_ms,
-            }
-        rows.append((key, mapping, entry))
-    for key, mapping, entry in rows:
-        pipe.hset(key, mapping=mapping)
-        pipe.pexpire(key, window_ms)
-        if entry is not None:
-            pipe.xadd(keys.feedback, entry)
+            labels.append((it.id, it.label, it.loss))
+    calls = _attach_calls(keys, labels, keys.feedback, now_ms)  # validates label and loss
+
+    def prelude(pipe: Any) -> None:
+        for key, mapping in rows:
+            pipe.hset(key, mapping=mapping)
+            pipe.pexpire(key, window_ms)
+
+    return prelude, calls
+
+
+def _p_predict_labels(calls: Sequence[Call], replies: Sequence[Any]) -> None:
+    for (_, args), reply in zip(calls, replies, strict=True):
+        res = _p_attach(reply)
+        if res.status not in ("ok", "duplicate"):
+            log.warning("label given with prediction %s not recorded: %s (existing label %s)",
+                        args[3], res.status, res.existing_label)
 
 
 def _q_fetch(pipe: Any, keys: ModelKeys, ids: Sequence[str]) -> None:
@@ -318,8 +341,11 @@ def _publish_call(
     new_version: int,
     history_record: Mapping[str, Any],
     entry_ids: Sequence[str],
+    expected_version: int | None,
+    history_max: int,
 ) -> Call:
     version = _nonneg_int(new_version, "new_version")
+    expected = "" if expected_version is None else str(_nonneg_int(expected_version, "expected_version"))
     ids = [_str(e) for e in entry_ids]
     for e in ids:
         if not _ENTRY_ID_RE.fullmatch(e):
@@ -331,23 +357,30 @@ def _publish_call(
             version,
             _history_json("publish", version, history_record),
             group,
+            expected,
+            history_max,
             *ids,
         ),
     )
 
 
-def _p_publish(reply: Sequence[Any], token: int) -> int:
+def _p_publish(reply: Sequence[Any], token: int, expected_version: int | None) -> int:
     status = _str(reply[0])
     if status == "ok":
         return int(reply[1])
     if status == "stale_token":
-        raise StaleLeaderError(f"fencing token {token} is older than the current {_str(reply[1])}")
+        raise StaleLeaderError(f"fencing token {token} is not the current one ({_str(reply[1])})")
+    if status == "moved":
+        raise VersionMovedError(expected_version, _p_version(reply[1]))
     raise RuntimeError(f"publish_version refused: {status} {_str(reply[1])}")
 
 
-def _rollback_call(keys: ModelKeys, version: int, history_record: Mapping[str, Any]) -> Call:
+def _rollback_call(
+    keys: ModelKeys, version: int, history_record: Mapping[str, Any], history_max: int
+) -> Call:
     v = _nonneg_int(version, "version")
-    return (keys.version, keys.history, keys.events), (v, _history_json("rollback", v, history_record))
+    args = (v, _history_json("rollback", v, history_record), history_max)
+    return (keys.version, keys.history, keys.events), args
 
 
 def _p_status_ok(reply: Sequence[Any], what: str) -> None:
@@ -400,7 +433,7 @@ def _p_stats(replies: Sequence[Any], group: str) -> StreamStats:
 class _Base:
     """State shared by the sync and async classes."""
 
-    def __init__(self, client: Any, model: str, label_window_s: int, group: str) -> None:
+    def __init__(self, client: Any, model: str, label_window_s: int, group: str, history_max: int) -> None:
         kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
         if kwargs.get("decode_responses"):
             raise ValueError("RecordLog needs a Redis client with decode_responses=False")
@@ -411,6 +444,7 @@ class _Base:
         self.model = model
         self.group = group
         self.label_window_ms = _positive_int(label_window_s, "label_window_s") * 1000
+        self.history_max = _positive_int(history_max, "history_max")
         self.scripts = Scripts.register(client)
 
 
@@ -423,20 +457,23 @@ class RecordLog(_Base):
         model: str,
         label_window_s: int = 86400,
         group: str = DEFAULT_GROUP,
+        history_max: int = HISTORY_MAX,
     ) -> None:
-        super().__init__(client, model, label_window_s, group)
+        super().__init__(client, model, label_window_s, group, history_max)
 
     # predictions and labels
 
     def write_predictions(self, items: Sequence[PredictionRecord], now_ms: int | None = None) -> None:
-        """Store a served batch (and the feedback of labels given with it) in one round trip."""
+        """Store a served batch (and the feedback of labels given with it) in one round trip.
+
+        Idempotent: a replay (redis-py re-sends after a connection error) adds no feedback entry.
+        """
         if not items:
             return
-        pipe = self.client.pipeline(transaction=True)
-        _q_write_predictions(
-            pipe, self.keys, items, self.label_window_ms, _now_ms() if now_ms is None else now_ms
-        )
-        pipe.execute()
+        now = _now_ms() if now_ms is None else now_ms
+        prelude, calls = _prediction_batch(self.keys, items, self.label_window_ms, now)
+        replies = eval_many(self.client, self.scripts.attach_label, calls, prelude, transaction=True)
+        _p_predict_labels(calls, replies)
 
     def fetch_logits(self, ids: Sequence[str]) -> dict[str, StoredPrediction | None]:
         """Stored (version, path, logits) per id, None when unknown or expired; one round trip."""
@@ -540,18 +577,27 @@ class RecordLog(_Base):
     # versions
 
     def publish(
-        self, token: int, new_version: int, history_record: Mapping[str, Any], entry_ids: Sequence[str]
+        self,
+        token: int,
+        new_version: int,
+        history_record: Mapping[str, Any],
+        entry_ids: Sequence[str],
+        *,
+        expected_version: int | None,
     ) -> int:
         """Publish ``new_version`` and ack the entries it used, all or nothing; returns the ack count.
 
-        Raises StaleLeaderError when ``token`` is older than the fence (nothing is changed then).
+        ``expected_version`` is what ``mp:{m}:version`` read when the update was planned (None: unset).
+        Raises StaleLeaderError when ``token`` is not the current fence, and VersionMovedError when
+        the version key is set to anything else (a rollback in between); nothing is changed then.
         """
-        keys, args = _publish_call(self.keys, self.group, token, new_version, history_record, entry_ids)
-        return _p_publish(self.scripts.publish_version(keys, args), token)
+        keys, args = _publish_call(self.keys, self.group, token, new_version, history_record, entry_ids,
+                                   expected_version, self.history_max)
+        return _p_publish(self.scripts.publish_version(keys, args), token, expected_version)
 
     def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
         """Point serving at ``version`` (an older one) and notify the replicas."""
-        keys, args = _rollback_call(self.keys, version, history_record or {})
+        keys, args = _rollback_call(self.keys, version, history_record or {}, self.history_max)
         _p_status_ok(self.scripts.rollback_version(keys, args), "rollback")
 
     def current_version(self) -> int | None:
@@ -588,17 +634,17 @@ class AsyncRecordLog(_Base):
         model: str,
         label_window_s: int = 86400,
         group: str = DEFAULT_GROUP,
+        history_max: int = HISTORY_MAX,
     ) -> None:
-        super().__init__(client, model, label_window_s, group)
+        super().__init__(client, model, label_window_s, group, history_max)
 
     async def write_predictions(self, items: Sequence[PredictionRecord], now_ms: int | None = None) -> None:
         if not items:
             return
-        pipe = self.client.pipeline(transaction=True)
-        _q_write_predictions(
-            pipe, self.keys, items, self.label_window_ms, _now_ms() if now_ms is None else now_ms
-        )
-        await pipe.execute()
+        now = _now_ms() if now_ms is None else now_ms
+        prelude, calls = _prediction_batch(self.keys, items, self.label_window_ms, now)
+        replies = await eval_many_async(self.client, self.scripts.attach_label, calls, prelude, transaction=True)
+        _p_predict_labels(calls, replies)
 
     async def fetch_logits(self, ids: Sequence[str]) -> dict[str, StoredPrediction | None]:
         if not ids:
@@ -660,13 +706,20 @@ class AsyncRecordLog(_Base):
         return (await self.stream_stats()).backlog
 
     async def publish(
-        self, token: int, new_version: int, history_record: Mapping[str, Any], entry_ids: Sequence[str]
+        self,
+        token: int,
+        new_version: int,
+        history_record: Mapping[str, Any],
+        entry_ids: Sequence[str],
+        *,
+        expected_version: int | None,
     ) -> int:
-        keys, args = _publish_call(self.keys, self.group, token, new_version, history_record, entry_ids)
-        return _p_publish(await self.scripts.publish_version(keys, args), token)
+        keys, args = _publish_call(self.keys, self.group, token, new_version, history_record, entry_ids,
+                                   expected_version, self.history_max)
+        return _p_publish(await self.scripts.publish_version(keys, args), token, expected_version)
 
     async def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
-        keys, args = _rollback_call(self.keys, version, history_record or {})
+        keys, args = _rollback_call(self.keys, version, history_record or {}, self.history_max)
         _p_status_ok(await self.scripts.rollback_version(keys, args), "rollback")
 
     async def current_version(self) -> int | None:

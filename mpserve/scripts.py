@@ -3,13 +3,14 @@
 Single calls go through redis-py's ``Script`` (EVALSHA, SCRIPT LOAD + retry on NOSCRIPT).
 Batches go through :func:`eval_many`: redis-py's own pipeline support sends a SCRIPT EXISTS round
 trip before every batch; here the batch is one round trip and the script is loaded only when the
-server answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+server answers NOSCRIPT (after a restart or SCRIPT FLUSH). A batch may start with plain commands
+(``prelude``) that travel in the same round trip, ahead of the script calls.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
 from typing import Any
@@ -30,6 +31,7 @@ SCRIPT_NAMES = (
 
 AnyScript = Script | AsyncScript
 Call = tuple[Sequence[Any], Sequence[Any]]  # (keys, args)
+Prelude = Callable[[Any], None]  # queues plain commands on a pipeline
 
 
 @functools.cache
@@ -76,33 +78,60 @@ def _raise_errors(replies: list[Any]) -> list[Any]:
     return replies
 
 
-def eval_many(client: redis.Redis, script: Script, calls: Sequence[Call]) -> list[Any]:
-    """Run ``script`` once per call in one pipelined round trip; raise the first script error."""
+def _first_pipe(
+    client: Any, script: AnyScript, calls: Sequence[Call], prelude: Prelude | None, transaction: bool
+) -> tuple[Any, int]:
+    """The first attempt's pipeline: prelude commands, then every script call; and the prelude's size."""
+    pipe = client.pipeline(transaction=transaction)
+    if prelude is not None:
+        prelude(pipe)
+    skip = len(pipe)
+    _queue(pipe, script, calls, range(len(calls)))
+    return pipe, skip
+
+
+def eval_many(
+    client: redis.Redis,
+    script: Script,
+    calls: Sequence[Call],
+    prelude: Prelude | None = None,
+    transaction: bool = False,
+) -> list[Any]:
+    """Run ``script`` once per call in one pipelined round trip; raise the first error.
+
+    ``prelude`` queues plain commands that run first, in the same round trip (and, with
+    ``transaction``, in the same MULTI/EXEC). Only the script calls are retried after NOSCRIPT, in a
+    second round trip (outside any transaction); the replies returned are those of the script calls.
+    """
     replies: list[Any] = [None] * len(calls)
-    todo = list(range(len(calls)))
-    for attempt in range(2):
-        if not todo:
-            break
-        if attempt:
-            script.sha = client.script_load(script.script)
+    pipe, skip = _first_pipe(client, script, calls, prelude, transaction)
+    raw = pipe.execute(raise_on_error=False)
+    _raise_errors(raw[:skip])
+    todo = _merge(replies, range(len(calls)), raw[skip:])
+    if todo:
+        script.sha = client.script_load(script.script)
         pipe = client.pipeline(transaction=False)
         _queue(pipe, script, calls, todo)
-        todo = _merge(replies, todo, pipe.execute(raise_on_error=False))
+        _merge(replies, todo, pipe.execute(raise_on_error=False))
     return _raise_errors(replies)
 
 
 async def eval_many_async(
-    client: redis.asyncio.Redis, script: AsyncScript, calls: Sequence[Call]
+    client: redis.asyncio.Redis,
+    script: AsyncScript,
+    calls: Sequence[Call],
+    prelude: Prelude | None = None,
+    transaction: bool = False,
 ) -> list[Any]:
     """Async twin of :func:`eval_many`."""
     replies: list[Any] = [None] * len(calls)
-    todo = list(range(len(calls)))
-    for attempt in range(2):
-        if not todo:
-            break
-        if attempt:
-            script.sha = await client.script_load(script.script)
+    pipe, skip = _first_pipe(client, script, calls, prelude, transaction)
+    raw = await pipe.execute(raise_on_error=False)
+    _raise_errors(raw[:skip])
+    todo = _merge(replies, range(len(calls)), raw[skip:])
+    if todo:
+        script.sha = await client.script_load(script.script)
         pipe = client.pipeline(transaction=False)
         _queue(pipe, script, calls, todo)
-        todo = _merge(replies, todo, await pipe.execute(raise_on_error=False))
+        _merge(replies, todo, await pipe.execute(raise_on_error=False))
     return _raise_errors(replies)

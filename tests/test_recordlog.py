@@ -17,6 +17,7 @@ from mpserve.recordlog import (
     PredictionRecord,
     RecordLog,
     StaleLeaderError,
+    VersionMovedError,
 )
 from tests.helpers import start_redis, wait_until
 
@@ -100,6 +101,8 @@ def test_rejects_decoding_client(redis_server) -> None:  # type: ignore[no-untyp
 def test_write_predictions_is_one_round_trip_and_sets_ttl(redis_server, redis_client) -> None:  # type: ignore[no-untyped-def]
     client, counter = counting_client(redis_server.url)
     rl = RecordLog(client, MODEL, label_window_s=600)
+    client.script_load(rl.scripts.attach_label.script)  # steady state: the script is loaded
+    counter.sends = 0
     items = [rec(0), rec(1), rec(2, label=3, loss=1.25)]
     rl.write_predictions(items, now_ms=1234)
     assert counter.sends == 1
@@ -123,6 +126,28 @@ def test_write_predictions_is_one_round_trip_and_sets_ttl(redis_server, redis_cl
         b"ts": b"1234",
     }
     assert redis_client.hget(K.pred("id2"), "label") == b"3"
+
+
+def test_write_predictions_is_idempotent_under_replay(log: RecordLog, redis_client: redis.Redis) -> None:
+    """redis-py re-sends a batch after a connection error: the replay must not add feedback twice."""
+    items = [rec(0), rec(1, label=2, loss=0.5), rec(2, label=0, loss=1.5)]
+    log.write_predictions(items, now_ms=1000)
+    log.write_predictions(items, now_ms=1000)
+    ids = [f[b"id"] for _, f in redis_client.xrange(K.feedback)]
+    assert ids == [b"id1", b"id2"]
+    assert redis_client.hget(K.pred("id1"), "label") == b"2"
+    assert redis_client.hget(K.pred("id0"), "label") is None
+    # A late label for a prediction labelled at predict time is a duplicate, not a second entry.
+    assert log.attach_labels([("id1", 2, 0.5), ("id0", 3, 0.2)]) == ["duplicate", "ok"]
+    assert redis_client.xlen(K.feedback) == 3
+
+
+def test_write_predictions_with_labels_survives_script_flush(log: RecordLog, redis_client: redis.Redis) -> None:
+    redis_client.script_flush()
+    log.write_predictions([rec(0), rec(1, label=2, loss=0.5)])
+    (entry,) = log.read_feedback("w", count=10)
+    assert (entry.id, entry.label, entry.loss) == ("id1", 2, 0.5)
+    assert redis_client.exists(K.pred("id0")) == 1
 
 
 def test_write_predictions_validates_whole_batch_first(log: RecordLog, redis_client: redis.Redis) -> None:
@@ -268,7 +293,7 @@ def test_publish_acks_exactly_the_given_ids(log: RecordLog, redis_client: redis.
     token = log.acquire_lease("w", 10_000)
     assert token is not None
     used = [entries[0].entry_id, entries[2].entry_id]
-    assert log.publish(token, 2, {"parent": 1, "records": 2}, used) == 2
+    assert log.publish(token, 2, {"parent": 1, "records": 2}, used, expected_version=None) == 2
     assert pending_ids(redis_client) == [entries[1].entry_id, entries[3].entry_id]
     assert log.current_version() == 2
     (h,) = log.history()
@@ -276,7 +301,7 @@ def test_publish_acks_exactly_the_given_ids(log: RecordLog, redis_client: redis.
     assert isinstance(h["ts_ms"], int)
     assert log.backlog() == 2
     # Acking the same ids again is harmless (0 acked) and still publishes.
-    assert log.publish(token, 3, {}, used) == 0
+    assert log.publish(token, 3, {}, used, expected_version=2) == 0
     assert log.current_version() == 3
 
 
@@ -285,32 +310,82 @@ def test_stale_token_is_refused_and_changes_nothing(log: RecordLog, redis_client
     entries = log.read_feedback("old", count=10)
     old = log.acquire_lease("old", 10_000)
     assert old is not None
-    assert log.publish(old, 1, {}, []) == 0
+    assert log.publish(old, 1, {}, [], expected_version=None) == 0
     assert log.release_lease("old") is True
     new = log.acquire_lease("new", 10_000)
     assert new == old + 1
 
     before = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
     with pytest.raises(StaleLeaderError):
-        log.publish(old, 2, {"by": "old"}, [e.entry_id for e in entries])
+        log.publish(old, 2, {"by": "old"}, [e.entry_id for e in entries], expected_version=1)
     after = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
     assert after == before
-    assert log.publish(new, 2, {"by": "new"}, [entries[0].entry_id]) == 1
+    assert log.publish(new, 2, {"by": "new"}, [entries[0].entry_id], expected_version=1) == 1
+
+
+def test_publish_refuses_when_serving_moved_and_changes_nothing(
+    log: RecordLog, redis_client: redis.Redis
+) -> None:
+    """An admin rollback between planning and publishing must not be undone by the publish."""
+    labelled(log, 2)
+    entries = [e.entry_id for e in log.read_feedback("w", count=10)]
+    token = log.acquire_lease("w", 10_000)
+    assert token is not None
+    log.publish(token, 5, {}, [], expected_version=None)
+    log.rollback(3, {"by": "admin"})  # the worker had planned on 5
+
+    before = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
+    with pytest.raises(VersionMovedError) as info:
+        log.publish(token, 6, {"parent": 5}, entries, expected_version=5)
+    assert (info.value.expected, info.value.current) == (5, 3)
+    with pytest.raises(VersionMovedError):  # planned while the key was unset
+        log.publish(token, 6, {}, entries, expected_version=None)
+    after = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
+    assert after == before
+    assert log.publish(token, 4, {"parent": 3}, entries, expected_version=3) == 2
+    assert log.current_version() == 4
+
+
+def test_publish_refuses_a_token_above_the_fence(log: RecordLog, redis_client: redis.Redis) -> None:
+    token = log.acquire_lease("w", 10_000)
+    assert token == 1
+    with pytest.raises(StaleLeaderError):
+        log.publish(token + 1, 1, {}, [], expected_version=None)  # never handed out
+    assert log.current_version() is None and log.history() == []
+    assert log.publish(token, 1, {}, [], expected_version=None) == 0
+
+
+def test_history_keeps_only_the_newest_entries(redis_client: redis.Redis) -> None:
+    rl = RecordLog(redis_client, MODEL, history_max=3)
+    rl.ensure_group()
+    token = rl.acquire_lease("w", 10_000)
+    assert token is not None
+    current = None
+    for v in range(1, 5):
+        rl.publish(token, v, {}, [], expected_version=current)
+        current = v
+    assert [h["version"] for h in rl.history()] == [2, 3, 4]
+    rl.rollback(2)
+    rl.rollback(3)
+    assert [(h["type"], h["version"]) for h in rl.history()] == [("publish", 4), ("rollback", 2), ("rollback", 3)]
+    assert redis_client.llen(K.history) == 3
+    with pytest.raises(ValueError):
+        RecordLog(redis_client, MODEL, history_max=0)
 
 
 def test_publish_rejects_bad_input_before_writing(log: RecordLog) -> None:
     token = log.acquire_lease("w", 10_000)
     with pytest.raises(ValueError):
-        log.publish(token, 2, {}, ["not-an-id"])
+        log.publish(token, 2, {}, ["not-an-id"], expected_version=None)
     with pytest.raises(ValueError):
-        log.publish(token, 2, {"loss": float("nan")}, [])
+        log.publish(token, 2, {"loss": float("nan")}, [], expected_version=None)
     assert log.current_version() is None and log.history() == []
 
 
 def test_publish_without_group_changes_nothing(redis_client: redis.Redis) -> None:
     rl = RecordLog(redis_client, MODEL)  # ensure_group never called
     with pytest.raises(RuntimeError, match="no_group"):
-        rl.publish(0, 1, {}, ["1-0"])
+        rl.publish(0, 1, {}, ["1-0"], expected_version=None)
     assert rl.current_version() is None and rl.history() == []
 
 
@@ -321,18 +396,18 @@ def test_trim_never_drops_pending_or_undelivered(log: RecordLog, redis_client: r
     e = [x.entry_id for x in got]
     token = log.acquire_lease("w", 10_000)
 
-    log.publish(token, 2, {}, [e[1], e[2]])  # pending: 0, 3 -> nothing below entry 0 to trim
+    log.publish(token, 2, {}, [e[1], e[2]], expected_version=None)  # pending: 0, 3 -> nothing below entry 0 to trim
     assert stream_ids(redis_client) == all_ids
 
-    log.publish(token, 3, {}, [e[0]])  # pending: 3 -> entries 0..2 may go
+    log.publish(token, 3, {}, [e[0]], expected_version=2)  # pending: 3 -> entries 0..2 may go
     assert stream_ids(redis_client) == all_ids[3:]
 
-    log.publish(token, 4, {}, [e[3]])  # nothing pending: trim through the last delivered entry
+    log.publish(token, 4, {}, [e[3]], expected_version=3)  # nothing pending: trim through the last delivered entry
     assert stream_ids(redis_client) == all_ids[4:]
     rest = log.read_feedback("w", count=10)
     assert [x.entry_id for x in rest] == all_ids[4:]
 
-    log.publish(token, 5, {}, [x.entry_id for x in rest])
+    log.publish(token, 5, {}, [x.entry_id for x in rest], expected_version=4)
     assert redis_client.xlen(K.feedback) == 0
     assert log.read_feedback("w", count=10) == []
 
@@ -342,7 +417,7 @@ def test_trim_respects_every_group(log: RecordLog, redis_client: redis.Redis) ->
     redis_client.xgroup_create(K.feedback, "audit", id="0")  # another reader, behind
     entries = log.read_feedback("w", count=10)
     token = log.acquire_lease("w", 10_000)
-    assert log.publish(token, 2, {}, [x.entry_id for x in entries]) == 3
+    assert log.publish(token, 2, {}, [x.entry_id for x in entries], expected_version=None) == 3
     assert redis_client.xlen(K.feedback) == 3  # audit has not read them yet
 
 
@@ -373,7 +448,7 @@ def test_publish_and_rollback_send_events(log: RecordLog, redis_client: redis.Re
     wait_until(lambda: pubsub.get_message(timeout=0.05), timeout=5, what="subscribed")
     try:
         token = log.acquire_lease("w", 10_000)
-        log.publish(token, 4, {}, [])
+        log.publish(token, 4, {}, [], expected_version=None)
         assert json.loads(_next_message(pubsub)["data"]) == {"type": "publish", "version": 4}
         log.rollback(3, {"reason": "bad metrics"})
         assert json.loads(_next_message(pubsub)["data"]) == {"type": "rollback", "version": 3}
@@ -428,7 +503,7 @@ def test_async_record_log_round_trip(redis_server, log: RecordLog) -> None:  # t
             read = await alog.read_feedback("w", count=10)
             before = await alog.backlog()
             token = log.acquire_lease("w", 10_000)
-            acked = await alog.publish(token, 4, {"n": 2}, [e.entry_id for e in read])
+            acked = await alog.publish(token, 4, {"n": 2}, [e.entry_id for e in read], expected_version=None)
             await alog.rollback(3, {})
             return fetched, statuses, read, before, acked, await alog.current_version(), await alog.history()
         finally:

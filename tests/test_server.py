@@ -213,7 +213,8 @@ def publish_new_version(store: ModelStore, r: redis.Redis, corrupt: bool = False
         data[-1] ^= 0xFF
         path.write_bytes(bytes(data))
     token = int(r.get(KEYS.fence) or 0)
-    RecordLog(r, MODEL).publish(token, version, {"parent": parent.version, "by": "test"}, [])
+    RecordLog(r, MODEL).publish(token, version, {"parent": parent.version, "by": "test"}, [],
+                                expected_version=parent.version)
     return version
 
 

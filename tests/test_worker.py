@@ -272,6 +272,41 @@ def test_idle_entries_of_another_consumer_are_reclaimed(
     assert used_ids(store, out.version) == ids and pending(redis_client) == []
 
 
+def test_a_rollback_during_reconciliation_is_not_undone(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.reconciler as reconciler_module
+
+    rec = Reconciler(make_settings(redis_server, store), store, redis_client, MODEL)
+    feed(redis_client, 40)
+    first = rec.run_once()
+    assert first.published
+    base, planned_on = first.parent, first.version
+    on_new = feed(redis_client, 40, version=planned_on)
+
+    def admin_rolls_back(name: str) -> None:  # lands after the worker planned on `planned_on`
+        if name == "after_store_write":
+            RecordLog(redis_client, MODEL).rollback(base, {"by": "admin"})
+
+    monkeypatch.setattr(reconciler_module, "fault_point", admin_rolls_back)
+    out = rec.run_once()
+    monkeypatch.undo()
+    assert not out.published and out.reason.startswith("version moved") and rec.is_leader
+    garbage = max(store.versions(MODEL))
+    assert garbage > planned_on  # written, never published
+    assert version_key(redis_client) == base  # the rollback stands
+    assert RecordLog(redis_client, MODEL).history()[-1]["type"] == "rollback"
+    assert published_versions(redis_client) == [planned_on]
+    assert sorted(pending(redis_client)) == sorted(on_new)  # nothing acknowledged
+
+    on_base = feed(redis_client, 32, version=base)
+    out = rec.run_once()  # plans again, from the rolled-back version
+    assert out.published and out.parent == base and version_key(redis_client) == out.version
+    assert used_ids(store, out.version) == on_base and out.stats["stale_dropped"] == 40
+    assert store.lineage(MODEL, out.version)[:2] == [out.version, base]
+    assert pending(redis_client) == []
+
+
 # ------------------------------------------------------------------------------------------ lease
 
 

@@ -35,8 +35,8 @@ def fenced_ack(client: redis.Redis, keys: ModelKeys, group: str, token: int, ver
         try:
             pipe.watch(keys.fence, keys.version)
             fence, current = pipe.get(keys.fence), pipe.get(keys.version)
-            if int(fence or 0) > token:
-                raise StaleLeaderError(f"fencing token {token} is older than the current {int(fence)}")
+            if int(fence or 0) != token:  # strict, like the publish script: only the current token acks
+                raise StaleLeaderError(f"fencing token {token} is not the current {int(fence or 0)}")
             if (None if current is None else int(current)) != version:
                 return None
             pipe.multi()

@@ -9,7 +9,9 @@ Exactly-once use of every feedback entry rests on three rules (DESIGN §2):
    crash, a refused token) is garbage that nothing serves, whose entries are used again by the next
    version;
 3. only the holder of the newest fencing token can publish, so a leader that lost the lease without
-   noticing cannot publish (nor acknowledge) anything.
+   noticing cannot publish (nor acknowledge) anything;
+4. a publish names the version it was built on, and is refused if serving moved in between (an admin
+   rollback): the entries stay pending and the next iteration plans again from the new version.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import redis
 from marketplace.reconcile import Records, VersionSeeds, reconcile
 from model_store import ModelStore, VersionExistsError, VersionNotFound
 from mpserve.keys import validate_model_name
-from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError
+from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
 from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
 from worker.faults import fault_point
@@ -331,7 +333,7 @@ class Reconciler:
             stats["seconds"] = round(seconds, 6)
             return ReconcileOutcome(False, None, base, stats, reason, seconds)
         trigger = trigger or ("records" if len(batch.usable) >= self.settings.min_records else "timer")
-        return self._reconcile_and_publish(batch, sources, trigger, t0)
+        return self._reconcile_and_publish(batch, sources, trigger, current, t0)
 
     def _ack_dropped(self, batch: Batch, current: int | None, stats: dict[str, Any]) -> None:
         """The buffer is full of entries nothing will use: acknowledge them now rather than stall."""
@@ -354,7 +356,8 @@ class Reconciler:
     # ------------------------------------------------------------------------------------------ publishing
 
     def _reconcile_and_publish(self, batch: Batch, sources: dict[int, VersionSeeds], trigger: str,
-                               t0: float) -> ReconcileOutcome:
+                               expected: int | None, t0: float) -> ReconcileOutcome:
+        """Build on ``batch.base`` and publish, provided ``mp:{m}:version`` still reads ``expected``."""
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
         result = reconcile(parent.spec, parent.params, _records(batch.usable),
@@ -381,7 +384,16 @@ class Reconciler:
         token = self.lease.token
         assert token is not None
         try:
-            acked = self.records.publish(token, version, history, used_ids + dropped_ids)
+            acked = self.records.publish(token, version, history, used_ids + dropped_ids,
+                                         expected_version=expected)
+        except VersionMovedError as exc:
+            # A rollback (or another publish) landed while we reconciled: publishing would undo it.
+            # The entries stay pending and buffered; the next iteration plans from the new version.
+            self._last_attempt = None
+            log.warning("%s: publish of version %d refused: %s; its entries stay pending, version %d stays "
+                        "unpublished garbage in the store, planning again", self.model, version, exc, version)
+            return ReconcileOutcome(False, None, parent.version, stats, f"version moved: {exc}",
+                                    time.monotonic() - t0)
         except StaleLeaderError as exc:
             self._lost(f"publish of version {version} refused: {exc}")
             log.warning("%s: version %d stays unpublished garbage in the store", self.model, version)

@@ -1,19 +1,36 @@
--- Publish a new model version: fence check, version + history, XACK of the entries it used,
--- event, and a trim of the feedback stream that never drops a pending or undelivered entry.
+-- Publish a new model version: fence and parent checks, version + history (trimmed to its newest
+-- entries), XACK of the entries it used, event, and a trim of the feedback stream that never drops a
+-- pending or undelivered entry.
 -- KEYS[1] version, KEYS[2] fence, KEYS[3] history, KEYS[4] feedback stream, KEYS[5] events
 -- ARGV[1] fencing token, ARGV[2] new version, ARGV[3] history JSON, ARGV[4] group,
--- ARGV[5..] stream entry ids to acknowledge
--- Returns {'ok', acked, trimmed} or {'stale_token', fence} / {'bad_version', v} / {'bad_id', id} /
+-- ARGV[5] expected current version (what KEYS[1] read when the caller planned; '' when it was unset),
+-- ARGV[6] history length to keep, ARGV[7..] stream entry ids to acknowledge
+-- Returns {'ok', acked, trimmed} or {'stale_token', fence} / {'moved', current} /
+-- {'bad_version', v} / {'bad_expected', v} / {'bad_history_max', n} / {'bad_id', id} /
 -- {'no_group', group}. Every check runs before the first write, so a refusal changes nothing.
-local token = tonumber(ARGV[1])
-local fence = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if token == nil or not string.match(ARGV[1], '^%d+$') or token < fence then
-  return {'stale_token', tostring(fence)}
+local FIRST_ID = 7
+local fence_raw = redis.call('GET', KEYS[2]) or '0'
+-- Only the holder of the newest token may publish: an older token is a stale leader, and a newer
+-- one than the fence was never handed out.
+if not string.match(ARGV[1], '^%d+$') or tonumber(ARGV[1]) ~= tonumber(fence_raw) then
+  return {'stale_token', fence_raw}
 end
 if not string.match(ARGV[2], '^%d+$') then
   return {'bad_version', ARGV[2]}
 end
-for i = 5, #ARGV do
+if ARGV[5] ~= '' and not string.match(ARGV[5], '^%d+$') then
+  return {'bad_expected', ARGV[5]}
+end
+if not string.match(ARGV[6], '^%d+$') or tonumber(ARGV[6]) < 1 then
+  return {'bad_history_max', ARGV[6]}
+end
+-- The version serving uses must still be the one the caller built on: an admin rollback (or any
+-- other publish) in between would otherwise be silently undone.
+local current = redis.call('GET', KEYS[1])
+if current and (ARGV[5] == '' or tonumber(current) ~= tonumber(ARGV[5])) then
+  return {'moved', current}
+end
+for i = FIRST_ID, #ARGV do
   if not string.match(ARGV[i], '^%d+%-%d+$') then
     return {'bad_id', ARGV[i]}
   end
@@ -37,16 +54,17 @@ for _, g in ipairs(groups) do
     found = true
   end
 end
-if #ARGV >= 5 and not found then
+if #ARGV >= FIRST_ID and not found then
   return {'no_group', group}
 end
 
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
 
 local acked = 0
 local chunk = 256
-for i = 5, #ARGV, chunk do
+for i = FIRST_ID, #ARGV, chunk do
   local j = math.min(i + chunk - 1, #ARGV)
   acked = acked + redis.call('XACK', stream, group, unpack(ARGV, i, j))
 end

@@ -112,6 +112,8 @@ def cohort_index(version: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(version) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     vmin, vmax = int(version.min()), int(version.max())
+    if vmin == vmax:  # one cohort, the common case: no per-record remapping at all
+        return np.array([vmin], np.int64), np.zeros(len(version), np.int64)
     if vmax - vmin < 1 << 20:
         present = np.flatnonzero(np.bincount(version - vmin))
         remap = np.zeros(vmax - vmin + 1, np.int64)

@@ -22,13 +22,6 @@ MASK32 = 0xFFFFFFFF
 UNIT = 2.0**-23
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """(low, high) 32-bit words of a uint64 seed."""
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be a uint64, got {seed}")
-    return int(seed) & MASK32, (int(seed) >> 32) & MASK32
-
-
 def delta_scale(eps: float) -> np.float32:
     """float32(eps) * 2^-23: exact, so both twins multiply by the very same number."""
     return np.float32(np.float32(eps) * np.float32(UNIT))

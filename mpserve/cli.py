@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mpserve.logs import configure_logging
 
 app = typer.Typer(help="mpserve: a continual-learning inference server (Marketplace algorithm).",
                   no_args_is_help=True, add_completion=False)
@@ -18,10 +19,6 @@ app = typer.Typer(help="mpserve: a continual-learning inference server (Marketpl
 @app.callback()
 def _root() -> None:
     """mpserve: a continual-learning inference server (Marketplace algorithm)."""
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -51,7 +48,7 @@ def train(
     from marketplace.training import TrainConfig
     from mpserve.train_cmd import run_train
 
-    _logging(log_level)
+    configure_logging(log_level)
     if store_dir is None and export_dir is None:
         raise typer.BadParameter("give --store-dir and/or --export-dir")
     config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, lr_decay=lr_decay,

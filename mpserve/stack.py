@@ -26,6 +26,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store import ModelStore
+from mpserve.logs import configure_logging
 from mpserve.versions import seed_default_model
 
 log = logging.getLogger("mpserve.up")
@@ -142,7 +143,7 @@ def stop(children: dict[str, subprocess.Popen], timeout_s: float = 15.0) -> None
 
 
 def run(settings: StackSettings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)

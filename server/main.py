@@ -7,11 +7,11 @@ code here; a flag given overrides the environment, an omitted one leaves it alon
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
 from mpserve.flags import build_parser as _build_parser
 from mpserve.flags import settings_from_argv
+from mpserve.logs import configure_logging
 from server.settings import ServerSettings
 
 PROG, DESCRIPTION = "python -m server", "mpserve API replica (FastAPI on uvicorn)"
@@ -25,10 +25,6 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
     """Settings from the environment, overridden by the flags in ``argv``."""
     return settings_from_argv(ServerSettings, argv, PROG, DESCRIPTION)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run(settings: ServerSettings) -> None:

@@ -15,6 +15,7 @@ import redis
 
 from model_store import ModelStore
 from mpserve.flags import settings_from_argv
+from mpserve.logs import configure_logging
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -26,10 +27,6 @@ DESCRIPTION = "mpserve reconciler worker: turns labelled predictions into new mo
 def build_settings(argv: Sequence[str] | None = None) -> WorkerSettings:
     """Settings from MPSERVE_* variables, overridden by the flags in ``argv``."""
     return settings_from_argv(WorkerSettings, argv, prog="python -m worker", description=DESCRIPTION)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run(settings: WorkerSettings, stop: threading.Event) -> None:

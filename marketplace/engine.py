@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 
+from marketplace.deltas import vendor_signs
 from marketplace.models import ModelSpec
 from marketplace.threefry import uniform_delta_tg
 
@@ -86,9 +87,9 @@ class Engine:
         self._jits: dict[int, TinyJit] = {}
 
     # ------------------------------------------------------------------------------ weights
-    def materialize(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float, version: int = 0
-                    ) -> PerturbedWeights:
-        """θ + δ(σ_v) for every vendor, generated on the device from the seeds, realized once."""
+    def materialize(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float, version: int = 0,
+                    antithetic: bool = False) -> PerturbedWeights:
+        """θ ± δ(σ_v) for every vendor, generated on the device from the seeds, realized once."""
         seeds = np.asarray(seeds, dtype=np.uint64)
         S = len(self.spec.groups)
         if seeds.shape != (S, self.V):
@@ -98,6 +99,8 @@ class Engine:
             shapes = self.spec.group_shapes(s)
             total = sum(int(np.prod(shapes[k])) for k in keys)
             delta = uniform_delta_tg(seeds[s], 0, total, eps, device=self.device) if total else None
+            if antithetic and delta is not None:
+                delta = delta * Tensor(vendor_signs(self.V, True).astype(np.float32)[:, None], device=self.device)
             offset = 0
             for key in keys:
                 size = int(np.prod(shapes[key]))
@@ -178,6 +181,17 @@ class Engine:
         for b in buckets or self.buckets:
             for _ in range(3):
                 self.forward(weights, np.zeros((b, *self.spec.input_shape), np.float32), rng)
+
+
+def leader_logits(engine: Engine, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Logits of the unperturbed weights (an engine with V=1), in chunks of the engine's largest bucket."""
+    if engine.V != 1:
+        raise ValueError("leader_logits needs a leader-only engine (V=1)")
+    weights = engine.materialize(params, leader_seeds(engine.spec), 0.0)
+    rng = np.random.default_rng(0)
+    step = engine.max_batch
+    return np.concatenate([engine.forward(weights, x[i:i + step], rng)[0] for i in range(0, len(x), step)]
+                          or [np.zeros((0, engine.spec.num_classes), np.float32)])
 
 
 def leader_seeds(spec: ModelSpec) -> np.ndarray:

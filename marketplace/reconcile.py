@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from marketplace.deltas import split_group
+from marketplace.deltas import split_group, vendor_signs
 from marketplace.models import ModelSpec
 from marketplace.threefry import uniform_delta_np
 
@@ -40,15 +40,20 @@ class Records:
 
 @dataclass(frozen=True)
 class VersionSeeds:
-    """What regenerates a version's deltas: its seeds (S, V) and probe scale."""
+    """What regenerates a version's deltas: its seeds (S, V), probe scale, and whether vendors are mirrored."""
 
     seeds: np.ndarray
     eps: float
+    antithetic: bool = False
+
+    def signs(self) -> np.ndarray:
+        return vendor_signs(self.seeds.shape[1], self.antithetic)
 
 
 @dataclass(frozen=True)
 class ReconcileConfig:
     learning_rate: float = 0.5
+    baseline: Literal["none", "class"] = "none"
     outlier: Literal["none", "zscore", "quantile"] = "none"
     outlier_z: float = 3.0
     outlier_quantile: float = 0.02  # trimmed from each tail
@@ -155,6 +160,20 @@ class Cohorts:
         return count, mean, np.sqrt(var)
 
 
+def class_means(co: Cohorts, label: np.ndarray, loss: np.ndarray, keep: np.ndarray, C: int) -> np.ndarray:
+    """Per record, the mean loss of its class in its cohort (over the kept records).
+
+    Subtracting it removes the largest part of each input's own difficulty (a new class's loss is far
+    above the known classes') without a second forward pass, so the credit measures the paths, not
+    which vendor happened to receive more hard inputs.
+    """
+    w = keep.astype(np.float64)
+    count = co.sums(label, w, C)
+    total = co.sums(label, np.where(keep, loss, 0.0), C)
+    mean = total / np.maximum(count, 1)
+    return mean[0, label] if co.n == 1 else mean[co.cid, label]
+
+
 def _per_cohort(cid: np.ndarray, mask: np.ndarray, n: int) -> list[np.ndarray]:
     """Record indices of each cohort (masked), for the filters that need a sort anyway."""
     idx = np.flatnonzero(mask)
@@ -182,9 +201,12 @@ def group_direction(credit: dict[int, np.ndarray], sources: dict[int, VersionSee
     out = np.zeros(size, dtype=np.float64)
     for n, A in credit.items():
         seeds = sources[n].seeds[s]
-        live = (seeds != 0) & (A[s] != 0)
-        if live.any():
-            out += A[s][live] @ uniform_delta_np(seeds[live], 0, size, sources[n].eps).astype(np.float64)
+        coef = A[s] * sources[n].signs()
+        live = (seeds != 0) & (coef != 0)
+        if live.any():  # a mirrored pair shares one seed: regenerate it once, with the pair's net credit
+            uniq, inv = np.unique(seeds[live], return_inverse=True)
+            net = np.bincount(inv, weights=coef[live], minlength=len(uniq))
+            out += net @ uniform_delta_np(uniq, 0, size, sources[n].eps).astype(np.float64)
     return out
 
 
@@ -225,6 +247,10 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
                 keep[idx] = keep_mask(loss[idx], config)
     elif config.outlier != "none":
         raise ValueError(f"unknown outlier filter {config.outlier!r}")
+    if config.baseline == "class" and records.label is not None:
+        loss = loss - class_means(co, np.asarray(records.label, np.int64), loss, keep, spec.num_classes)
+    elif config.baseline != "none" and config.baseline != "class":
+        raise ValueError(f"unknown baseline {config.baseline!r}")
     kept_n, mean, std = co.moments(loss, keep)
 
     # attribution
@@ -277,10 +303,16 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     return ReconcileResult(new_params, used, stats)
 
 
-def fresh_seeds(S: int, V: int, rng: np.random.Generator) -> np.ndarray:
-    """Seeds for a new version: (S, V) uint64, vendor 0 the leader (seed 0), the others non-zero."""
+def fresh_seeds(S: int, V: int, rng: np.random.Generator, antithetic: bool = False) -> np.ndarray:
+    """Seeds for a new version: (S, V) uint64, vendor 0 the leader (seed 0), the others non-zero.
+
+    With antithetic pairs each mirror (vendor 2j) repeats its partner's (2j-1) seed; see vendor_signs.
+    """
     seeds = rng.integers(1, 2**64 - 1, size=(S, V), dtype=np.uint64, endpoint=True)
     seeds[:, 0] = 0
+    if antithetic:
+        mirrors = np.arange(2, V, 2)
+        seeds[:, mirrors] = seeds[:, mirrors - 1]
     return seeds
 
 

@@ -19,7 +19,7 @@ from tinygrad.nn.optim import Adam
 from tqdm import tqdm
 
 from marketplace.data import Split
-from marketplace.engine import Engine, leader_seeds
+from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
 from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy, fresh_seeds, reconcile
 
@@ -55,11 +55,7 @@ def evaluate(spec: ModelSpec, params: dict[str, np.ndarray], data: Split, batch:
              engine: Engine | None = None) -> tuple[float, list[float]]:
     """Accuracy of the unperturbed weights, overall and per class."""
     engine = engine or Engine(spec, 1, buckets=[batch])
-    weights = engine.materialize(params, leader_seeds(spec), 0.0)
-    rng = np.random.default_rng(0)
-    preds = np.concatenate([engine.forward(weights, data.x[i:i + batch], rng)[0].argmax(1)
-                            for i in range(0, len(data.y), batch)])
-    correct = preds == data.y
+    correct = leader_logits(engine, params, data.x).argmax(1) == data.y
     per_class = [float(correct[data.y == c].mean()) if np.any(data.y == c) else float("nan")
                  for c in range(spec.num_classes)]
     return float(correct.mean()), per_class

@@ -9,12 +9,14 @@ from .errors import (
     VersionExistsError,
     VersionNotFound,
 )
+from .holdout import Holdout, read_holdout_file
 from .manifest import make_manifest, manifest_from_json, manifest_to_json, seeds_array, validate_manifest
 from .safetensors_io import encode_safetensors, load_safetensors, save_safetensors
 from .store import ModelStore, validate_model_name
 
 __all__ = [
     "ArchitectureMismatch",
+    "Holdout",
     "IntegrityError",
     "ManifestError",
     "ModelStore",
@@ -27,6 +29,7 @@ __all__ = [
     "make_manifest",
     "manifest_from_json",
     "manifest_to_json",
+    "read_holdout_file",
     "save_safetensors",
     "seeds_array",
     "validate_manifest",

@@ -33,6 +33,7 @@ from .errors import (
     VersionExistsError,
     VersionNotFound,
 )
+from .holdout import HOLDOUT_FILE, Holdout, decode_holdout, encode_holdout, write_holdout_file
 from .manifest import check_version, manifest_from_json, manifest_to_json, validate_manifest
 from .safetensors_io import encode_safetensors, load_safetensors
 
@@ -296,6 +297,33 @@ class ModelStore:
         n = check_version(version)
         d = self._versions_dir(model)
         return d / f"{n:08d}.safetensors", d / f"{n:08d}.json"
+
+    # ------------------------------------------------------------------------------------- holdout
+
+    def holdout_path(self, model: str) -> Path:
+        """Where the model's uploaded holdout set lives (a fixed name: no caller chooses a path)."""
+        return self.root / validate_model_name(model) / HOLDOUT_FILE
+
+    def write_holdout(self, model: str, inputs: np.ndarray, labels: np.ndarray) -> Holdout:
+        """Replace the model's holdout set; returns it as the guard will read it."""
+        data = encode_holdout(inputs, labels)
+        write_holdout_file(self.holdout_path(model), data)
+        return decode_holdout(data)
+
+    def read_holdout(self, model: str) -> Holdout | None:
+        """The model's uploaded holdout set, or None."""
+        path = self.holdout_path(model)
+        try:
+            data = self._fs_read(path)
+        except FileNotFoundError:
+            return None
+        return decode_holdout(data, str(path))
+
+    def delete_holdout(self, model: str) -> bool:
+        path = self.holdout_path(model)
+        existed = path.exists()
+        self._fs_remove(path)
+        return existed
 
     # ------------------------------------------------------------------------------------- filesystem
 

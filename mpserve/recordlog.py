@@ -73,6 +73,11 @@ class StoredPrediction(NamedTuple):
     logits: np.ndarray
 
 
+#: (id, label, loss) or (id, label, loss, correct): what attaching one label needs; ``correct`` says
+#: whether the served prediction was right, so a version can report its online accuracy.
+LabelItem = tuple[str, int, float] | tuple[str, int, float, bool]
+
+
 @dataclass(frozen=True, slots=True)
 class FeedbackEntry:
     """One entry of the feedback stream: a served example whose loss is known."""
@@ -84,6 +89,7 @@ class FeedbackEntry:
     loss: float
     label: int
     ts_ms: int
+    correct: bool | None = None  # was the served (perturbed) prediction right; None for older entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +198,7 @@ def _prediction_batch(
     adding a second stream entry.
     """
     rows = []
-    labels: list[tuple[str, int, float]] = []
+    labels: list[LabelItem] = []
     for it in items:
         rows.append((
             keys.pred(it.id),
@@ -206,7 +212,7 @@ def _prediction_batch(
         if it.label is not None:
             if it.loss is None:
                 raise ValueError(f"record {it.id}: a label needs its loss")
-            labels.append((it.id, it.label, it.loss))
+            labels.append((it.id, it.label, it.loss, bool(int(np.argmax(it.logits)) == it.label)))
     calls = _attach_calls(keys, labels, keys.feedback, now_ms)  # validates label and loss
 
     def prelude(pipe: Any) -> None:
@@ -244,16 +250,14 @@ def _p_fetch(ids: Sequence[str], replies: Sequence[Any]) -> dict[str, StoredPred
     return out
 
 
-def _attach_calls(
-    keys: ModelKeys, items: Sequence[tuple[str, int, float]], feedback: str, now_ms: int
-) -> list[Call]:
-    return [
-        (
-            (keys.pred(record_id), feedback),
-            (_nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id),
-        )
-        for record_id, label, loss in items
-    ]
+def _attach_calls(keys: ModelKeys, items: Sequence[LabelItem], feedback: str, now_ms: int) -> list[Call]:
+    calls: list[Call] = []
+    for record_id, label, loss, *rest in items:
+        correct = rest[0] if rest else None
+        hit = "" if correct is None else "1" if correct else "0"
+        calls.append(((keys.pred(record_id), feedback),
+                      (_nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, hit)))
+    return calls
 
 
 def _p_attach(reply: Sequence[Any]) -> AttachResult:
@@ -279,6 +283,7 @@ def _parse_entry(entry_id: str, fields: Mapping[bytes | str, Any] | None) -> Fee
         loss=float(f["loss"]),
         label=int(f["label"]),
         ts_ms=int(f["ts"]),
+        correct={b"1": True, b"0": False, "1": True, "0": False}.get(f.get("hit")),
     )
 
 
@@ -338,14 +343,16 @@ def _publish_call(
     keys: ModelKeys,
     group: str,
     token: int,
-    new_version: int,
+    new_version: int | None,
     history_record: Mapping[str, Any],
     entry_ids: Sequence[str],
     expected_version: int | None,
     history_max: int,
 ) -> Call:
-    version = _nonneg_int(new_version, "new_version")
+    """The publish script's call; ``new_version`` None records a refused candidate of ``expected_version``."""
     expected = "" if expected_version is None else str(_nonneg_int(expected_version, "expected_version"))
+    if new_version is None and expected_version is None:
+        raise ValueError("a refused candidate needs the version it was built on")
     ids = [_str(e) for e in entry_ids]
     for e in ids:
         if not _ENTRY_ID_RE.fullmatch(e):
@@ -354,8 +361,9 @@ def _publish_call(
         (keys.version, keys.fence, keys.history, keys.feedback, keys.events),
         (
             _nonneg_int(token, "token"),
-            version,
-            _history_json("publish", version, history_record),
+            "" if new_version is None else _nonneg_int(new_version, "new_version"),
+            _history_json("publish", _nonneg_int(new_version, "new_version"), history_record) if new_version is not None
+            else _history_json("refused", _nonneg_int(expected_version, "expected_version"), history_record),
             group,
             expected,
             history_max,
@@ -484,15 +492,15 @@ class RecordLog(_Base):
         return _p_fetch(ids, pipe.execute())
 
     def attach_labels_detailed(
-        self, items: Sequence[tuple[str, int, float]], now_ms: int | None = None
+        self, items: Sequence[LabelItem], now_ms: int | None = None
     ) -> list[AttachResult]:
-        """Attach (id, label, loss) items atomically each, in one round trip."""
+        """Attach (id, label, loss[, correct]) items atomically each, in one round trip."""
         if not items:
             return []
         calls = _attach_calls(self.keys, items, self.keys.feedback, _now_ms() if now_ms is None else now_ms)
         return [_p_attach(r) for r in eval_many(self.client, self.scripts.attach_label, calls)]
 
-    def attach_labels(self, items: Sequence[tuple[str, int, float]], now_ms: int | None = None) -> list[str]:
+    def attach_labels(self, items: Sequence[LabelItem], now_ms: int | None = None) -> list[str]:
         """Statuses ok / duplicate / conflict / not_found, one per item."""
         return [r.status for r in self.attach_labels_detailed(items, now_ms)]
 
@@ -595,6 +603,17 @@ class RecordLog(_Base):
                                    expected_version, self.history_max)
         return _p_publish(self.scripts.publish_version(keys, args), token, expected_version)
 
+    def refuse(self, token: int, base_version: int, history_record: Mapping[str, Any], entry_ids: Sequence[str]
+               ) -> int:
+        """Record a candidate built on ``base_version`` that the validation guard refused, and ack its entries.
+
+        The same fenced, all-or-nothing script as a publish, minus the version change: the entries count as
+        used (their information went into a candidate that was judged and rejected), and serving stays.
+        """
+        keys, args = _publish_call(self.keys, self.group, token, None, history_record, entry_ids, base_version,
+                                   self.history_max)
+        return _p_publish(self.scripts.publish_version(keys, args), token, base_version)
+
     def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
         """Point serving at ``version`` (an older one) and notify the replicas."""
         keys, args = _rollback_call(self.keys, version, history_record or {}, self.history_max)
@@ -654,7 +673,7 @@ class AsyncRecordLog(_Base):
         return _p_fetch(ids, await pipe.execute())
 
     async def attach_labels_detailed(
-        self, items: Sequence[tuple[str, int, float]], now_ms: int | None = None
+        self, items: Sequence[LabelItem], now_ms: int | None = None
     ) -> list[AttachResult]:
         if not items:
             return []
@@ -662,7 +681,7 @@ class AsyncRecordLog(_Base):
         return [_p_attach(r) for r in await eval_many_async(self.client, self.scripts.attach_label, calls)]
 
     async def attach_labels(
-        self, items: Sequence[tuple[str, int, float]], now_ms: int | None = None
+        self, items: Sequence[LabelItem], now_ms: int | None = None
     ) -> list[str]:
         return [r.status for r in await self.attach_labels_detailed(items, now_ms)]
 

@@ -40,8 +40,12 @@ class LoadedVersion:
         return int(self.seeds.shape[1])
 
     @property
+    def antithetic(self) -> bool:
+        return bool(self.manifest.get("antithetic", False))
+
+    @property
     def sources(self) -> VersionSeeds:
-        return VersionSeeds(self.seeds, self.eps)
+        return VersionSeeds(self.seeds, self.eps, self.antithetic)
 
 
 def load_version(store: ModelStore, model: str, version: int) -> LoadedVersion:
@@ -61,18 +65,22 @@ def version_sources(store: ModelStore, model: str, versions: set[int] | list[int
     out = {}
     for n in versions:
         m = store.read_manifest(model, int(n))
-        out[int(n)] = VersionSeeds(seeds_array(m), float(m["probe_scale"]))
+        out[int(n)] = VersionSeeds(seeds_array(m), float(m["probe_scale"]), bool(m.get("antithetic", False)))
     return out
 
 
 def write_next_version(store: ModelStore, parent: LoadedVersion, version: int, params: dict[str, np.ndarray],
                        stats: dict[str, Any], learning_rate: float, rng: np.random.Generator,
-                       eps: float | None = None, vendors: int | None = None, **extra: Any) -> dict[str, Any]:
+                       eps: float | None = None, vendors: int | None = None, antithetic: bool = False,
+                       **extra: Any) -> dict[str, Any]:
     """Store a reconciled update as a new immutable version with fresh seeds; returns its manifest."""
     S = len(parent.spec.groups)
+    if antithetic:
+        extra["antithetic"] = True
     manifest = make_manifest(
         version=version, parent=parent.version, model=parent.model, architecture=parent.spec.architecture,
-        seeds=fresh_seeds(S, vendors or parent.vendors, rng), probe_scale=parent.eps if eps is None else eps,
+        seeds=fresh_seeds(S, vendors or parent.vendors, rng, antithetic),
+        probe_scale=parent.eps if eps is None else eps,
         learning_rate=learning_rate, records=int(stats.get("records", 0)), cohorts=stats.get("cohorts", []),
         outliers_dropped=int(stats.get("outliers_dropped", 0)),
         loss={"mean": stats.get("loss_mean"), "std": stats.get("loss_std")}, **extra)

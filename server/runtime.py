@@ -177,7 +177,7 @@ class ModelRuntime:
         else:
             engine = await self.engine_thread.run(Engine, loaded.spec, loaded.vendors, self.max_batch, self.device)
         weights = await self.engine_thread.run(engine.materialize, loaded.params, loaded.seeds, loaded.eps,
-                                               loaded.version)
+                                               loaded.version, loaded.antithetic)
         if not reuse:
             for bucket in engine.buckets:  # one job per bucket, so request batches run in between
                 await self.engine_thread.run(engine.warmup, weights, [bucket])

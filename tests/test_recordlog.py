@@ -124,6 +124,7 @@ def test_write_predictions_is_one_round_trip_and_sets_ttl(redis_server, redis_cl
         b"loss": b"1.25",
         b"label": b"3",
         b"ts": b"1234",
+        b"hit": b"1" if int(np.argmax(items[2].logits)) == 3 else b"0",  # was the served prediction right
     }
     assert redis_client.hget(K.pred("id2"), "label") == b"3"
 
@@ -178,7 +179,7 @@ def test_fetch_logits_round_trip(redis_server, redis_client) -> None:  # type: i
 
 def test_attach_label_statuses(log: RecordLog, redis_client: redis.Redis) -> None:
     log.write_predictions([rec(0, version=5), rec(1), rec(2)])
-    assert log.attach_labels([("id0", 2, 0.75), ("id1", 1, 0.5)], now_ms=99) == ["ok", "ok"]
+    assert log.attach_labels([("id0", 2, 0.75), ("id1", 1, 0.5, True)], now_ms=99) == ["ok", "ok"]
     assert redis_client.xlen(K.feedback) == 2
     first = redis_client.xrange(K.feedback, count=1)[0][1]
     assert first == {
@@ -188,7 +189,9 @@ def test_attach_label_statuses(log: RecordLog, redis_client: redis.Redis) -> Non
         b"loss": b"0.75",
         b"label": b"2",
         b"ts": b"99",
+        b"hit": b"",  # not said whether the served prediction was right
     }
+    assert redis_client.xrange(K.feedback)[1][1][b"hit"] == b"1"
 
     results = log.attach_labels_detailed(
         [("id0", 2, 0.75), ("id1", 3, 0.1), ("ghost", 1, 0.1), ("id2", 0, 0.2)]

@@ -28,14 +28,16 @@ from typing import Any
 import numpy as np
 import redis
 
-from marketplace.reconcile import Records, VersionSeeds, reconcile
-from model_store import ModelStore, VersionExistsError, VersionNotFound
+from marketplace.reconcile import Records, VersionSeeds
+from marketplace.update import online_metrics, previous_step, propose_update
+from model_store import ModelStore, ModelStoreError, VersionExistsError, VersionNotFound
 from mpserve.keys import validate_model_name
 from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
 from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
 from worker.faults import fault_point
 from worker.fenced import fenced_ack
+from worker.guard import ValidationGuard, Verdict
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
 from worker.settings import WorkerSettings
@@ -109,6 +111,8 @@ class Reconciler:
         self._last_reclaim = time.monotonic()
         self._window: tuple[int, dict[int, VersionSeeds]] | None = None
         self._loaded: LoadedVersion | None = None
+        self._grandparent: LoadedVersion | None = None
+        self.guard = ValidationGuard(settings, store, self.model)
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -360,8 +364,9 @@ class Reconciler:
         """Build on ``batch.base`` and publish, provided ``mp:{m}:version`` still reads ``expected``."""
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
-        result = reconcile(parent.spec, parent.params, _records(batch.usable),
-                           {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config())
+        result = propose_update(parent.spec, parent.params, _records(batch.usable),
+                                {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
+                                self.settings.update_config(), self._last_step(parent))
         used = [e for e, u in zip(batch.usable, result.used, strict=True) if u]
         dropped = batch.dropped
         counts = batch.counts()
@@ -371,8 +376,21 @@ class Reconciler:
         used_ids = [e.entry_id for e in used]
         dropped_ids = sorted((e.entry_id for e in dropped), key=entry_order)
         inputs = {**describe_entries(used_ids), "dropped": describe_entries(dropped_ids)}
+        correct = [e.correct for e in used]
+        metrics: dict[str, Any] = {
+            **online_metrics(np.array([e.loss for e in used]),
+                             None if any(c is None for c in correct) else np.array(correct, dtype=bool)),
+            "validation_accuracy": None, "validation_loss": None, "holdout_size": None, "records": len(used)}
+        verdict = self.guard.judge(parent, result.params)
+        if verdict is not None:
+            metrics.update(validation_accuracy=verdict.validation["accuracy"],
+                           validation_loss=verdict.validation["loss"], holdout_size=verdict.validation["size"])
+        stats["metrics"] = metrics
+        if verdict is not None and not verdict.accepted:
+            return self._refuse(parent, verdict, stats, used_ids + dropped_ids, expected, t0)
 
-        version, manifest = self._write(parent, result.params, stats, inputs)
+        version, manifest = self._write(parent, result.params, stats, inputs,
+                                        None if verdict is None else verdict.validation)
         fault_point("after_store_write")
         history = {"parent": parent.version, "records": stats["records"], "cohorts": len(stats["cohorts"]),
                    "outliers_dropped": stats["outliers_dropped"], "stale_dropped": counts["stale_dropped"],
@@ -380,7 +398,7 @@ class Reconciler:
                    "loss_mean": stats["loss_mean"], "loss_std": stats["loss_std"], "entries": len(used_ids),
                    "entry_ids_sha256": inputs["entry_ids_sha256"], "weights_sha256": manifest["weights_sha256"],
                    "consumer": self.consumer, "owner": self.lease.owner, "token": self.lease.token,
-                   "trigger": trigger}
+                   "trigger": trigger, "metrics": stats["metrics"]}
         token = self.lease.token
         assert token is not None
         try:
@@ -416,18 +434,65 @@ class Reconciler:
         self._retain(version, parent.version)
         return ReconcileOutcome(True, version, parent.version, stats, None, seconds)
 
+    def _refuse(self, parent: LoadedVersion, verdict: Verdict, stats: dict[str, Any], entry_ids: list[str],
+                expected: int | None, t0: float) -> ReconcileOutcome:
+        """Record a candidate the guard refused and acknowledge its entries; serving stays on ``parent``."""
+        history = {"parent": parent.version, "records": stats["records"], "metrics": stats["metrics"],
+                   "validation": verdict.validation, "consumer": self.consumer, "owner": self.lease.owner,
+                   "token": self.lease.token, "trigger": stats["trigger"]}
+        token = self.lease.token
+        assert token is not None
+        try:
+            self.records.refuse(token, parent.version, history, entry_ids)
+        except VersionMovedError as exc:
+            self._last_attempt = None
+            return ReconcileOutcome(False, None, parent.version, stats, f"version moved: {exc}",
+                                    time.monotonic() - t0)
+        except StaleLeaderError as exc:
+            self._lost(f"recording a refused candidate failed: {exc}")
+            return ReconcileOutcome(False, None, parent.version, stats, f"lost leadership: {exc}",
+                                    time.monotonic() - t0)
+        except BaseException:
+            self._lost("recording a refused candidate failed; its outcome is unknown")
+            raise
+        for i in entry_ids:
+            self.buffer.pop(i, None)
+        self._last_publish = time.monotonic()
+        seconds = time.monotonic() - t0
+        stats["seconds"] = round(seconds, 6)
+        reason = f"candidate refused by the validation guard: {verdict.reason}"
+        log.warning("%s: %s; %d entries used, version %d keeps serving", self.model, reason, len(entry_ids),
+                    parent.version)
+        return ReconcileOutcome(False, None, parent.version, stats, reason, seconds)
+
+    def _last_step(self, parent: LoadedVersion) -> dict[str, np.ndarray] | None:
+        """θ_n − θ_{n−1} for momentum: only when the parent is itself a reconciliation of a stored version."""
+        grand = parent.manifest.get("parent")
+        if not self.settings.momentum or grand is None or "inputs" not in parent.manifest:
+            return None
+        if self._grandparent is None or self._grandparent.version != grand:
+            try:
+                self._grandparent = load_version(self.store, self.model, int(grand))
+            except (VersionNotFound, ModelStoreError, ValueError) as exc:
+                log.info("%s: no momentum from version %s (%s)", self.model, grand, exc)
+                return None
+        return previous_step(parent.params, self._grandparent.params)
+
     def _write(self, parent: LoadedVersion, params: dict[str, np.ndarray], stats: dict[str, Any],
-               inputs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+               inputs: dict[str, Any], validation: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
         """Store the update under the next free number (a stale leader may have taken one: skip it)."""
-        extra = {"stale_dropped": stats["stale_dropped"], "expired_dropped": stats["expired_dropped"],
-                 "invalid_dropped": stats["invalid_dropped"], "held_back": stats["held_back"], "inputs": inputs,
+        extra = {"metrics": stats["metrics"], "validation": validation, "stale_dropped": stats["stale_dropped"],
+                 "expired_dropped": stats["expired_dropped"], "invalid_dropped": stats["invalid_dropped"],
+                 "held_back": stats["held_back"], "inputs": inputs,
                  "reconciler": {**self.settings.manifest_record(), "trigger": stats["trigger"]},
-                 "training": {"kind": "marketplace reconciliation", "direction_norm": stats["direction_norm"]}}
+                 "training": {"kind": "marketplace reconciliation", "direction_norm": stats["direction_norm"],
+                              "loss_gap": stats["loss_gap"]}}
         for attempt in range(3):
             version = max([*self.store.versions(self.model), parent.version]) + 1
             try:
                 manifest = write_next_version(self.store, parent, version, params, stats,
-                                              self.settings.learning_rate, self._rng, **extra)
+                                              stats["learning_rate"], self._rng, eps=self.settings.probe_scale,
+                                              antithetic=self.settings.antithetic, **extra)
                 return version, manifest
             except VersionExistsError:
                 if attempt == 2:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marketplace.reconcile import ReconcileConfig
+from marketplace.update import UpdateConfig
 from mpserve.settings_types import ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -47,6 +48,21 @@ class WorkerSettings(BaseSettings):
     attribution: Literal["zscore", "rank"] = Field("zscore", description="credit per record within a cohort")
     normalize: Literal["model", "group"] = Field("model", description="unit direction over the model or per group")
     class_weights: bool = Field(False, description="weight credit by inverse class frequency")
+    baseline: Literal["none", "class"] = Field(
+        "none", description="subtract each record's class mean loss in its cohort before attribution")
+    probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
+    antithetic: bool = Field(False, description="new versions pair their vendors as +δ/−δ (antithetic probes)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball β: add β·(θ_n − θ_{n−1}) to each step")
+    lr_schedule: Literal["constant", "loss_gap"] = Field(
+        "constant", description="step size: constant, or scaled by the gap between the worst class's loss and the mean")
+    lr_min_ratio: float = Field(0.1, ge=0, le=1, description="loss_gap schedule: smallest step, as a share of η")
+    gap_scale: float = Field(1.0, gt=0, description="loss_gap schedule: the gap (nats) that earns the full step")
+    holdout_path: Path | None = Field(None, description="holdout set (.npz or .safetensors with inputs, labels) "
+                                                        "for the validation guard; an uploaded one takes precedence")
+    guard_tolerance: float = Field(0.01, ge=0, le=1, description="refuse a candidate whose holdout accuracy is "
+                                                                 "more than this below the reference")
+    guard_reference: Literal["anchor", "parent"] = Field(
+        "anchor", description="guard reference: the first version checked on this holdout, or the serving one")
     min_cohort: int = Field(16, ge=2, description="a cohort smaller than this waits for more records")
     max_cohort_age: int = Field(8, ge=0, description="drop cohorts more than this many versions back in the lineage")
     label_window_s: int = Field(86400, ge=1, description="a held-back record older than this is dropped")
@@ -73,11 +89,17 @@ class WorkerSettings(BaseSettings):
         return ReconcileConfig(
             learning_rate=self.learning_rate, outlier=self.outlier, outlier_z=self.outlier_z,
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
-            min_cohort=self.min_cohort, class_weights=self.class_weights)
+            min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline)
+
+    def update_config(self) -> UpdateConfig:
+        """How the reconciled direction becomes a step (schedule, momentum)."""
+        return UpdateConfig(momentum=self.momentum, lr_schedule=self.lr_schedule, lr_min_ratio=self.lr_min_ratio,
+                            gap_scale=self.gap_scale)
 
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "min_cohort", "max_cohort_age", "min_records", "interval_s",
-                "max_records_per_reconcile", "label_window_s", "consumer")
+                "class_weights", "baseline", "probe_scale", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
+                "gap_scale", "guard_tolerance", "guard_reference", "min_cohort", "max_cohort_age", "min_records",
+                "interval_s", "max_records_per_reconcile", "label_window_s", "consumer")
         return {k: getattr(self, k) for k in keys}

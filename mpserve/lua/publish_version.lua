@@ -4,7 +4,9 @@
 -- KEYS[1] version, KEYS[2] fence, KEYS[3] history, KEYS[4] feedback stream, KEYS[5] events
 -- ARGV[1] fencing token, ARGV[2] new version, ARGV[3] history JSON, ARGV[4] group,
 -- ARGV[5] expected current version (what KEYS[1] read when the caller planned; '' when it was unset),
--- ARGV[6] history length to keep, ARGV[7..] stream entry ids to acknowledge
+-- ARGV[6] history length to keep, ARGV[7..] stream entry ids to acknowledge.
+-- An empty ARGV[2] records a refused candidate (the validation guard): the same checks, history and
+-- acknowledgements, but the version key stays and no event is sent.
 -- Returns {'ok', acked, trimmed} or {'stale_token', fence} / {'moved', current} /
 -- {'bad_version', v} / {'bad_expected', v} / {'bad_history_max', n} / {'bad_id', id} /
 -- {'no_group', group}. Every check runs before the first write, so a refusal changes nothing.
@@ -15,7 +17,8 @@ local fence_raw = redis.call('GET', KEYS[2]) or '0'
 if not string.match(ARGV[1], '^%d+$') or tonumber(ARGV[1]) ~= tonumber(fence_raw) then
   return {'stale_token', fence_raw}
 end
-if not string.match(ARGV[2], '^%d+$') then
+local refused = ARGV[2] == ''
+if not refused and not string.match(ARGV[2], '^%d+$') then
   return {'bad_version', ARGV[2]}
 end
 if ARGV[5] ~= '' and not string.match(ARGV[5], '^%d+$') then
@@ -58,7 +61,9 @@ if #ARGV >= FIRST_ID and not found then
   return {'no_group', group}
 end
 
-redis.call('SET', KEYS[1], ARGV[2])
+if not refused then
+  redis.call('SET', KEYS[1], ARGV[2])
+end
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
 
@@ -69,7 +74,9 @@ for i = FIRST_ID, #ARGV, chunk do
   acked = acked + redis.call('XACK', stream, group, unpack(ARGV, i, j))
 end
 
-redis.call('PUBLISH', KEYS[5], '{"type":"publish","version":' .. ARGV[2] .. '}')
+if not refused then
+  redis.call('PUBLISH', KEYS[5], '{"type":"publish","version":' .. ARGV[2] .. '}')
+end
 
 -- Trim bound: for every group, its oldest pending entry, or (nothing pending) the entry just
 -- after its last-delivered-id. The smallest bound over all groups is safe for all of them.

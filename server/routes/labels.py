@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Body
 
 from marketplace.reconcile import cross_entropy
+from mpserve.recordlog import LabelItem
 from server.errors import ApiError, invalid, redis_op
 from server.schemas import (
     BatchLabelRequest,
@@ -48,7 +49,7 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
     if wanted:
         async with redis_op("read the served logits", timeout):
             stored = await ctx.records.fetch_logits(list(dict.fromkeys(items[i][0] for i in wanted)))
-    to_attach: list[tuple[int, tuple[str, int, float]]] = []
+    to_attach: list[tuple[int, LabelItem]] = []
     for i in wanted:
         rid, label = items[i]
         pred = stored[rid]
@@ -60,11 +61,11 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
                                                               f"[0, {len(pred.logits)}) of version {pred.version}")
         else:
             loss = float(cross_entropy(pred.logits[None, :], np.array([label]))[0])
-            to_attach.append((i, (rid, label, loss)))
+            to_attach.append((i, (rid, label, loss, bool(int(np.argmax(pred.logits)) == label))))
     if to_attach:
         async with redis_op("attach labels", timeout):
             attached = await ctx.records.attach_labels_detailed([t for _, t in to_attach])
-        for (i, (rid, _label, _loss)), res in zip(to_attach, attached, strict=True):
+        for (i, (rid, *_)), res in zip(to_attach, attached, strict=True):
             detail = None
             if res.status == "conflict":
                 detail = f"prediction {rid!r} already has label {res.existing_label}; a label cannot change"

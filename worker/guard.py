@@ -1,0 +1,117 @@
+"""The validation guard: a candidate version must hold its accuracy on a holdout set before it serves.
+
+Forward-only learning from traffic can drift: poisoned labels, a burst of one class, a step too large.
+With a holdout set configured (an operator's file, `holdout_path`, or one uploaded through
+`PUT /admin/holdout`, which takes precedence), every candidate is evaluated with its unperturbed
+weights before publishing and refused when its accuracy falls more than `guard_tolerance` below the
+reference. The reference is, by default, the *anchor*: the accuracy of the first version that was
+checked on this holdout, carried from manifest to manifest, so many small drops cannot add up to a
+large one; `guard_reference=parent` compares with the serving version instead (drift may accumulate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from marketplace.engine import Engine, leader_logits
+from marketplace.models import ModelSpec
+from marketplace.reconcile import cross_entropy
+from model_store import Holdout, ModelStore, ModelStoreError, read_holdout_file
+from mpserve.versions import LoadedVersion
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    validation: dict[str, Any]  # the manifest's "validation" block (or the refusal's figures)
+
+    @property
+    def reason(self) -> str:
+        v = self.validation
+        return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
+                f"{v['reference_accuracy']:.4f} ({v['reference']})")
+
+
+def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of the unperturbed weights on the holdout set."""
+    logits = leader_logits(engine, params, holdout.inputs)
+    return {"accuracy": float(np.mean(logits.argmax(1) == holdout.labels)),
+            "loss": float(np.mean(cross_entropy(logits, holdout.labels)))}
+
+
+class ValidationGuard:
+    """Judges candidates of one model on its current holdout set; caches what is immutable."""
+
+    def __init__(self, settings: WorkerSettings, store: ModelStore, model: str) -> None:
+        self.settings, self.store, self.model = settings, store, model
+        self._engines: dict[str, Engine] = {}
+        self._holdout_key: tuple[Any, ...] | None = None
+        self._holdout: Holdout | None = None
+        self._parents: dict[tuple[int, str], dict[str, float]] = {}
+
+    def holdout(self) -> Holdout | None:
+        """The uploaded holdout, else the configured file, else None; reread only when the file changes."""
+        uploaded = self.store.holdout_path(self.model)
+        path = uploaded if uploaded.exists() else self.settings.holdout_path
+        if path is None:
+            self._holdout_key, self._holdout = None, None
+            return None
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key != self._holdout_key:
+            holdout = self.store.read_holdout(self.model) if path == uploaded else read_holdout_file(path)
+            self._holdout_key, self._holdout = key, holdout
+            log.info("%s: holdout set %s: %d examples (sha256 %s)", self.model, path,
+                     len(holdout) if holdout else 0, holdout.sha256[:12] if holdout else "-")
+        return self._holdout
+
+    def judge(self, parent: LoadedVersion, candidate: dict[str, np.ndarray]) -> Verdict | None:
+        """None without a holdout set; else whether ``candidate`` may replace ``parent``, with its figures."""
+        try:
+            holdout = self.holdout()
+        except (OSError, ModelStoreError, ValueError) as exc:
+            log.error("%s: the holdout set cannot be read (%s); candidates are not validated", self.model, exc)
+            return None
+        if holdout is None:
+            return None
+        spec = parent.spec
+        if holdout.inputs.shape[1:] != tuple(spec.input_shape) or holdout.labels.max() >= spec.num_classes:
+            log.error("%s: the holdout set does not fit the model (inputs %s, labels up to %d); not validating",
+                      self.model, holdout.inputs.shape[1:], int(holdout.labels.max()))
+            return None
+        engine = self._engine(spec)
+        own = holdout_figures(engine, candidate, holdout)
+        before = self._parent_figures(parent, holdout, engine)
+        same = (parent.manifest.get("validation") or {}).get("holdout_sha256") == holdout.sha256
+        anchor = float(parent.manifest["validation"].get("anchor_accuracy", before["accuracy"])) if same \
+            else before["accuracy"]
+        reference = anchor if self.settings.guard_reference == "anchor" else before["accuracy"]
+        accepted = own["accuracy"] >= reference - self.settings.guard_tolerance
+        return Verdict(accepted, {
+            "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],
+            "loss": own["loss"], "parent_accuracy": before["accuracy"], "anchor_accuracy": anchor,
+            "reference": self.settings.guard_reference, "reference_accuracy": reference,
+            "tolerance": self.settings.guard_tolerance, "accepted": accepted})
+
+    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine) -> dict[str, float]:
+        recorded = parent.manifest.get("validation") or {}
+        if recorded.get("holdout_sha256") == holdout.sha256 and "accuracy" in recorded:
+            return {"accuracy": float(recorded["accuracy"]), "loss": float(recorded.get("loss", float("nan")))}
+        key = (parent.version, holdout.sha256)
+        if key not in self._parents:
+            self._parents = {key: holdout_figures(engine, parent.params, holdout)}  # one parent at a time
+        return self._parents[key]
+
+    def _engine(self, spec: ModelSpec) -> Engine:
+        arch = json.dumps(spec.architecture, sort_keys=True)
+        if arch not in self._engines:
+            self._engines = {arch: Engine(spec, 1, buckets=[256])}
+        return self._engines[arch]

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from model_store import ModelStore, ModelStoreError
+from model_store import ModelStore, ModelStoreError, VersionNotFound
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,12 @@ def refused_entries(history: Sequence[Mapping[str, Any]], limit: int) -> list[di
     return out[-limit:] if limit else []
 
 
+def unreadable(version: int, reason: str) -> dict[str, Any]:
+    """The row of a version whose manifest cannot be read: listed (so it is noticed) with no figures."""
+    return {"version": version, "parent": None, "created": None, "records": 0,
+            "metrics": dict.fromkeys(METRIC_FIELDS), "source": "unreadable", "error": reason}
+
+
 class ManifestSummaryCache:
     """Summaries of stored versions, computed once per (model, version): manifests never change.
 
@@ -125,28 +131,22 @@ class ManifestSummaryCache:
             for gone in set(cached) - set(listed):
                 del cached[gone]
             missing = [v for v in wanted if v not in cached]
-        fresh = {}
+        fresh: dict[int, dict[str, Any] | None] = {}
         for v in missing:
             try:
                 fresh[v] = summarize(self.store.read_manifest(model, v))
-            except ModelStoreError as exc:  # deleted meanwhile, or a bad manifest: say so, do not cache
+            except VersionNotFound:
+                fresh[v] = None  # deleted (retention) since the listing: left out
+            except (ModelStoreError, OSError) as exc:  # shown as unreadable, not cached: a fixed file is read again
                 log.warning("%s version %d: cannot read its manifest: %s", model, v, exc)
-                fresh[v] = None
+                reason = str(exc) if isinstance(exc, ModelStoreError) else f"{type(exc).__name__} (see the log)"
+                fresh[v] = unreadable(v, reason)
         with self._lock:
             self.reads += len(missing)
             for v, row in fresh.items():
-                if row is not None:
+                if row is not None and row["source"] != "unreadable":
                     cached[v] = row
-            out = []
-            for v in wanted:
-                row = cached.get(v)
-                if row is None:
-                    if v not in fresh:
-                        continue
-                    row = {"version": v, "parent": None, "created": None, "records": 0,
-                           "metrics": dict.fromkeys(METRIC_FIELDS), "source": "unreadable",
-                           "error": "manifest unreadable (see the server log)"}
-                out.append(row)
+            out = [row for v in wanted if (row := fresh.get(v) or cached.get(v)) is not None]
         return out, len(listed)
 
 

@@ -126,6 +126,21 @@ def test_summary_cache_reads_each_manifest_once_and_forgets_deleted_versions(tmp
     assert [r["version"] for r in rows] == [4, 5] and stored == 2 and cache.reads == 6
 
 
+def test_an_unreadable_manifest_is_listed_with_its_reason_and_read_again_once_fixed(tmp_path: Path) -> None:
+    store = build_store(tmp_path / "store")
+    path = store.root / MODEL / "versions" / "00000002.json"
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b'"version": 2', b'"version": 3'))
+    cache = ManifestSummaryCache(store)
+    rows, _ = cache.rows(MODEL, 100)
+    assert [r["version"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert rows[2]["source"] == "unreadable" and "version 3" in rows[2]["error"]
+    assert rows[2]["metrics"] == dict.fromkeys(METRIC_FIELDS) and rows[3]["source"] == "metrics"
+    path.write_bytes(good)
+    rows, _ = cache.rows(MODEL, 100)
+    assert rows[2]["source"] == "metrics" and rows[2]["metrics"] == version_metrics(2) and cache.reads == 7
+
+
 # ---------------------------------------------------------------------------------- a live server
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:

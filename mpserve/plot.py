@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store import ModelStore
@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     """``mpserve plot``: flags override MPSERVE_* variables; an explicit --url or --store-dir picks the source."""
     parser = build_parser(PlotSettings, "mpserve plot", "Plot loss and accuracy against version to a PNG.")
     given = vars(parser.parse_args(argv))
-    settings = PlotSettings(**given)
+    try:
+        settings = PlotSettings(**given)
+    except ValidationError as exc:
+        parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     configure_logging(settings.log_level)
     source = ("url" if "url" in given else "store_dir" if "store_dir" in given
               else "url" if settings.url else "store_dir" if settings.store_dir else None)

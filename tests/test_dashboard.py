@@ -389,3 +389,20 @@ def test_plot_gathers_the_manifests_figures_and_writes_a_png(store: ModelStore, 
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
     assert plot_main(["--store-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")]) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_takes_its_source_from_the_environment_and_an_explicit_flag_wins(
+        store: ModelStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("MPSERVE_URL", "MPSERVE_STORE_DIR", "MPSERVE_MODEL", "MPSERVE_OUT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as neither:
+        plot_main([])
+    assert neither.value.code == 2
+    monkeypatch.setenv("MPSERVE_STORE_DIR", str(store.root))
+    monkeypatch.setenv("MPSERVE_OUT", str(tmp_path / "env.png"))
+    monkeypatch.setenv("MPSERVE_URL", "http://127.0.0.1:9")  # nothing listens: used only if chosen
+    assert plot_main(["--store-dir", str(store.root)]) == 0 and (tmp_path / "env.png").stat().st_size > 0
+    assert plot_main(["--url", "http://127.0.0.1:9"]) == 1
+    with pytest.raises(SystemExit) as bad:
+        plot_main(["--model", "Bad Name!"])
+    assert bad.value.code == 2

@@ -89,6 +89,14 @@ def worker(ctx: typer.Context) -> None:
     raise typer.Exit(worker_main(ctx.args) or 0)
 
 
+@app.command(context_settings=_PASS_THROUGH)
+def plot(ctx: typer.Context) -> None:
+    """Loss and accuracy against version as a PNG, from --store-dir or a server's --url. --help: options."""
+    from mpserve.plot import main as plot_main
+
+    raise typer.Exit(plot_main(ctx.args))
+
+
 UrlOpt = Annotated[str, typer.Option(envvar="MPSERVE_URL", help="the API's base URL")]
 TokenOpt = Annotated[str | None, typer.Option(envvar="MPSERVE_ADMIN_TOKEN", help="admin bearer token")]
 ModelOpt = Annotated[str | None, typer.Option(help="model name (default: the server's default model)")]

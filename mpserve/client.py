@@ -167,6 +167,11 @@ class _Calls:
         return _Call("GET", f"/models/{quote(name, safe='')}")
 
     @staticmethod
+    def versions(name: str, limit: int | None) -> _Call:
+        query = "" if limit is None else f"?limit={int(limit)}"
+        return _Call("GET", f"/models/{quote(name, safe='')}/versions{query}")
+
+    @staticmethod
     def health() -> _Call:
         return _Call("GET", "/healthz")
 
@@ -248,6 +253,10 @@ class MPServeClient(_Base):
     def model(self, name: str) -> ModelInfo:
         return cast(ModelInfo, self._send(_Calls.model(name)))
 
+    def versions(self, name: str, limit: int | None = None) -> dict[str, Any]:
+        """Per-version metrics of the newest ``limit`` stored versions, the serving one and refused candidates."""
+        return cast(dict[str, Any], self._send(_Calls.versions(name, limit)))
+
     def health(self) -> dict[str, Any]:
         return cast(dict[str, Any], self._send(_Calls.health()))
 
@@ -302,6 +311,9 @@ class AsyncMPServeClient(_Base):
 
     async def model(self, name: str) -> ModelInfo:
         return cast(ModelInfo, await self._send(_Calls.model(name)))
+
+    async def versions(self, name: str, limit: int | None = None) -> dict[str, Any]:
+        return cast(dict[str, Any], await self._send(_Calls.versions(name, limit)))
 
     async def health(self) -> dict[str, Any]:
         return cast(dict[str, Any], await self._send(_Calls.health()))

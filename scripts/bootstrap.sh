@@ -9,6 +9,9 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v clang >/dev/null || need+=(clang)                 # tinygrad's CPU backend compiles kernels with clang
 [ -e /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] || need+=(dataset-fashion-mnist)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)   # Debian splits ensurepip out
+if [ "${1:-}" = "--test" ]; then
+  command -v chromium >/dev/null || need+=(chromium)          # the dashboard test renders the page headless
+fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "bootstrap: installing ${need[*]} from Debian's packages"
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

@@ -136,6 +136,47 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+# ---------------------------------------------------------------------------------- version metrics
+class VersionMetrics(BaseModel):
+    online_loss: float | None = Field(description="mean loss of the served (perturbed) predictions whose labels "
+                                                  "went into this version")
+    online_accuracy: float | None = Field(description="accuracy of those served predictions")
+    validation_accuracy: float | None = Field(description="accuracy on the holdout set (version 0: its offline "
+                                                          "test accuracy); null without one")
+    validation_loss: float | None = Field(description="mean loss on the holdout set; null without one")
+    holdout_size: int | None = Field(description="inputs in the holdout set")
+    records: int | None = Field(description="labelled records reconciled into this version")
+
+
+class VersionRow(BaseModel):
+    version: int
+    parent: int | None
+    created: float | None = Field(description="when it was stored (Unix seconds)")
+    records: int = Field(description="labelled records reconciled into this version")
+    metrics: VersionMetrics
+    source: Literal["metrics", "legacy", "unreadable"] = Field(
+        description="metrics: the manifest's metrics block; legacy: a manifest written before it (loss.mean, "
+                    "offline test accuracy); unreadable: the manifest could not be read")
+    serving: bool = Field(description="whether this is the version Redis says to serve")
+    error: str | None = Field(None, description="why the manifest could not be read")
+
+
+class RefusedCandidate(BaseModel):
+    version: int = Field(description="the version number the refused candidate would have had")
+    ts_ms: int | None
+    metrics: VersionMetrics | None
+    reason: str | None
+
+
+class ModelVersions(BaseModel):
+    model: str
+    serving_version: int | None = Field(description="the version Redis says to serve")
+    loaded_version: int | None = Field(description="the version this replica has loaded")
+    stored: int = Field(description="versions in the store (the listing shows the newest `limit`)")
+    versions: list[VersionRow] = Field(description="the newest stored versions, ascending")
+    refused: list[RefusedCandidate] = Field(description="candidates the validation guard refused, oldest first")
+
+
 # ---------------------------------------------------------------------------------- health
 class Health(BaseModel):
     status: Literal["ok"]

@@ -443,7 +443,7 @@ class Reconciler:
         token = self.lease.token
         assert token is not None
         try:
-            self.records.refuse(token, parent.version, history, entry_ids)
+            self.records.refuse(token, parent.version, history, entry_ids, expected)
         except VersionMovedError as exc:
             self._last_attempt = None
             return ReconcileOutcome(False, None, parent.version, stats, f"version moved: {exc}",

@@ -7,16 +7,7 @@ from marketplace.deltas import group_delta, path_params, vendor_signs
 from marketplace.engine import Engine, default_buckets, leader_seeds, plan_paths
 from marketplace.models import beautiful_mnist, mlp
 from marketplace.reconcile import fresh_seeds
-
-
-def numpy_mlp(spec, params, x):
-    """An independent NumPy forward of the mlp model, to check the leader path."""
-    h = x.reshape(len(x), -1) * spec.input_scale
-    for s in range(len(spec.groups)):
-        h = h @ params[f"{s}.fc.weight"].T + params[f"{s}.fc.bias"]
-        if s < len(spec.groups) - 1:
-            h = np.maximum(h, 0)
-    return h
+from tests.helpers import numpy_mlp
 
 
 def test_leader_engine_matches_an_independent_numpy_forward():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import signal
@@ -445,6 +446,34 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
     assert answer["published"] is False and "validation guard" in answer["reason"]
     assert version_key(redis_client) is None and pending(redis_client) == []
     assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "refused"]
+
+
+def test_guard_counts_non_finite_logits_as_wrong_and_skips_a_holdout_that_does_not_fit(
+        redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    from worker.guard import ValidationGuard
+
+    parent = load_version(store, MODEL, 0)
+    x = holdout_images(30, 8)
+    y = numpy_mlp(parent.spec, parent.params, x).argmax(1)
+    guard = ValidationGuard(make_settings(redis_server, store, guard_tolerance=0.5), store, MODEL)
+    assert guard.judge(parent, parent.params) is None  # no holdout anywhere: nothing to check
+    store.write_holdout(MODEL, x, y)
+    broken = {k: np.full_like(v, np.inf) if k == "1.fc.bias" else v for k, v in parent.params.items()}
+    verdict = guard.judge(parent, broken)
+    assert verdict is not None and not verdict.accepted
+    assert verdict.validation["accuracy"] == 0.0 and verdict.validation["loss"] is None
+    json.dumps(verdict.validation, allow_nan=False)  # manifests and the history are strict JSON
+    same = guard.judge(parent, parent.params)
+    assert same is not None and same.accepted and same.validation["accuracy"] == evaluate(store, 0, x, y)[0]
+
+    store.delete_holdout(MODEL)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, inputs=x, labels=np.where(np.arange(30) == 3, -1, y))  # a negative label
+    assert ValidationGuard(make_settings(redis_server, store, holdout_path=bad), store, MODEL).judge(
+        parent, parent.params) is None
+    np.savez(bad, inputs=x[:, :, :14], labels=y)  # another input shape
+    assert ValidationGuard(make_settings(redis_server, store, holdout_path=bad), store, MODEL).judge(
+        parent, parent.params) is None
 
 
 def test_a_validation_longer_than_the_lease_ttl_keeps_the_lease(

@@ -26,8 +26,8 @@ import pydantic
 import pytest
 import redis
 
-from marketplace.reconcile import Records, cross_entropy
-from marketplace.update import UpdateConfig, propose_update
+from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy
+from marketplace.update import UpdateConfig, class_loss_gap, propose_update
 from model_store import ModelStore
 from model_store.holdout import encode_holdout
 from mpserve.keys import ModelKeys
@@ -114,6 +114,14 @@ def test_flags_override_env_and_bad_settings_are_refused(monkeypatch: pytest.Mon
     s = build_settings(["--min-records", "5", "--outlier", "zscore", "--class-weights", "--models", "gamma"])
     assert (s.min_records, s.outlier, s.class_weights, s.models) == (5, "zscore", True, ["gamma"])
     assert s.reconcile_config().outlier == "zscore"
+    learning = build_settings(["--antithetic", "--momentum", "0.5", "--baseline", "class", "--lr-schedule", "loss_gap",
+                               "--holdout-path", "h.npz", "--guard-tolerance", "0.05", "--guard-reference", "parent"])
+    assert (learning.antithetic, learning.reconcile_config().baseline, str(learning.holdout_path)) == (
+        True, "class", "h.npz")
+    assert learning.update_config() == UpdateConfig(momentum=0.5, lr_schedule="loss_gap")
+    assert (learning.guard_tolerance, learning.guard_reference) == (0.05, "parent")
+    with pytest.raises(pydantic.ValidationError):
+        build_settings(["--momentum", "1.0"])  # β < 1, or the steps never shrink
     with pytest.raises(pydantic.ValidationError):
         WorkerSettings(poll_ms=5000, lease_ttl_ms=10_000)  # a blocking read would outlive the renewal
     with pytest.raises(SystemExit):
@@ -446,6 +454,39 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
     assert answer["published"] is False and "validation guard" in answer["reason"]
     assert version_key(redis_client) is None and pending(redis_client) == []
     assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "refused"]
+
+
+def test_learning_options_reach_the_published_versions(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    """antithetic, probe_scale, baseline=class and the loss_gap schedule, as the worker applies them."""
+    settings = make_settings(redis_server, store, antithetic=True, probe_scale=0.02, baseline="class",
+                             lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    feed_served(redis_client, 40, 0, seed=30)
+    assert rec.run_once().version == 1
+    m1 = store.read_manifest(MODEL, 1)
+    seeds = np.array(m1["seeds"], dtype=np.uint64)
+    assert m1["antithetic"] is True and m1["probe_scale"] == 0.02 and m1["reconciler"]["baseline"] == "class"
+    assert np.array_equal(seeds[:, 2], seeds[:, 1]) and not np.array_equal(seeds[:, 3], seeds[:, 1])
+
+    fed = feed_served(redis_client, 40, 1, seed=31)  # served by the mirrored version 1
+    assert rec.run_once().version == 2
+    m2 = store.read_manifest(MODEL, 2)
+    used = [fed[i] for i in m2["inputs"]["entry_ids"]]
+    records = Records(np.array([r.version for r in used]), np.array([r.path for r in used]),
+                      np.array([r.loss for r in used]), np.array([r.label for r in used]))
+    p1, p2 = store.load_version(MODEL, 1)[0], store.load_version(MODEL, 2)[0]
+    spec = load_version(store, MODEL, 1).spec
+    sources = {1: VersionSeeds(seeds, 0.02, antithetic=True)}  # built from the manifest, not by the worker's code
+    rc = ReconcileConfig(learning_rate=0.5, min_cohort=8, baseline="class")
+    expected = propose_update(spec, p1, records, sources, rc,
+                              UpdateConfig(lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0))
+    gap = class_loss_gap(records.loss, records.label, CLASSES)
+    assert m2["learning_rate"] == pytest.approx(0.5 * (0.2 + 0.8 * min(gap / 5.0, 1.0)))
+    assert m2["training"]["loss_gap"] == pytest.approx(gap)
+    for k in p1:
+        np.testing.assert_allclose(p2[k], expected.params[k], rtol=0, atol=1e-6)
+    rec.close()
 
 
 def test_guard_counts_non_finite_logits_as_wrong_and_skips_a_holdout_that_does_not_fit(

@@ -134,6 +134,37 @@ def rollback(version: int, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOp
     _admin_call("rollback", url, token, version, model=model)
 
 
+holdout_app = typer.Typer(help="The validation guard's holdout set (PUT/GET/DELETE /admin/holdout).",
+                          no_args_is_help=True)
+app.add_typer(holdout_app, name="holdout")
+
+
+@holdout_app.command("upload")
+def holdout_upload(file: Annotated[Path, typer.Argument(help=".npz or .safetensors with 'inputs' and 'labels'",
+                                                        exists=True, dir_okay=False)],
+                   url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None, model: ModelOpt = None) -> None:
+    """Upload a holdout set: read here (no pickle), sent as JSON; the server checks it against the model."""
+    from model_store import ModelStoreError, read_holdout_file
+
+    try:
+        holdout = read_holdout_file(file)
+    except (OSError, ValueError, ModelStoreError) as exc:
+        raise typer.BadParameter(f"{file}: {exc}", param_hint="FILE") from exc
+    _admin_call("upload_holdout", url, token, holdout.inputs, holdout.labels, model=model)
+
+
+@holdout_app.command("show")
+def holdout_show(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None, model: ModelOpt = None) -> None:
+    """Describe the uploaded holdout set: size, sha256, examples per class."""
+    _admin_call("holdout", url, token, model=model)
+
+
+@holdout_app.command("delete")
+def holdout_delete(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None, model: ModelOpt = None) -> None:
+    """Remove the uploaded holdout set (a worker's own MPSERVE_HOLDOUT_PATH file still applies)."""
+    _admin_call("delete_holdout", url, token, model=model)
+
+
 def main() -> None:
     app()
 

@@ -18,6 +18,7 @@ import httpx
 __all__ = [
     "AsyncMPServeClient",
     "BatchLabelResponse",
+    "HoldoutInfo",
     "LabelResult",
     "MPServeClient",
     "MPServeError",
@@ -71,6 +72,13 @@ class RollbackResponse(TypedDict):
     previous: int | None
 
 
+class HoldoutInfo(TypedDict):
+    model: str
+    size: int
+    sha256: str
+    classes: list[int]  # examples per class
+
+
 class ModelInfo(TypedDict):
     name: str
     version: int | None
@@ -119,6 +127,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _compact(value: Any) -> Any:
+    """Like _plain, but a float array of whole numbers (images 0-255) goes as integers: JSON a third the size."""
+    if hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f" and value.size and \
+            bool((value == value.round()).all()) and float(abs(value).max()) < 2**53:
+        return value.astype("int64").tolist()
+    return _plain(value)
+
+
+def _model_query(model: str | None) -> str:
+    return "" if model is None else f"?model={quote(model, safe='')}"
+
+
 def _with_model(body: dict[str, Any], model: str | None) -> dict[str, Any]:
     if model is not None:
         body["model"] = model
@@ -157,6 +177,19 @@ class _Calls:
     @staticmethod
     def rollback(version: int, model: str | None) -> _Call:
         return _Call("POST", "/admin/rollback", _with_model({"version": version}, model), admin=True)
+
+    @staticmethod
+    def upload_holdout(inputs: Any, labels: Sequence[int] | Any, model: str | None) -> _Call:
+        body = {"inputs": _compact(inputs), "labels": _plain(labels)}
+        return _Call("PUT", "/admin/holdout", _with_model(body, model), admin=True)
+
+    @staticmethod
+    def holdout(model: str | None) -> _Call:
+        return _Call("GET", "/admin/holdout" + _model_query(model), admin=True)
+
+    @staticmethod
+    def delete_holdout(model: str | None) -> _Call:
+        return _Call("DELETE", "/admin/holdout" + _model_query(model), admin=True)
 
     @staticmethod
     def models() -> _Call:
@@ -247,6 +280,18 @@ class MPServeClient(_Base):
         """Admin: serve a stored (older) version from now on."""
         return cast(RollbackResponse, self._send(_Calls.rollback(version, model)))
 
+    def upload_holdout(self, inputs: Any, labels: Sequence[int] | Any, model: str | None = None) -> HoldoutInfo:
+        """Admin: replace the model's holdout set (the validation guard checks candidates on it)."""
+        return cast(HoldoutInfo, self._send(_Calls.upload_holdout(inputs, labels, model)))
+
+    def holdout(self, model: str | None = None) -> HoldoutInfo:
+        """Admin: describe the uploaded holdout set; MPServeError 404 when there is none."""
+        return cast(HoldoutInfo, self._send(_Calls.holdout(model)))
+
+    def delete_holdout(self, model: str | None = None) -> dict[str, Any]:
+        """Admin: remove the uploaded holdout set; MPServeError 404 when there is none."""
+        return cast(dict[str, Any], self._send(_Calls.delete_holdout(model)))
+
     def models(self) -> list[ModelInfo]:
         return cast(list[ModelInfo], self._send(_Calls.models())["models"])
 
@@ -305,6 +350,16 @@ class AsyncMPServeClient(_Base):
 
     async def rollback(self, version: int, model: str | None = None) -> RollbackResponse:
         return cast(RollbackResponse, await self._send(_Calls.rollback(version, model)))
+
+    async def upload_holdout(self, inputs: Any, labels: Sequence[int] | Any, model: str | None = None
+                             ) -> HoldoutInfo:
+        return cast(HoldoutInfo, await self._send(_Calls.upload_holdout(inputs, labels, model)))
+
+    async def holdout(self, model: str | None = None) -> HoldoutInfo:
+        return cast(HoldoutInfo, await self._send(_Calls.holdout(model)))
+
+    async def delete_holdout(self, model: str | None = None) -> dict[str, Any]:
+        return cast(dict[str, Any], await self._send(_Calls.delete_holdout(model)))
 
     async def models(self) -> list[ModelInfo]:
         return cast(list[ModelInfo], (await self._send(_Calls.models()))["models"])

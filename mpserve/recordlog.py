@@ -348,10 +348,11 @@ def _publish_call(
     entry_ids: Sequence[str],
     expected_version: int | None,
     history_max: int,
+    refused_base: int | None = None,
 ) -> Call:
-    """The publish script's call; ``new_version`` None records a refused candidate of ``expected_version``."""
+    """The publish script's call; ``new_version`` None records a refused candidate built on ``refused_base``."""
     expected = "" if expected_version is None else str(_nonneg_int(expected_version, "expected_version"))
-    if new_version is None and expected_version is None:
+    if new_version is None and refused_base is None:
         raise ValueError("a refused candidate needs the version it was built on")
     ids = [_str(e) for e in entry_ids]
     for e in ids:
@@ -363,7 +364,7 @@ def _publish_call(
             _nonneg_int(token, "token"),
             "" if new_version is None else _nonneg_int(new_version, "new_version"),
             _history_json("publish", _nonneg_int(new_version, "new_version"), history_record) if new_version is not None
-            else _history_json("refused", _nonneg_int(expected_version, "expected_version"), history_record),
+            else _history_json("refused", _nonneg_int(refused_base, "base_version"), history_record),
             group,
             expected,
             history_max,
@@ -603,16 +604,18 @@ class RecordLog(_Base):
                                    expected_version, self.history_max)
         return _p_publish(self.scripts.publish_version(keys, args), token, expected_version)
 
-    def refuse(self, token: int, base_version: int, history_record: Mapping[str, Any], entry_ids: Sequence[str]
-               ) -> int:
+    def refuse(self, token: int, base_version: int, history_record: Mapping[str, Any], entry_ids: Sequence[str],
+               expected_version: int | None) -> int:
         """Record a candidate built on ``base_version`` that the validation guard refused, and ack its entries.
 
         The same fenced, all-or-nothing script as a publish, minus the version change: the entries count as
         used (their information went into a candidate that was judged and rejected), and serving stays.
+        ``expected_version`` is what ``mp:{m}:version`` read when the candidate was planned (None: unset,
+        as before the first publish, when the base is the store's newest version).
         """
-        keys, args = _publish_call(self.keys, self.group, token, None, history_record, entry_ids, base_version,
-                                   self.history_max)
-        return _p_publish(self.scripts.publish_version(keys, args), token, base_version)
+        keys, args = _publish_call(self.keys, self.group, token, None, history_record, entry_ids, expected_version,
+                                   self.history_max, refused_base=base_version)
+        return _p_publish(self.scripts.publish_version(keys, args), token, expected_version)
 
     def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
         """Point serving at ``version`` (an older one) and notify the replicas."""

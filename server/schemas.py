@@ -198,3 +198,22 @@ class Readiness(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: Any = Field(description="a message, or a list of {loc, msg, type} for malformed input")
+
+
+# ---------------------------------------------------------------------------------- admin: holdout set
+class HoldoutUpload(_Request):
+    model: ModelName | None = None
+    inputs: list[InputTensor] = Field(min_length=1, description="holdout inputs, each of the model's input shape")
+    labels: list[Label] = Field(min_length=1, description="their true classes, one per input")
+
+
+class HoldoutInfo(BaseModel):
+    model: str
+    size: int = Field(description="examples in the holdout set")
+    sha256: str = Field(description="sha256 of the stored set; manifests name the holdout they were checked on by it")
+    classes: list[int] = Field(description="examples per class, indexed by class")
+
+
+class HoldoutDeleted(BaseModel):
+    model: str
+    deleted: bool

@@ -166,3 +166,15 @@ def make_store(root: Path, model: str = "fashion", hidden: tuple[int, ...] = (32
                              probe_scale=eps, learning_rate=0.5, training={"kind": "random init (tests)"})
     store.write_version(model, 0, spec.init_params(seed), manifest)
     return store
+
+
+def numpy_mlp(spec, params, x):  # type: ignore[no-untyped-def]
+    """An independent NumPy forward of the `mlp` model (float64): a twin of the engine's leader path."""
+    import numpy as np
+
+    h = x.reshape(len(x), -1).astype(np.float64) * spec.input_scale
+    for s in range(len(spec.groups)):
+        h = h @ params[f"{s}.fc.weight"].astype(np.float64).T + params[f"{s}.fc.bias"]
+        if s < len(spec.groups) - 1:
+            h = np.maximum(h, 0)
+    return h

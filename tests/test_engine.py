@@ -3,20 +3,11 @@
 import numpy as np
 import pytest
 
-from marketplace.deltas import path_params
+from marketplace.deltas import group_delta, path_params, vendor_signs
 from marketplace.engine import Engine, default_buckets, leader_seeds, plan_paths
 from marketplace.models import beautiful_mnist, mlp
 from marketplace.reconcile import fresh_seeds
-
-
-def numpy_mlp(spec, params, x):
-    """An independent NumPy forward of the mlp model, to check the leader path."""
-    h = x.reshape(len(x), -1) * spec.input_scale
-    for s in range(len(spec.groups)):
-        h = h @ params[f"{s}.fc.weight"].T + params[f"{s}.fc.bias"]
-        if s < len(spec.groups) - 1:
-            h = np.maximum(h, 0)
-    return h
+from tests.helpers import numpy_mlp
 
 
 def test_leader_engine_matches_an_independent_numpy_forward():
@@ -30,19 +21,24 @@ def test_leader_engine_matches_an_independent_numpy_forward():
     np.testing.assert_allclose(logits, numpy_mlp(spec, params, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [mlp(hidden=(24, 12)), beautiful_mnist()], ids=["mlp", "beautiful_mnist"])
-def test_each_input_gets_the_logits_of_its_own_path(spec):
-    V, eps = 4, 0.05
+@pytest.mark.parametrize(("spec", "antithetic"), [(mlp(hidden=(24, 12)), False), (beautiful_mnist(), False),
+                                                  (mlp(hidden=(24, 12)), True)],
+                         ids=["mlp", "beautiful_mnist", "mlp-antithetic"])
+def test_each_input_gets_the_logits_of_its_own_path(spec, antithetic):
+    V, eps = 5 if antithetic else 4, 0.05  # antithetic: pairs (1, 2), (3, 4)
     params = spec.init_params(1)
-    seeds = fresh_seeds(len(spec.groups), V, np.random.default_rng(7))
+    seeds = fresh_seeds(len(spec.groups), V, np.random.default_rng(7), antithetic)
     engine = Engine(spec, V, max_batch=16)
-    weights = engine.materialize(params, seeds, eps)
+    weights = engine.materialize(params, seeds, eps, antithetic=antithetic)
     x = np.random.default_rng(2).uniform(0, 255, size=(11, *spec.input_shape)).astype(np.float32)
     logits, paths = engine.forward(weights, x, np.random.default_rng(3))
     assert paths.shape == (11, len(spec.groups))
+    if antithetic:  # the mirrors do run: some input takes a mirror (vendor 2 or 4) in some group
+        assert np.isin(paths, [2, 4]).any()
     leader = Engine(spec, 1, max_batch=4)
     for i in range(len(x)):
-        own = leader.materialize(path_params(spec, params, seeds, paths[i], eps), leader_seeds(spec), eps)
+        own = leader.materialize(path_params(spec, params, seeds, paths[i], eps, antithetic), leader_seeds(spec),
+                                 eps)
         expected, _ = leader.forward(own, x[i:i + 1], np.random.default_rng(0))
         np.testing.assert_allclose(logits[i], expected[0], rtol=1e-4, atol=1e-4)
     # the perturbation is real: some input's logits differ from the leader's
@@ -116,3 +112,18 @@ def test_one_captured_graph_serves_every_version():
     np.testing.assert_allclose(logits_b, expected, rtol=1e-5, atol=1e-6)
     logits_a, _ = engine.forward(a, x, np.random.default_rng(2))
     assert np.abs(logits_a - logits_b).max() > 1e-3
+
+
+def test_antithetic_mirrors_subtract_their_partners_delta():
+    """The naive twin itself: a mirror (vendor 2j) runs θ − δ(σ_{2j−1}), its partner θ + δ(σ_{2j−1})."""
+    spec, V, eps = mlp(hidden=(8,)), 5, 0.05
+    params = spec.init_params(0)
+    seeds = fresh_seeds(len(spec.groups), V, np.random.default_rng(4), antithetic=True)
+    assert vendor_signs(V, True).tolist() == [1, 1, -1, 1, -1] and vendor_signs(V, False).tolist() == [1] * V
+    for vendor, partner, sign in [(1, 1, 1.0), (2, 1, -1.0), (3, 3, 1.0), (4, 3, -1.0)]:
+        path = np.array([vendor, 0])  # group 0 on this vendor, group 1 on the leader
+        got = path_params(spec, params, seeds, path, eps, antithetic=True)
+        for key, d in group_delta(spec, 0, int(seeds[0, partner]), eps).items():
+            np.testing.assert_array_equal(got[key], params[key] + np.float32(sign) * d)
+        for key in spec.group_shapes(1):
+            np.testing.assert_array_equal(got[key], params[key])

@@ -172,3 +172,138 @@ def test_held_back_cohorts_may_have_more_vendors_than_live_ones():
     nothing = reconcile(SPEC, SPEC.init_params(0), Records(np.zeros(3, int), np.full((3, S), 3), rng.random(3)),
                         {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}, ReconcileConfig(min_cohort=8))
     assert nothing.stats["records"] == 0 and nothing.stats["direction_norm"] == 0.0
+
+
+# ------------------------------------------------------------------------------ antithetic pairs
+
+
+def test_fresh_seeds_antithetic_pairs_share_a_seed():
+    seeds = fresh_seeds(3, 6, np.random.default_rng(1), antithetic=True)
+    assert not seeds[:, 0].any() and seeds[:, 1:].all()
+    assert np.array_equal(seeds[:, 2], seeds[:, 1]) and np.array_equal(seeds[:, 4], seeds[:, 3])
+    assert (seeds[:, 1] != seeds[:, 3]).all() and (seeds[:, 3] != seeds[:, 5]).all()  # pairs are distinct
+    plain = fresh_seeds(3, 6, np.random.default_rng(1))
+    assert len(np.unique(plain[:, 1:])) == plain[:, 1:].size  # without pairs, every vendor its own seed
+
+
+def test_direction_with_mirrored_pairs_is_the_credit_difference_times_the_shared_delta():
+    """D_s = Σ_j (A_{2j−1} − A_{2j})·δ(σ_{2j−1}) (+ A_v·δ(σ_v) for an unpaired vendor), A summed record by record."""
+    rng = np.random.default_rng(11)
+    Vp = 6  # leader, pairs (1, 2) and (3, 4), vendor 5 unpaired
+    sources = {0: VersionSeeds(fresh_seeds(S, Vp, rng, antithetic=True), 0.05, antithetic=True)}
+    n = 60
+    records = Records(np.zeros(n, int), rng.integers(0, Vp, size=(n, S)), rng.gamma(2.0, 0.5, n),
+                      rng.integers(0, 10, n))
+    config = ReconcileConfig(learning_rate=1.0, min_cohort=1)
+    zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
+    result = reconcile(SPEC, zero, records, sources, config)
+
+    a = attribute(records.loss, config)
+    seeds = sources[0].seeds
+    expected = {k: np.zeros(np.prod(v)) for k, v in SPEC.param_shapes().items()}
+    for s in range(S):
+        A = np.zeros(Vp)
+        for i in range(n):
+            A[records.path[i, s]] += a[i]
+        for lead, coef in [(1, A[1] - A[2]), (3, A[3] - A[4]), (5, A[5])]:
+            for key, d in group_delta(SPEC, s, int(seeds[s, lead]), 0.05).items():
+                expected[key] += coef * d.ravel().astype(np.float64)
+    norm = np.sqrt(sum((v ** 2).sum() for v in expected.values()))
+    got = np.concatenate([result.params[k].astype(np.float64).ravel() for k in zero])
+    want = np.concatenate([expected[k] / norm for k in zero])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    # read without the mirror signs, the same records give another direction: the signs matter
+    plain = reconcile(SPEC, zero, records, {0: VersionSeeds(seeds, 0.05)}, config)
+    other = np.concatenate([plain.params[k].astype(np.float64).ravel() for k in zero])
+    assert np.linalg.norm(other - want) > 0.1
+
+
+# ------------------------------------------------------------------------------ class-mean baseline
+
+
+def test_class_baseline_credit_ignores_a_constant_added_to_one_class():
+    rng = np.random.default_rng(12)
+    sources = {n: VersionSeeds(fresh_seeds(S, V, rng), 0.05) for n in (0, 1)}
+    records = random_records(rng, [0, 1], 40)
+    shifted = Records(records.version, records.path, records.loss + 2.5 * (records.label == 3), records.label)
+    params = SPEC.init_params(2)
+
+    def step(recs, baseline):
+        out = reconcile(SPEC, params, recs, sources, ReconcileConfig(min_cohort=1, baseline=baseline))
+        return np.concatenate([(out.params[k].astype(np.float64) - params[k]).ravel() for k in params])
+
+    with_class = step(records, "class")
+    np.testing.assert_allclose(step(shifted, "class"), with_class, rtol=0, atol=1e-6)
+    # without the baseline the harder class does move the step, and the baseline is not a no-op
+    assert np.linalg.norm(step(shifted, "none") - step(records, "none")) > 1e-2
+    assert np.linalg.norm(with_class - step(records, "none")) > 1e-2
+    with pytest.raises(ValueError, match="baseline"):
+        reconcile(SPEC, params, records, sources, ReconcileConfig(min_cohort=1, baseline="bogus"))
+
+
+def test_class_means_are_per_cohort_and_per_class_over_kept_records():
+    from marketplace.reconcile import Cohorts, class_means
+
+    loss = np.array([1.0, 3.0, 10.0, 5.0, 7.0, 100.0])
+    label = np.array([0, 0, 1, 0, 0, 0])
+    keep = np.array([True, True, True, True, True, False])
+    cid = np.array([0, 0, 0, 1, 1, 1])
+    got = class_means(Cohorts(cid, 2), label, loss, keep, 3)
+    assert got.tolist() == [2.0, 2.0, 10.0, 6.0, 6.0, 6.0]  # the dropped 100 counts in no mean
+    one = class_means(Cohorts(np.zeros(3, np.int64), 1), label[:3], loss[:3], keep[:3], 3)
+    assert one.tolist() == [2.0, 2.0, 10.0]
+
+
+# ------------------------------------------------------------------------------ step schedule and momentum
+
+
+def test_class_loss_gap_and_the_loss_gap_schedule():
+    from marketplace.update import UpdateConfig, class_loss_gap, scheduled_lr
+
+    loss = np.array([1.0, 1.0, 1.0, 1.0, 5.0, 3.0])
+    label = np.array([0, 0, 1, 1, 2, 2])  # class means 1, 1, 4; overall mean 2
+    assert class_loss_gap(loss, label, 10) == pytest.approx(2.0)
+    assert class_loss_gap(np.ones(4), np.array([0, 1, 2, 3]), 10) == 0.0
+    assert class_loss_gap(np.zeros(0), np.zeros(0, np.int64), 10) == 0.0
+
+    assert scheduled_lr(0.5, 3.0, UpdateConfig()) == 0.5  # constant ignores the gap
+    uc = UpdateConfig(lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=4.0)
+    assert scheduled_lr(0.5, 0.0, uc) == pytest.approx(0.1)  # no gap: the smallest step
+    assert scheduled_lr(0.5, 2.0, uc) == pytest.approx(0.5 * (0.2 + 0.8 * 0.5))
+    assert scheduled_lr(0.5, 4.0, uc) == pytest.approx(0.5) and scheduled_lr(0.5, 40.0, uc) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scheduled_lr(0.5, 1.0, UpdateConfig(lr_schedule="bogus"))  # type: ignore[arg-type]
+
+
+def test_propose_update_schedules_the_step_and_adds_exactly_beta_times_the_last_step():
+    from marketplace.update import UpdateConfig, previous_step, propose_update
+
+    rng = np.random.default_rng(13)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    records = random_records(rng, [0], 48)
+    params = SPEC.init_params(3)
+    grand = {k: v - np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    last = previous_step(params, grand)
+    assert previous_step(params, None) is None
+    rc = ReconcileConfig(learning_rate=0.3, min_cohort=1)
+
+    plain = propose_update(SPEC, params, records, sources, rc, UpdateConfig())
+    assert plain.stats["learning_rate"] == 0.3
+    heavy = propose_update(SPEC, params, records, sources, rc, UpdateConfig(momentum=0.6), last)
+    for k in params:
+        np.testing.assert_allclose(heavy.params[k].astype(np.float64) - plain.params[k],
+                                   0.6 * (params[k].astype(np.float64) - grand[k]), rtol=0, atol=2e-6)
+    norm = np.sqrt(sum(float(((params[k].astype(np.float64) - grand[k]) ** 2).sum()) for k in params))
+    assert heavy.stats["momentum_norm"] == pytest.approx(0.6 * norm)
+
+    scheduled = propose_update(SPEC, params, records, sources, rc,
+                               UpdateConfig(lr_schedule="loss_gap", lr_min_ratio=0.1, gap_scale=100.0))
+    gap = scheduled.stats["loss_gap"]
+    assert gap > 0 and scheduled.stats["learning_rate"] == pytest.approx(0.3 * (0.1 + 0.9 * gap / 100.0))
+    step = np.concatenate([(scheduled.params[k].astype(np.float64) - params[k]).ravel() for k in params])
+    assert np.linalg.norm(step) == pytest.approx(scheduled.stats["learning_rate"], rel=1e-3)
+
+    nothing = propose_update(SPEC, params, Records(np.zeros(3, int), rng.integers(0, V, (3, S)), rng.random(3),
+                                                   np.zeros(3, np.int64)), sources,
+                             ReconcileConfig(min_cohort=8), UpdateConfig(momentum=0.6), last)
+    assert all(np.array_equal(nothing.params[k], params[k]) for k in params)  # no records used: no momentum either

@@ -349,6 +349,55 @@ def test_publish_refuses_when_serving_moved_and_changes_nothing(
     assert log.current_version() == 4
 
 
+def test_refuse_records_the_candidate_acks_its_entries_and_leaves_serving_alone(
+    log: RecordLog, redis_client: redis.Redis
+) -> None:
+    labelled(log, 4)
+    entries = [e.entry_id for e in log.read_feedback("w", count=10)]
+    token = log.acquire_lease("w", 10_000)
+    assert token is not None
+    log.publish(token, 3, {"parent": 2}, [], expected_version=None)
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(K.events)
+    wait_until(lambda: pubsub.get_message(timeout=0.05), timeout=5, what="subscribed")
+    try:
+        figures = {"parent": 3, "validation": {"accuracy": 0.5, "reference_accuracy": 0.9}}
+        assert log.refuse(token, 3, figures, entries[:3], expected_version=3) == 3
+        log.rollback(2, {"by": "test"})  # an event after the refusal: the first one seen must be this one
+        assert json.loads(_next_message(pubsub)["data"]) == {"type": "rollback", "version": 2}
+    finally:
+        pubsub.close()
+    refused = log.history()[1]
+    assert (refused["type"], refused["version"], refused["parent"]) == ("refused", 3, 3)
+    assert refused["validation"] == {"accuracy": 0.5, "reference_accuracy": 0.9}
+    assert pending_ids(redis_client) == entries[3:]  # exactly the given entries acknowledged
+
+    # serving had moved (the rollback to 2): a refusal planned on 3 changes nothing
+    before = (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client))
+    with pytest.raises(VersionMovedError):
+        log.refuse(token, 3, {}, entries[3:], expected_version=3)
+    assert log.release_lease("w") is True
+    newer = log.acquire_lease("w2", 10_000)
+    assert newer == token + 1
+    with pytest.raises(StaleLeaderError):  # a stale token is refused and changes nothing
+        log.refuse(token, 2, {}, entries[3:], expected_version=2)
+    assert (log.current_version(), log.history(), pending_ids(redis_client), stream_ids(redis_client)) == before
+    with pytest.raises(ValueError):
+        log.refuse(newer, 2, {"loss": float("nan")}, entries[3:], expected_version=2)
+
+
+def test_refuse_before_the_first_publish_keeps_the_version_key_unset(
+    log: RecordLog, redis_client: redis.Redis
+) -> None:
+    labelled(log, 2)
+    entries = [e.entry_id for e in log.read_feedback("w", count=10)]
+    token = log.acquire_lease("w", 10_000)
+    assert token is not None
+    assert log.refuse(token, 0, {"parent": 0}, entries, expected_version=None) == 2
+    assert log.current_version() is None and pending_ids(redis_client) == []
+    assert [(h["type"], h["version"]) for h in log.history()] == [("refused", 0)]
+
+
 def test_publish_refuses_a_token_above_the_fence(log: RecordLog, redis_client: redis.Redis) -> None:
     token = log.acquire_lease("w", 10_000)
     assert token == 1

@@ -8,6 +8,7 @@ does not matter.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 import redis
 
+from marketplace.deltas import path_params
 from marketplace.reconcile import cross_entropy
 from model_store import ModelStore
 from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
@@ -33,7 +35,7 @@ from mpserve.recordlog import RecordLog
 from mpserve.versions import load_version, write_next_version
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, free_port, make_store, start_redis, wait_until
+from tests.helpers import RedisProcess, free_port, make_store, numpy_mlp, start_redis, wait_until
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -129,7 +131,8 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
     a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN],
-                      _env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000"))
+                      _env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000",
+                           MPSERVE_GUARD_TOLERANCE="0"))  # the guard acts only while a holdout set is uploaded
     b = ServerProcess(logs, "b", common, _env())
     try:
         for s in (a, b):
@@ -201,12 +204,13 @@ def engine_batches(c: MPServeClient) -> float:
     return metric(c.metrics(), "mpserve_batch_size_count", model=MODEL)
 
 
-def publish_new_version(store: ModelStore, r: redis.Redis, corrupt: bool = False) -> int:
+def publish_new_version(store: ModelStore, r: redis.Redis, corrupt: bool = False, antithetic: bool = False) -> int:
     """What the worker does: store version n+1 of the serving version, then publish it (fenced script)."""
     parent = load_version(store, MODEL, serving(r))
     version = (store.latest(MODEL) or 0) + 1
     params = {k: v + np.float32(0.01) for k, v in parent.params.items()}
-    write_next_version(store, parent, version, params, {"records": 0}, 0.5, np.random.default_rng(version))
+    write_next_version(store, parent, version, params, {"records": 0}, 0.5, np.random.default_rng(version),
+                       antithetic=antithetic)
     if corrupt:
         path = store.root / MODEL / "versions" / f"{version:08d}.safetensors"
         data = bytearray(path.read_bytes())
@@ -617,6 +621,181 @@ def test_redis_outage_is_a_fast_503_and_service_resumes(server: ServerProcess, c
         redis_proc.start()
     wait_until(lambda: httpx.get(server.url + "/readyz").status_code == 200, timeout=20, interval=0.05)
     assert client.predict(images(1))["version"] == version
+
+
+# ---------------------------------------------------------------------------------- antithetic versions
+def test_a_version_with_antithetic_seeds_is_served_as_its_twin(client: MPServeClient, store: ModelStore,
+                                                               r: redis.Redis) -> None:
+    version = publish_new_version(store, r, antithetic=True)
+    wait_until(lambda: predicted_version(client) == version, timeout=20, interval=0.05, what="A swaps")
+    loaded = load_version(store, MODEL, version)
+    assert loaded.antithetic and np.array_equal(loaded.seeds[:, 2], loaded.seeds[:, 1])  # vendors 1, 2 mirrored
+    x = images(16, seed=30)
+    out = client.predict(x)
+    assert out["version"] == version
+    paths = []
+    for i, p in enumerate(out["predictions"]):
+        stored = r.hgetall(KEYS.pred(p["id"]))
+        path = np.array([int(v) for v in stored[b"path"].decode().split(",")])
+        paths.append(path)
+        twin = numpy_mlp(loaded.spec, path_params(loaded.spec, loaded.params, loaded.seeds, path, loaded.eps,
+                                                  antithetic=True), x[i:i + 1])[0]
+        np.testing.assert_allclose(np.frombuffer(stored[b"logits"], dtype="<f4"), twin, rtol=1e-4, atol=1e-4)
+    assert np.isin(np.array(paths), [2]).any()  # some input ran on a mirror, θ − δ
+
+
+# ---------------------------------------------------------------------------------- holdout set
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def leader_predictions(store: ModelStore, version: int, x: np.ndarray) -> np.ndarray:
+    loaded = load_version(store, MODEL, version)
+    return numpy_mlp(loaded.spec, loaded.params, x)
+
+
+def label_some(client: MPServeClient, n: int, seed: int) -> set[str]:
+    """Predict and label n inputs; returns their record ids."""
+    out = client.predict(images(n, seed=seed))
+    assert all(x["status"] == "ok" for x in client.label_many([(p["id"], i % CLASSES)
+                                                               for i, p in enumerate(out["predictions"])]))
+    return {p["id"] for p in out["predictions"]}
+
+
+def pending_records(r: redis.Redis) -> set[str]:
+    """Record ids of the feedback entries delivered to a reconciler and not acknowledged."""
+    rows = r.xpending_range(KEYS.feedback, "reconciler", "-", "+", 100_000)
+    out = set()
+    for row in rows:
+        entry = r.xrange(KEYS.feedback, row["message_id"], row["message_id"])
+        out.update(fields[b"id"].decode() for _, fields in entry)
+    return out
+
+
+def test_holdout_admin_needs_the_token(server: ServerProcess, replica: ServerProcess, store: ModelStore) -> None:
+    body = {"inputs": images(1).tolist(), "labels": [1]}
+    for method in ("PUT", "GET", "DELETE"):
+        kw: dict[str, Any] = {"json": body} if method == "PUT" else {}
+        missing = httpx.request(method, server.url + "/admin/holdout", **kw)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.request(method, server.url + "/admin/holdout", headers={"Authorization": "Bearer nope"}, **kw)
+        assert wrong.status_code == 401
+        closed = httpx.request(method, replica.url + "/admin/holdout", headers=admin_headers(), **kw)
+        assert closed.status_code == 403
+    assert not store.holdout_path(MODEL).exists()
+
+
+def test_malformed_holdout_is_a_clear_4xx_and_writes_nothing(server: ServerProcess, client: MPServeClient,
+                                                             store: ModelStore, r: redis.Redis) -> None:
+    good = images(3, seed=40).tolist()
+    row = [[0.0] * 28] * 28
+    cases = {
+        "wrong shape": {"inputs": [[row[:27]]] * 3, "labels": [0, 1, 2]},
+        "flat input": {"inputs": [[0.0] * 784] * 3, "labels": [0, 1, 2]},
+        "string pixel": {"inputs": [[[["1"] * 28] * 28]], "labels": [0]},
+        "beyond float32": {"inputs": [[[[1e39] * 28] * 28]], "labels": [0]},
+        "label out of range": {"inputs": good, "labels": [0, 1, CLASSES]},
+        "negative label": {"inputs": good, "labels": [0, 1, -1]},
+        "boolean label": {"inputs": good, "labels": [0, 1, True]},
+        "too few labels": {"inputs": good, "labels": [0, 1]},
+        "no labels": {"inputs": good},
+        "empty": {"inputs": [], "labels": []},
+        "unknown field": {"inputs": good, "labels": [0, 1, 2], "path": "/tmp/x"},
+        "bad model name": {"model": "../etc", "inputs": good, "labels": [0, 1, 2]},
+    }
+    try:
+        before = client.upload_holdout(images(5, seed=41), [0, 1, 2, 3, 4])
+        stored = store.holdout_path(MODEL).read_bytes()
+        snapshot = redis_snapshot(r)
+        for case, body in cases.items():
+            resp = httpx.put(server.url + "/admin/holdout", json=body, headers=admin_headers())
+            assert resp.status_code == 422, (case, resp.text[:300])
+            assert_clear_4xx(resp, 422)
+            assert store.holdout_path(MODEL).read_bytes() == stored, case  # the earlier upload stands
+        unknown = httpx.put(server.url + "/admin/holdout", json={"model": "digits", "inputs": good,
+                                                                 "labels": [0, 1, 2]}, headers=admin_headers())
+        assert unknown.status_code == 404 and not (store.root / "digits").exists()
+        with pytest.raises(MPServeError) as too_big:  # over the body limit (256 KiB in this module)
+            client.upload_holdout(images(120, seed=42) / 255.0, list(range(10)) * 12)
+        assert too_big.value.status == 413
+        assert httpx.get(server.url + "/admin/holdout?model=Bad/Name", headers=admin_headers()).status_code == 422
+        assert client.holdout() == before and store.holdout_path(MODEL).read_bytes() == stored
+        assert redis_snapshot(r) == snapshot  # a holdout never touches Redis
+    finally:
+        store.delete_holdout(MODEL)
+
+
+def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
+        client: MPServeClient, store: ModelStore, r: redis.Redis, tmp_path: Path) -> None:
+    try:
+        x1 = images(40, seed=50)
+        wrong = (leader_predictions(store, serving(r), x1).argmax(1) + 1) % CLASSES  # v scores 0: any candidate passes
+        info = client.upload_holdout(x1, wrong)
+        assert (info["model"], info["size"]) == (MODEL, 40)
+        assert info["classes"] == np.bincount(wrong, minlength=CLASSES).tolist()
+        assert info["sha256"] == hashlib.sha256(store.holdout_path(MODEL).read_bytes()).hexdigest()
+        assert client.holdout() == info == client.holdout(model=MODEL)
+        held = store.read_holdout(MODEL)
+        np.testing.assert_array_equal(held.inputs, x1)
+        np.testing.assert_array_equal(held.labels, wrong)
+
+        label_some(client, 12, seed=51)
+        first = client.reconcile()
+        m = store.read_manifest(MODEL, first["version"])
+        assert m["validation"]["holdout_sha256"] == info["sha256"] and m["validation"]["accepted"] is True
+        assert m["validation"]["size"] == 40 and m["metrics"]["holdout_size"] == 40
+
+        # a new upload (the CLI path: an .npz read locally): the next version is checked on it
+        x2 = images(30, seed=52)
+        npz = tmp_path / "holdout.npz"
+        np.savez(npz, inputs=x2, labels=(leader_predictions(store, serving(r), x2).argmax(1) + 1) % CLASSES)
+        cli = subprocess.run([sys.executable, "-m", "mpserve.cli", "holdout", "upload", str(npz), "--url",
+                              client.base_url, "--token", TOKEN], capture_output=True, text=True, timeout=60,
+                             env=_env(), cwd=ROOT)
+        assert cli.returncode == 0, cli.stderr
+        second_info = json.loads(cli.stdout)
+        assert second_info["size"] == 30 and second_info["sha256"] != info["sha256"]
+        label_some(client, 12, seed=53)
+        second = client.reconcile()
+        assert store.read_manifest(MODEL, second["version"])["validation"]["holdout_sha256"] == second_info["sha256"]
+
+        # a holdout the serving version gets right on its closest calls: with tolerance 0 a step is refused
+        pool = images(3000, seed=54)
+        logits = leader_predictions(store, serving(r), pool)
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        close = np.argsort(np.where(margin > 1e-3, margin, np.inf))[:40]
+        client.upload_holdout(pool[close], logits[close].argmax(1))
+        mine = label_some(client, 12, seed=55)
+        version, stored = serving(r), store.versions(MODEL)
+        with pytest.raises(MPServeError) as refused:
+            client.reconcile()
+        assert refused.value.status == 409 and "validation guard" in refused.value.detail
+        assert "holdout accuracy" in refused.value.detail
+        assert serving(r) == version and store.versions(MODEL) == stored  # nothing written or published
+        last = client.model(MODEL)["history"][-1]
+        assert (last["type"], last["version"], last["validation"]["accepted"]) == ("refused", version, False)
+        assert mine.isdisjoint(pending_records(r))  # its entries were used up: acknowledged
+        assert last["records"] >= 12
+        assert last["metrics"]["validation_accuracy"] < last["validation"]["reference_accuracy"]
+    finally:
+        store.delete_holdout(MODEL)
+    with pytest.raises(MPServeError) as gone:
+        client.holdout()
+    assert gone.value.status == 404
+    with pytest.raises(MPServeError) as again:
+        client.delete_holdout()
+    assert again.value.status == 404
+
+
+def test_delete_holdout_removes_the_upload(client: MPServeClient, store: ModelStore) -> None:
+    try:
+        client.upload_holdout(images(2, seed=60), [1, 2])
+        assert store.holdout_path(MODEL).exists()
+        assert client.delete_holdout() == {"model": MODEL, "deleted": True}
+        assert not store.holdout_path(MODEL).exists()
+    finally:
+        store.delete_holdout(MODEL)
 
 
 # ---------------------------------------------------------------------------------- settings (no server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import signal
@@ -25,10 +26,14 @@ import pydantic
 import pytest
 import redis
 
+from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy
+from marketplace.update import UpdateConfig, class_loss_gap, propose_update
 from model_store import ModelStore
+from model_store.holdout import encode_holdout
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import PredictionRecord, RecordLog, StaleLeaderError
-from tests.helpers import RedisProcess, make_store, wait_until
+from mpserve.versions import load_version, version_sources
+from tests.helpers import RedisProcess, make_store, numpy_mlp, wait_until
 from worker.fenced import fenced_ack
 from worker.main import build_settings
 from worker.reconciler import Reconciler
@@ -88,6 +93,12 @@ def published_versions(client: redis.Redis) -> list[int]:
     return [h["version"] for h in RecordLog(client, MODEL).history() if h["type"] == "publish"]
 
 
+def read_holdout_bytes(path: Path) -> bytes:
+    """The bytes whose sha256 names an .npz holdout: its arrays as the store would keep them."""
+    with np.load(path, allow_pickle=False) as npz:
+        return encode_holdout(npz["inputs"], npz["labels"])
+
+
 def used_ids(store: ModelStore, version: int) -> list[str]:
     return store.read_manifest(MODEL, version)["inputs"]["entry_ids"]
 
@@ -103,6 +114,14 @@ def test_flags_override_env_and_bad_settings_are_refused(monkeypatch: pytest.Mon
     s = build_settings(["--min-records", "5", "--outlier", "zscore", "--class-weights", "--models", "gamma"])
     assert (s.min_records, s.outlier, s.class_weights, s.models) == (5, "zscore", True, ["gamma"])
     assert s.reconcile_config().outlier == "zscore"
+    learning = build_settings(["--antithetic", "--momentum", "0.5", "--baseline", "class", "--lr-schedule", "loss_gap",
+                               "--holdout-path", "h.npz", "--guard-tolerance", "0.05", "--guard-reference", "parent"])
+    assert (learning.antithetic, learning.reconcile_config().baseline, str(learning.holdout_path)) == (
+        True, "class", "h.npz")
+    assert learning.update_config() == UpdateConfig(momentum=0.5, lr_schedule="loss_gap")
+    assert (learning.guard_tolerance, learning.guard_reference) == (0.05, "parent")
+    with pytest.raises(pydantic.ValidationError):
+        build_settings(["--momentum", "1.0"])  # β < 1, or the steps never shrink
     with pytest.raises(pydantic.ValidationError):
         WorkerSettings(poll_ms=5000, lease_ttl_ms=10_000)  # a blocking read would outlive the renewal
     with pytest.raises(SystemExit):
@@ -305,6 +324,221 @@ def test_a_rollback_during_reconciliation_is_not_undone(
     assert used_ids(store, out.version) == on_base and out.stats["stale_dropped"] == 40
     assert store.lineage(MODEL, out.version)[:2] == [out.version, base]
     assert pending(redis_client) == []
+
+
+# ------------------------------------------------------------------------------------------ validation guard
+
+
+def feed_served(client: redis.Redis, n: int, version: int, seed: int) -> dict[str, PredictionRecord]:
+    """n labelled predictions with real logits (about half of them right): entry id -> the record."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, (n, CLASSES)).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.5, logits.argmax(1), rng.integers(0, CLASSES, n))
+    loss = cross_entropy(logits, labels)
+    records = [PredictionRecord(f"s{next(_ids)}", version, tuple(int(v) for v in rng.integers(0, VENDORS, GROUPS)),
+                                logits[i], label=int(labels[i]), loss=float(loss[i])) for i in range(n)]
+    RecordLog(client, MODEL).write_predictions(records)
+    ids = [eid.decode() for eid, _ in reversed(client.xrevrange(K.feedback, count=n))]
+    return dict(zip(ids, records, strict=True))
+
+
+def holdout_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 1, 28, 28)).astype(np.float32)
+
+
+def evaluate(store: ModelStore, version: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on (x, y), by an independent NumPy forward (not the engine)."""
+    loaded = load_version(store, MODEL, version)
+    logits = numpy_mlp(loaded.spec, loaded.params, x)
+    return float(np.mean(logits.argmax(1) == y)), float(np.mean(cross_entropy(logits, y)))
+
+
+def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    spec = load_version(store, MODEL, 0).spec
+    x1 = holdout_images(200, 1)
+    base_pred = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x1).argmax(1)
+    y1 = np.where(np.arange(200) % 2 == 0, base_pred, np.random.default_rng(2).integers(0, CLASSES, 200))
+    h1 = store.write_holdout(MODEL, x1, y1)
+    configured = tmp_path / "configured.npz"  # an operator's file: the upload takes precedence over it
+    np.savez(configured, inputs=holdout_images(50, 3), labels=np.zeros(50, np.int64))
+    settings = make_settings(redis_server, store, momentum=0.5, guard_tolerance=0.5, holdout_path=configured)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+
+    fed = feed_served(redis_client, 40, 0, seed=10)
+    out = rec.run_once()
+    assert (out.published, out.version) == (True, 1), out.reason
+    m1 = store.read_manifest(MODEL, 1)
+    used = [fed[i] for i in m1["inputs"]["entry_ids"]]
+    assert len(used) == 40
+    acc0, _ = evaluate(store, 0, x1, y1)
+    acc1, loss1 = evaluate(store, 1, x1, y1)
+    v = m1["validation"]
+    assert (v["holdout_sha256"], v["size"], v["accepted"], v["reference"]) == (h1.sha256, 200, True, "anchor")
+    assert v["accuracy"] == acc1 and v["loss"] == pytest.approx(loss1, rel=1e-4)
+    assert v["parent_accuracy"] == acc0 and v["anchor_accuracy"] == acc0 and v["reference_accuracy"] == acc0
+    assert v["tolerance"] == 0.5
+    metrics = m1["metrics"]
+    assert metrics["online_loss"] == pytest.approx(np.mean([r.loss for r in used]), rel=1e-6)
+    hits = [int(np.argmax(r.logits)) == r.label for r in used]
+    assert 0 < sum(hits) < 40 and metrics["online_accuracy"] == pytest.approx(np.mean(hits))
+    assert (metrics["validation_accuracy"], metrics["validation_loss"]) == (v["accuracy"], v["loss"])
+    assert (metrics["holdout_size"], metrics["records"]) == (200, 40)
+    assert RecordLog(redis_client, MODEL).history()[-1]["metrics"] == metrics
+
+    # momentum: the second step repeats half of the first, on top of its own reconciled step
+    fed = feed_served(redis_client, 40, 1, seed=11)
+    out = rec.run_once()
+    assert (out.published, out.version) == (True, 2), out.reason
+    m2 = store.read_manifest(MODEL, 2)
+    used = [fed[i] for i in m2["inputs"]["entry_ids"]]
+    p0, p1, p2 = (store.load_version(MODEL, n)[0] for n in (0, 1, 2))
+    records = Records(np.array([r.version for r in used]), np.array([r.path for r in used]),
+                      np.array([r.loss for r in used]), np.array([r.label for r in used]))
+    plain = propose_update(spec, p1, records, version_sources(store, MODEL, [1]), settings.reconcile_config(),
+                           UpdateConfig())
+    for k in p0:
+        expected = plain.params[k].astype(np.float64) + 0.5 * (p1[k].astype(np.float64) - p0[k])
+        np.testing.assert_allclose(p2[k], expected, rtol=0, atol=1e-5)
+    assert np.abs(p2["0.fc.weight"] - plain.params["0.fc.weight"]).max() > 1e-3  # the momentum term is real
+    # the anchor is carried forward: v0's accuracy, not v1's
+    v = m2["validation"]
+    acc2, _ = evaluate(store, 2, x1, y1)
+    assert (v["anchor_accuracy"], v["parent_accuracy"], v["accuracy"]) == (acc0, m1["validation"]["accuracy"], acc2)
+
+    # a new upload: the next version is validated on it, and its anchor starts over at the parent
+    x2 = holdout_images(120, 4)
+    y2 = np.random.default_rng(5).integers(0, CLASSES, 120)
+    h2 = store.write_holdout(MODEL, x2, y2)
+    assert h2.sha256 != h1.sha256
+    feed_served(redis_client, 40, 2, seed=12)
+    out = rec.run_once()
+    assert (out.published, out.version) == (True, 3), out.reason
+    v = store.read_manifest(MODEL, 3)["validation"]
+    acc2_new, _ = evaluate(store, 2, x2, y2)
+    assert (v["holdout_sha256"], v["size"]) == (h2.sha256, 120)
+    assert v["parent_accuracy"] == acc2_new and v["anchor_accuracy"] == acc2_new
+    rec.close()
+
+
+def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    spec = load_version(store, MODEL, 0).spec
+    x = holdout_images(200, 6)
+    y = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x).argmax(1)  # what v0 says: it scores (about) 1.0
+    configured = tmp_path / "holdout.npz"
+    np.savez(configured, inputs=x, labels=y)
+    settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    fed = feed_served(redis_client, 40, 0, seed=20)
+    out = rec.run_once()
+    assert not out.published and out.version is None and out.parent == 0
+    assert out.reason.startswith("candidate refused by the validation guard: holdout accuracy")
+    assert version_key(redis_client) is None and store.versions(MODEL) == [0]  # nothing written or published
+    assert pending(redis_client) == []  # the entries were used: acknowledged
+    refused = RecordLog(redis_client, MODEL).history()[-1]
+    assert (refused["type"], refused["version"], refused["parent"], refused["records"]) == ("refused", 0, 0, 40)
+    acc0, _ = evaluate(store, 0, x, y)
+    v = refused["validation"]
+    assert v["accepted"] is False and v["reference_accuracy"] == acc0 == v["parent_accuracy"]
+    assert v["accuracy"] < acc0 and v["tolerance"] == 0.0
+    assert v["holdout_sha256"] == hashlib.sha256(read_holdout_bytes(configured)).hexdigest()
+    assert refused["metrics"]["validation_accuracy"] == v["accuracy"] and refused["metrics"]["records"] == 40
+    assert refused["metrics"]["online_loss"] == pytest.approx(np.mean([r.loss for r in fed.values()]), rel=1e-6)
+    assert out.stats["metrics"] == refused["metrics"]
+    rec.close()
+
+    # the same through the admin trigger (in process, no worker running): no publish, the guard's reason
+    feed_served(redis_client, 20, 0, seed=21)
+    answer = request_reconcile(redis_client, store, settings, MODEL, timeout_s=30)
+    assert answer["published"] is False and "validation guard" in answer["reason"]
+    assert version_key(redis_client) is None and pending(redis_client) == []
+    assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "refused"]
+
+
+def test_learning_options_reach_the_published_versions(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    """antithetic, probe_scale, baseline=class and the loss_gap schedule, as the worker applies them."""
+    settings = make_settings(redis_server, store, antithetic=True, probe_scale=0.02, baseline="class",
+                             lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    feed_served(redis_client, 40, 0, seed=30)
+    assert rec.run_once().version == 1
+    m1 = store.read_manifest(MODEL, 1)
+    seeds = np.array(m1["seeds"], dtype=np.uint64)
+    assert m1["antithetic"] is True and m1["probe_scale"] == 0.02 and m1["reconciler"]["baseline"] == "class"
+    assert np.array_equal(seeds[:, 2], seeds[:, 1]) and not np.array_equal(seeds[:, 3], seeds[:, 1])
+
+    fed = feed_served(redis_client, 40, 1, seed=31)  # served by the mirrored version 1
+    assert rec.run_once().version == 2
+    m2 = store.read_manifest(MODEL, 2)
+    used = [fed[i] for i in m2["inputs"]["entry_ids"]]
+    records = Records(np.array([r.version for r in used]), np.array([r.path for r in used]),
+                      np.array([r.loss for r in used]), np.array([r.label for r in used]))
+    p1, p2 = store.load_version(MODEL, 1)[0], store.load_version(MODEL, 2)[0]
+    spec = load_version(store, MODEL, 1).spec
+    sources = {1: VersionSeeds(seeds, 0.02, antithetic=True)}  # built from the manifest, not by the worker's code
+    rc = ReconcileConfig(learning_rate=0.5, min_cohort=8, baseline="class")
+    expected = propose_update(spec, p1, records, sources, rc,
+                              UpdateConfig(lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0))
+    gap = class_loss_gap(records.loss, records.label, CLASSES)
+    assert m2["learning_rate"] == pytest.approx(0.5 * (0.2 + 0.8 * min(gap / 5.0, 1.0)))
+    assert m2["training"]["loss_gap"] == pytest.approx(gap)
+    for k in p1:
+        np.testing.assert_allclose(p2[k], expected.params[k], rtol=0, atol=1e-6)
+    rec.close()
+
+
+def test_guard_counts_non_finite_logits_as_wrong_and_skips_a_holdout_that_does_not_fit(
+        redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    from worker.guard import ValidationGuard
+
+    parent = load_version(store, MODEL, 0)
+    x = holdout_images(30, 8)
+    y = numpy_mlp(parent.spec, parent.params, x).argmax(1)
+    guard = ValidationGuard(make_settings(redis_server, store, guard_tolerance=0.5), store, MODEL)
+    assert guard.judge(parent, parent.params) is None  # no holdout anywhere: nothing to check
+    store.write_holdout(MODEL, x, y)
+    broken = {k: np.full_like(v, np.inf) if k == "1.fc.bias" else v for k, v in parent.params.items()}
+    verdict = guard.judge(parent, broken)
+    assert verdict is not None and not verdict.accepted
+    assert verdict.validation["accuracy"] == 0.0 and verdict.validation["loss"] is None
+    json.dumps(verdict.validation, allow_nan=False)  # manifests and the history are strict JSON
+    same = guard.judge(parent, parent.params)
+    assert same is not None and same.accepted and same.validation["accuracy"] == evaluate(store, 0, x, y)[0]
+
+    store.delete_holdout(MODEL)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, inputs=x, labels=np.where(np.arange(30) == 3, -1, y))  # a negative label
+    assert ValidationGuard(make_settings(redis_server, store, holdout_path=bad), store, MODEL).judge(
+        parent, parent.params) is None
+    np.savez(bad, inputs=x[:, :, :14], labels=y)  # another input shape
+    assert ValidationGuard(make_settings(redis_server, store, holdout_path=bad), store, MODEL).judge(
+        parent, parent.params) is None
+
+
+def test_a_validation_longer_than_the_lease_ttl_keeps_the_lease(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store.write_holdout(MODEL, holdout_images(20, 7), np.zeros(20, np.int64))
+    a = Reconciler(make_settings(redis_server, store, consumer="a", lease_ttl_ms=300, guard_tolerance=1.0), store,
+                   redis_client, MODEL)
+    b = Reconciler(make_settings(redis_server, store, consumer="b", lease_ttl_ms=300), store, redis_client, MODEL)
+    real_judge = a.guard.judge
+    seen: list[str | None] = []
+
+    def slow_judge(*args: object) -> object:  # a validation that takes 3 TTLs (a big holdout, a first compile)
+        threading.Event().wait(0.9)
+        seen.append(b.run_once().reason)  # another worker tries to take over meanwhile
+        return real_judge(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(a.guard, "judge", slow_judge)
+    feed(redis_client, 40)
+    out = a.run_once()
+    assert out.published and out.version == 1 and a.is_leader
+    assert seen and seen[0].startswith("not leader") and not b.is_leader
+    assert redis_client.get(K.lock).decode() == a.lease.owner and a.run_once().reason.startswith("too few")
+    a.close()
 
 
 # ------------------------------------------------------------------------------------------ lease

@@ -40,11 +40,17 @@ class Verdict:
                 f"{v['reference_accuracy']:.4f} ({v['reference']})")
 
 
-def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the unperturbed weights on the holdout set."""
+def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, float | None]:
+    """Accuracy and mean cross-entropy of the unperturbed weights on the holdout set.
+
+    An example with a non-finite logit counts as wrong (argmax of NaN would pick class 0), and the loss
+    is then None: the figures go into manifests and the history, which are strict JSON.
+    """
     logits = leader_logits(engine, params, holdout.inputs)
-    return {"accuracy": float(np.mean(logits.argmax(1) == holdout.labels)),
-            "loss": float(np.mean(cross_entropy(logits, holdout.labels)))}
+    finite = np.isfinite(logits).all(axis=1)
+    correct = (logits.argmax(1) == holdout.labels) & finite
+    loss = float(np.mean(cross_entropy(logits, holdout.labels))) if finite.all() else None
+    return {"accuracy": float(np.mean(correct)), "loss": loss if loss is not None and np.isfinite(loss) else None}
 
 
 class ValidationGuard:
@@ -55,7 +61,7 @@ class ValidationGuard:
         self._engines: dict[str, Engine] = {}
         self._holdout_key: tuple[Any, ...] | None = None
         self._holdout: Holdout | None = None
-        self._parents: dict[tuple[int, str], dict[str, float]] = {}
+        self._parents: dict[tuple[int, str], dict[str, float | None]] = {}
 
     def holdout(self) -> Holdout | None:
         """The uploaded holdout, else the configured file, else None; reread only when the file changes."""
@@ -65,7 +71,7 @@ class ValidationGuard:
             self._holdout_key, self._holdout = None, None
             return None
         stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)  # an upload is a new inode
         if key != self._holdout_key:
             holdout = self.store.read_holdout(self.model) if path == uploaded else read_holdout_file(path)
             self._holdout_key, self._holdout = key, holdout
@@ -83,9 +89,11 @@ class ValidationGuard:
         if holdout is None:
             return None
         spec = parent.spec
-        if holdout.inputs.shape[1:] != tuple(spec.input_shape) or holdout.labels.max() >= spec.num_classes:
-            log.error("%s: the holdout set does not fit the model (inputs %s, labels up to %d); not validating",
-                      self.model, holdout.inputs.shape[1:], int(holdout.labels.max()))
+        if holdout.inputs.shape[1:] != tuple(spec.input_shape) or holdout.labels.max() >= spec.num_classes \
+                or holdout.labels.min() < 0 or not np.isfinite(holdout.inputs).all():
+            log.error("%s: the holdout set does not fit the model (inputs %s, labels %d..%d, finite: %s); "
+                      "not validating", self.model, holdout.inputs.shape[1:], int(holdout.labels.min()),
+                      int(holdout.labels.max()), bool(np.isfinite(holdout.inputs).all()))
             return None
         engine = self._engine(spec)
         own = holdout_figures(engine, candidate, holdout)
@@ -101,10 +109,11 @@ class ValidationGuard:
             "reference": self.settings.guard_reference, "reference_accuracy": reference,
             "tolerance": self.settings.guard_tolerance, "accepted": accepted})
 
-    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine) -> dict[str, float]:
+    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine
+                        ) -> dict[str, float | None]:
         recorded = parent.manifest.get("validation") or {}
         if recorded.get("holdout_sha256") == holdout.sha256 and "accuracy" in recorded:
-            return {"accuracy": float(recorded["accuracy"]), "loss": float(recorded.get("loss", float("nan")))}
+            return {"accuracy": float(recorded["accuracy"]), "loss": recorded.get("loss")}
         key = (parent.version, holdout.sha256)
         if key not in self._parents:
             self._parents = {key: holdout_figures(engine, parent.params, holdout)}  # one parent at a time

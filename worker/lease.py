@@ -9,8 +9,10 @@ of it as slack for a slow loop iteration.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from mpserve.recordlog import RecordLog
 
@@ -55,6 +57,38 @@ class Lease:
         log.warning("%s: %s lost the leader lease (token %d)", self.records.model, self.owner, self.token)
         self.token = None
         return False
+
+    @contextmanager
+    def renewing(self) -> Iterator[None]:
+        """Renew from a helper thread while the caller runs one long step (a reconciliation, a validation).
+
+        A step longer than the TTL (the validation guard compiling its engine, a large holdout) would
+        otherwise let the lease expire under a healthy leader and hand the model to another worker mid-way.
+        The caller must not use the lease inside the block; afterwards ``held`` says whether it survived.
+        """
+        if self.token is None:
+            yield
+            return
+        stop, lost = threading.Event(), threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.ttl_ms / 3000):
+                if not self.records.renew_lease(self.owner, self.ttl_ms):
+                    lost.set()
+                    return
+                self._renewed_at = self._clock()
+
+        thread = threading.Thread(target=renew, name=f"lease-{self.records.model}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            if lost.is_set() and self.token is not None:
+                log.warning("%s: %s lost the leader lease during a long step (token %d)", self.records.model,
+                            self.owner, self.token)
+                self.token = None
 
     def drop(self) -> None:
         """Forget the lease locally (after a refused publish): the next ``acquire`` decides anew."""

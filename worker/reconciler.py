@@ -364,9 +364,15 @@ class Reconciler:
         """Build on ``batch.base`` and publish, provided ``mp:{m}:version`` still reads ``expected``."""
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
-        result = propose_update(parent.spec, parent.params, _records(batch.usable),
-                                {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
-                                self.settings.update_config(), self._last_step(parent))
+        with self.lease.renewing():  # the update and its validation may outlast the lease's TTL
+            result = propose_update(parent.spec, parent.params, _records(batch.usable),
+                                    {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
+                                    self.settings.update_config(), self._last_step(parent))
+            verdict = self.guard.judge(parent, result.params)
+        if not self.lease.held:
+            self._lost("the lease expired while the candidate was built and validated")
+            return ReconcileOutcome(False, None, parent.version, {}, "lost leadership: the lease expired while "
+                                    "the candidate was built and validated", time.monotonic() - t0)
         used = [e for e, u in zip(batch.usable, result.used, strict=True) if u]
         dropped = batch.dropped
         counts = batch.counts()
@@ -381,7 +387,6 @@ class Reconciler:
             **online_metrics(np.array([e.loss for e in used]),
                              None if any(c is None for c in correct) else np.array(correct, dtype=bool)),
             "validation_accuracy": None, "validation_loss": None, "holdout_size": None, "records": len(used)}
-        verdict = self.guard.judge(parent, result.params)
         if verdict is not None:
             metrics.update(validation_accuracy=verdict.validation["accuracy"],
                            validation_loss=verdict.validation["loss"], holdout_size=verdict.validation["size"])
@@ -443,7 +448,7 @@ class Reconciler:
         token = self.lease.token
         assert token is not None
         try:
-            self.records.refuse(token, parent.version, history, entry_ids)
+            self.records.refuse(token, parent.version, history, entry_ids, expected)
         except VersionMovedError as exc:
             self._last_attempt = None
             return ReconcileOutcome(False, None, parent.version, stats, f"version moved: {exc}",

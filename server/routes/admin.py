@@ -1,4 +1,7 @@
-"""Admin routes: reconcile now, roll back. Bearer token only; with no token configured they are closed (403)."""
+"""Admin routes: reconcile now, roll back, the validation guard's holdout set.
+
+Bearer token only; with no token configured they are closed (403).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,27 @@ import hmac
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+import numpy as np
+from fastapi import APIRouter, Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from model_store import ModelStoreError
+from model_store import Holdout, ModelStoreError
+from mpserve.keys import MODEL_NAME_RE
 from mpserve.versions import load_version
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
-from server.schemas import ErrorResponse, ReconcileRequest, ReconcileResponse, RollbackRequest, RollbackResponse
+from server.schemas import (
+    ErrorResponse,
+    HoldoutDeleted,
+    HoldoutInfo,
+    HoldoutUpload,
+    ReconcileRequest,
+    ReconcileResponse,
+    RollbackRequest,
+    RollbackResponse,
+)
 from server.settings import ServerSettings
-from server.state import StateDep
+from server.state import AppState, ModelContext, StateDep
+from server.validation import inputs_array, labels_array
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +114,79 @@ async def rollback(body: RollbackRequest, state: StateDep) -> RollbackResponse:
     ctx.runtime.nudge()
     log.warning("admin: rolled %s back from version %s to %d", ctx.name, previous, body.version)
     return RollbackResponse(model=ctx.name, version=body.version, previous=previous)
+
+
+# ---------------------------------------------------------------------------------- holdout set
+ModelQuery = Annotated[str | None, Query(pattern=MODEL_NAME_RE.pattern,
+                                         description="model name; default: the server's")]
+
+
+def _describe(model: str, holdout: Holdout, num_classes: int | None) -> HoldoutInfo:
+    width = max(num_classes or 0, int(holdout.labels.max()) + 1)
+    return HoldoutInfo(model=model, size=len(holdout), sha256=holdout.sha256,
+                       classes=np.bincount(holdout.labels, minlength=width).tolist())
+
+
+async def _stored(state: AppState, ctx: ModelContext) -> Holdout:
+    try:
+        holdout = await asyncio.to_thread(state.store.read_holdout, ctx.name)
+    except (ModelStoreError, ValueError) as exc:
+        raise ApiError(409, f"the stored holdout set of {ctx.name!r} cannot be read ({exc}); upload it again "
+                            "or delete it") from exc
+    if holdout is None:
+        raise ApiError(404, f"model {ctx.name!r} has no uploaded holdout set")
+    return holdout
+
+
+@router.put("/holdout", response_model=HoldoutInfo, responses={
+    413: {"model": ErrorResponse, "description": "request body too large (max_body_bytes)"},
+    422: {"model": ErrorResponse, "description": "malformed inputs or labels: nothing was written"},
+    503: {"model": ErrorResponse, "description": "the model is not loaded (its shape and classes are unknown)"},
+})
+async def put_holdout(body: HoldoutUpload, state: StateDep) -> HoldoutInfo:
+    """Replace the model's holdout set: every candidate version must hold its accuracy on it before it serves.
+
+    Inputs and labels are checked exactly like those of /predict, against the served version's input
+    shape and classes; a malformed set is a 422 and nothing is written. The set is kept in the model
+    store under a fixed name, replaces any earlier upload atomically, and takes precedence over a
+    worker's own file (MPSERVE_HOLDOUT_PATH). The reconciler picks it up at its next reconciliation.
+
+    Size: the request body limit (max_body_bytes, 8 MiB by default) bounds an upload. A Fashion-MNIST
+    image sent as compact JSON integers 0-255 takes about 2.3 KB, so about 3,500 images fit in 8 MiB
+    (`mpserve holdout upload` sends whole numbers as integers); scaled to floats in [0, 1] it takes
+    about 9.8 KB, so about 850. Raise max_body_bytes for a larger set, or give the worker a file
+    (MPSERVE_HOLDOUT_PATH) instead.
+    """
+    ctx = state.model(body.model)
+    spec = ctx.served().loaded.spec
+    x = inputs_array(body.inputs, spec.input_shape)
+    y = labels_array(body.labels, len(x), spec.num_classes)
+    assert y is not None
+    try:
+        holdout = await asyncio.to_thread(state.store.write_holdout, ctx.name, x, y)
+    except ModelStoreError as exc:
+        raise ApiError(422, f"holdout set refused: {exc}") from exc
+    log.warning("admin: holdout set of %s replaced: %d examples (sha256 %s)", ctx.name, len(holdout),
+                holdout.sha256[:12])
+    return _describe(ctx.name, holdout, spec.num_classes)
+
+
+@router.get("/holdout", response_model=HoldoutInfo, responses={
+    409: {"model": ErrorResponse, "description": "the stored holdout set is unreadable"},
+})
+async def get_holdout(state: StateDep, model: ModelQuery = None) -> HoldoutInfo:
+    """Describe the model's uploaded holdout set (404 if there is none)."""
+    ctx = state.model(model)
+    holdout = await _stored(state, ctx)
+    served = ctx.runtime.served
+    return _describe(ctx.name, holdout, served.loaded.spec.num_classes if served else None)
+
+
+@router.delete("/holdout", response_model=HoldoutDeleted)
+async def delete_holdout(state: StateDep, model: ModelQuery = None) -> HoldoutDeleted:
+    """Remove the model's uploaded holdout set (404 if there is none); a worker's own file still applies."""
+    ctx = state.model(model)
+    if not await asyncio.to_thread(state.store.delete_holdout, ctx.name):
+        raise ApiError(404, f"model {ctx.name!r} has no uploaded holdout set")
+    log.warning("admin: holdout set of %s deleted", ctx.name)
+    return HoldoutDeleted(model=ctx.name, deleted=True)

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marketplace.reconcile import ReconcileConfig
-from mpserve.settings_types import ModelNames
+from mpserve.settings_types import ClientNames, ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -55,6 +55,8 @@ class WorkerSettings(BaseSettings):
     keep_versions: int = Field(50, ge=1, description="retention: keep the newest N versions (and current, parent)")
     max_records_per_reconcile: int = Field(100_000, ge=1, description="most records one update uses (and buffers)")
     log_level: LogLevel = Field("info", description="logging level")
+    disabled_clients: ClientNames = Field(default_factory=list,
+                                          description="API clients whose feedback entries are dropped as invalid")
 
     @field_validator("log_level", mode="before")
     @classmethod

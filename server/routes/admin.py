@@ -13,7 +13,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from model_store import ModelStoreError
 from mpserve.versions import load_version
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
-from server.schemas import ErrorResponse, ReconcileRequest, ReconcileResponse, RollbackRequest, RollbackResponse
+from server.jsonbody import StrictJSONRoute
+from server.schemas import (
+    BODY_ERRORS,
+    ErrorResponse,
+    ReconcileRequest,
+    ReconcileResponse,
+    RollbackRequest,
+    RollbackResponse,
+)
 from server.settings import ServerSettings
 from server.state import StateDep
 
@@ -35,7 +43,9 @@ def require_admin(state: StateDep,
         raise ApiError(401, "invalid admin token", challenge)
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses={
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   route_class=StrictJSONRoute, responses={
+    **BODY_ERRORS,
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
     403: {"model": ErrorResponse, "description": "admin disabled: no token configured"},
     404: {"model": ErrorResponse, "description": "unknown model or version"},
@@ -48,7 +58,7 @@ def worker_settings(settings: ServerSettings) -> Any:
     from worker.settings import WorkerSettings
 
     return WorkerSettings(redis_url=settings.redis_url, store_dir=settings.store_dir, models=settings.models,
-                          label_window_s=settings.label_window_s)
+                          label_window_s=settings.label_window_s, disabled_clients=settings.disabled_clients)
 
 
 @router.post("/reconcile", response_model=ReconcileResponse, responses={

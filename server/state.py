@@ -98,6 +98,11 @@ class AppState:
             c.runtime.start()
             c.batcher.start()
         watcher.start()
+        if access.enabled:  # names only: secrets are never logged
+            log.info("API keys required on /predict and /label: clients %s, disabled %s, rate limit %s",
+                     sorted(settings.api_keys), sorted(access.disabled),
+                     f"{settings.rate_limit_per_s:g}/s burst {settings.rate_limit_burst} per replica"
+                     if access.bucket else "off")
         log.info("serving %s (default %s); versions %s", sorted(models), settings.default_model,
                  {m: (c.runtime.served.version if c.runtime.served else None) for m, c in models.items()})
         return state

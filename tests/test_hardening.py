@@ -19,6 +19,7 @@ import redis
 
 from bench.fuzz import fuzz_api, summary
 from model_store import ModelStore
+from mpserve.client import MPServeClient
 from mpserve.keys import ModelKeys
 from server.access import TokenBucket
 from server.main import settings_from_args
@@ -71,7 +72,7 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "5", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
-              "--log-level", "warning"]
+              "--log-level", "info"]
     procs = {
         "guarded": ServerProcess(logs, "guarded", [
             *common, "--admin-token", TOKEN, "--api-keys", ",".join(f"{c}:{s}" for c, s in SECRETS.items()),
@@ -205,8 +206,8 @@ def test_predict_and_label_record_the_client(guarded: ServerProcess, r: redis.Re
     out = httpx.post(guarded.url + "/predict", json={"inputs": images(2, 1), "labels": [3, 4]}, headers=key("alpha"))
     assert out.status_code == 200, out.text
     labelled = [p["id"] for p in out.json()["predictions"]]
-    late = httpx.post(guarded.url + "/predict", json={"inputs": images(1, 2)}, headers=key("alpha")).json()
-    (late_id,) = (p["id"] for p in late["predictions"])
+    with MPServeClient(guarded.url, api_key=SECRETS["alpha"]) as alpha:
+        (late_id,) = (p["id"] for p in alpha.predict(np.asarray(images(1, 2)))["predictions"])
     res = httpx.post(guarded.url + "/label", json={"id": late_id, "label": 5}, headers=bearer(SECRETS["beta"]))
     assert res.status_code == 200 and res.json()["status"] == "ok", res.text
     for rid in [*labelled, late_id]:
@@ -250,6 +251,12 @@ def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ServerProcess
     assert snapshot(r) == before
     ok = httpx.post(guarded.url + "/admin/rollback", json={"version": 0}, headers=bearer(TOKEN))
     assert ok.status_code == 200 and ok.json()["version"] == 0 and int(r.get(KEYS.version)) == 0
+
+
+def test_client_names_are_logged_and_secrets_never(guarded: ServerProcess) -> None:
+    text = guarded.log_path.read_text(errors="replace")
+    assert "API keys required on /predict and /label: clients ['alpha', 'beta', 'gone'], disabled ['gone']" in text
+    assert not any(secret in text for secret in SECRETS.values())
 
 
 def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: ServerProcess,

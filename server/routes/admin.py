@@ -27,7 +27,8 @@ from server.state import StateDep
 
 log = logging.getLogger(__name__)
 
-_bearer = HTTPBearer(auto_error=False, description="the server's admin token (MPSERVE_ADMIN_TOKEN)")
+_bearer = HTTPBearer(scheme_name="AdminToken", auto_error=False,
+                     description="the server's admin token (MPSERVE_ADMIN_TOKEN)")
 
 
 def require_admin(state: StateDep,
@@ -63,6 +64,7 @@ def worker_settings(settings: ServerSettings) -> Any:
 
 @router.post("/reconcile", response_model=ReconcileResponse, responses={
     409: {"model": ErrorResponse, "description": "nothing published, and why (e.g. too few records)"},
+    501: {"model": ErrorResponse, "description": "the reconciler (worker package) is not installed here"},
     504: {"model": ErrorResponse, "description": "no outcome within the timeout"},
 })
 async def reconcile(body: ReconcileRequest, state: StateDep) -> ReconcileResponse:

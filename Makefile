@@ -17,3 +17,4 @@ lint:
 bench:
 	.venv/bin/python -m bench.inference --json results/inference.json
 	.venv/bin/python -m bench.reconcile --json results/reconcile.json
+	.venv/bin/python -m bench.fuzz --json results/fuzz.json

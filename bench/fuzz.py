@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,10 +58,14 @@ def _checks() -> tuple[Any, list[Any]]:
 
 
 def fuzz_api(base_url: str, examples: int, credentials: Mapping[str, Mapping[str, str]],
-             modes: tuple[str, ...] = ("positive", "negative"), derandomize: bool = False,
+             modes: tuple[str, ...] = ("positive", "negative", "shaped"), derandomize: bool = False,
              timeout_s: float = 60.0) -> list[Row]:
     """Fuzz every operation of the live schema at ``base_url``; one row per (operation, mode, credentials).
 
+    ``positive``/``negative``: schemathesis' data from the schema. ``shaped``: /predict bodies of the
+    default model's exact input shape (random values up to the float32 range, labels in and out of
+    range), then /label on the ids they returned, so the success paths are fuzzed too (the schema says
+    only "nested arrays of numbers": random data almost never has the model's shape).
     ``credentials`` names header sets, e.g. ``{"none": {}, "token": {"Authorization": "Bearer ..."}}``.
     Failures are counted, not raised, so one run reports every operation.
     """
@@ -75,16 +79,67 @@ def fuzz_api(base_url: str, examples: int, credentials: Mapping[str, Mapping[str
     rows: list[Row] = []
     for op in operations:
         for mode in modes:
+            if mode == "shaped":
+                continue
             strategy = op.as_strategy(generation_mode=GenerationMode(mode))
             for auth, headers in credentials.items():
                 row = Row(op.label, mode, auth)
                 rows.append(row)
                 _run_cases(strategy, row, base_url, dict(headers), examples, derandomize, timeout_s, checks)
+    if "shaped" in modes:
+        by_label = {op.label: op for op in operations}
+        rows += _shaped(by_label["POST /predict"], by_label["POST /label"], base_url, examples, credentials,
+                        derandomize, timeout_s, checks)
+    return rows
+
+
+def _shaped(predict: Any, label: Any, base_url: str, examples: int, credentials: Mapping[str, Mapping[str, str]],
+            derandomize: bool, timeout_s: float, checks: list[Any]) -> list[Row]:
+    """Well-shaped /predict bodies for the default model, then labels for the ids they got."""
+    import numpy as np
+    import requests
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    info = requests.get(base_url.rstrip("/") + "/models", timeout=timeout_s).json()["models"][0]
+    shape, classes = tuple(info["input_shape"]), int(info["num_classes"])
+    f32 = float(np.finfo(np.float32).max)
+    values = st.one_of(st.integers(0, 255).map(float), st.floats(-f32, f32, width=32),
+                       st.floats(-1e3, 1e3, width=32))
+    wanted = st.integers(0, classes - 1) | st.sampled_from([-1, classes])  # out of range: a 422
+    rows: list[Row] = []
+    for auth, headers in credentials.items():
+        ids: list[str] = []
+
+        def keep_ids(response: Any, ids: list[str] = ids) -> None:
+            if response.status_code == 200:
+                ids.extend(p["id"] for p in response.json()["predictions"])
+
+        @st.composite
+        def predict_body(draw: Any) -> dict[str, Any]:
+            n = draw(st.integers(1, 3))
+            x = draw(arrays(np.float32, (n, *shape), elements=values))
+            body: dict[str, Any] = {"inputs": x.tolist()}
+            if draw(st.booleans()):
+                body["labels"] = draw(st.lists(wanted, min_size=n, max_size=n))
+            return body
+
+        row = Row(predict.label, "shaped", auth)
+        rows.append(row)
+        _run_cases(predict_body().map(lambda b: predict.Case(body=b, media_type="application/json")), row,
+                   base_url, dict(headers), examples, derandomize, timeout_s, checks, keep_ids)
+        known = st.sampled_from(ids) if ids else st.just("0" * 32)
+        item = st.fixed_dictionaries({"id": st.one_of(known, st.just("f" * 32)), "label": wanted})
+        body = st.one_of(item, st.fixed_dictionaries({"labels": st.lists(item, min_size=1, max_size=4)}))
+        row = Row(label.label, "shaped", auth)
+        rows.append(row)
+        _run_cases(body.map(lambda b: label.Case(body=b, media_type="application/json")), row, base_url,
+                   dict(headers), examples, derandomize, timeout_s, checks)
     return rows
 
 
 def _run_cases(strategy: Any, row: Row, base_url: str, headers: dict[str, str], examples: int, derandomize: bool,
-               timeout_s: float, checks: list[Any]) -> None:
+               timeout_s: float, checks: list[Any], on_response: Callable[[Any], None] | None = None) -> None:
     """Send ``examples`` cases drawn from ``strategy``; count statuses, 5xx and schema violations into ``row``."""
     from hypothesis import HealthCheck, Phase, Verbosity, given, settings
     from hypothesis.errors import Unsatisfiable
@@ -101,6 +156,8 @@ def _run_cases(strategy: Any, row: Row, base_url: str, headers: dict[str, str], 
         row.statuses[status] = row.statuses.get(status, 0) + 1
         if response.status_code >= 500:
             row.server_errors += 1
+        if on_response is not None:
+            on_response(response)
         try:
             case.validate_response(response, checks=checks, headers=headers)
         except FailureGroup as group:

@@ -35,7 +35,7 @@ TOKEN = "hardening-admin-token"
 SECRETS = {"alpha": "alpha-secret-1", "beta": "beta-secret-22", "gone": "gone-secret-333"}
 MAX_INPUTS, MAX_BODY = 16, 128 * 1024
 RATE, BURST = 0.5, 3
-FUZZ_EXAMPLES = 25  # per operation, mode and credentials: about half a minute on 2 cores
+FUZZ_EXAMPLES = 20  # per operation, mode and credentials: 15-50 s on 2 cores, depending on their load
 
 
 def key(client: str) -> dict[str, str]:
@@ -310,18 +310,22 @@ def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, s
 
 # ---------------------------------------------------------------------------------- fuzzing
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess) -> None:
-    """Every operation of the live /openapi.json, positive and negative data, without and with credentials."""
+    """Every operation of the live /openapi.json (positive and negative data), plus /predict bodies of the
+    model's shape and labels of the ids they got, without and with credentials."""
     credentials = {"none": {}, "keys": {**key("alpha"), **bearer(TOKEN)}}
     rows = fuzz_api(guarded.url, FUZZ_EXAMPLES, credentials, derandomize=True)
     table = summary(rows)
     assert {"POST /predict", "POST /label", "POST /admin/reconcile", "POST /admin/rollback",
             "GET /models/{name}"} <= {t["operation"] for t in table}
-    assert sum(t["examples"] for t in table) >= 6 * FUZZ_EXAMPLES
+    assert sum(t["examples"] for t in table) >= 8 * FUZZ_EXAMPLES
     failures = [f"{r.operation} [{r.mode}, {r.auth}] {f}" for r in rows for f in r.failures]
     assert all(t["5xx"] == 0 and t["schema_violations"] == 0 for t in table), "\n\n".join(failures)
     statuses = {s for r in rows if r.operation == "POST /predict" and r.auth == "none" and r.mode == "positive"
                 for s in r.statuses}
     assert statuses == {"401"}  # without a key, well-formed requests get no further than authentication
+    shaped = {(r.operation, r.auth): r.statuses for r in rows if r.mode == "shaped"}
+    assert shaped[("POST /predict", "keys")].get("200") and shaped[("POST /label", "keys")].get("200")
+    assert set(shaped[("POST /predict", "none")]) == {"401"}
 
 
 # ---------------------------------------------------------------------------------- settings, buckets (no server)

@@ -303,6 +303,7 @@ def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, s
     assert out.published, out.reason
     assert out.stats["invalid_dropped"] == len(by_client[b"beta"])
     manifest = store.read_manifest(MODEL, out.version)
+    assert manifest["reconciler"]["disabled_clients"] == ["beta"]  # the version says whose labels it refused
     assert sorted(manifest["inputs"]["dropped"]["entry_ids"]) == sorted(by_client[b"beta"])
     assert not set(manifest["inputs"]["entry_ids"]) & set(by_client[b"beta"])
     assert set(by_client[b"alpha"]) <= set(manifest["inputs"]["entry_ids"])

@@ -81,5 +81,5 @@ class WorkerSettings(BaseSettings):
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "min_cohort", "max_cohort_age", "min_records", "interval_s",
-                "max_records_per_reconcile", "label_window_s", "consumer")
+                "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

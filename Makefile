@@ -18,3 +18,4 @@ bench:
 	.venv/bin/python -m bench.inference --json results/inference.json
 	.venv/bin/python -m bench.reconcile --json results/reconcile.json
 	.venv/bin/python -m bench.versions --json results/versions.json
+	.venv/bin/python -m bench.fuzz --json results/fuzz.json

@@ -230,13 +230,17 @@ def _answer(call: _Call, response: httpx.Response) -> Any:
 
 
 class _Base:
-    def __init__(self, base_url: str, admin_token: str | None, timeout: float | httpx.Timeout) -> None:
+    def __init__(self, base_url: str, admin_token: str | None, timeout: float | httpx.Timeout,
+                 api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._admin_token = admin_token
+        self._api_key = api_key
         self._timeout = timeout
 
     def _request_kwargs(self, call: _Call) -> dict[str, Any]:
         headers = {}
+        if self._api_key is not None:  # a server with API keys needs it on /predict and /label; others ignore it
+            headers["X-API-Key"] = self._api_key
         if call.admin and self._admin_token is not None:
             headers["Authorization"] = f"Bearer {self._admin_token}"
         kwargs: dict[str, Any] = {"headers": headers}
@@ -250,9 +254,9 @@ class MPServeClient(_Base):
     """Blocking client; use as a context manager or call :meth:`close`."""
 
     def __init__(self, base_url: str, admin_token: str | None = None,
-                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None
-                 ) -> None:
-        super().__init__(base_url, admin_token, timeout)
+                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT, transport: httpx.BaseTransport | None = None,
+                 *, api_key: str | None = None) -> None:
+        super().__init__(base_url, admin_token, timeout, api_key)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     def _send(self, call: _Call) -> Any:
@@ -327,8 +331,8 @@ class AsyncMPServeClient(_Base):
 
     def __init__(self, base_url: str, admin_token: str | None = None,
                  timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(base_url, admin_token, timeout)
+                 transport: httpx.AsyncBaseTransport | None = None, *, api_key: str | None = None) -> None:
+        super().__init__(base_url, admin_token, timeout, api_key)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
 
     async def _send(self, call: _Call) -> Any:

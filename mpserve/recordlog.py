@@ -25,7 +25,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import ResponseError
 
-from mpserve.keys import ModelKeys
+from mpserve.keys import ModelKeys, validate_client_name
 from mpserve.scripts import Call, Prelude, Scripts, eval_many, eval_many_async
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ class VersionMovedError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class PredictionRecord:
-    """What one served input leaves behind; ``label``/``loss`` only if the label came with it."""
+    """What one served input leaves behind; ``label``/``loss`` only if the label came with it.
+
+    ``client``: the API client that asked (None without API keys); kept in the hash and its feedback entry.
+    """
 
     id: str
     version: int
@@ -63,6 +66,7 @@ class PredictionRecord:
     logits: np.ndarray
     label: int | None = None
     loss: float | None = None
+    client: str | None = None
 
 
 class StoredPrediction(NamedTuple):
@@ -90,6 +94,7 @@ class FeedbackEntry:
     label: int
     ts_ms: int
     correct: bool | None = None  # was the served (perturbed) prediction right; None for older entries
+    client: str | None = None  # the API client that gave the label (None: no API keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,21 +204,23 @@ def _prediction_batch(
     """
     rows = []
     labels: list[LabelItem] = []
+    clients: list[str | None] = []
     for it in items:
-        rows.append((
-            keys.pred(it.id),
-            {
-                "version": _nonneg_int(it.version, "version"),
-                "path": _encode_path(it.path),
-                "logits": _encode_logits(it.logits),
-                "created": now_ms,
-            },
-        ))
+        mapping: dict[str, Any] = {
+            "version": _nonneg_int(it.version, "version"),
+            "path": _encode_path(it.path),
+            "logits": _encode_logits(it.logits),
+            "created": now_ms,
+        }
+        if it.client is not None:
+            mapping["client"] = _client(it.client)
+        rows.append((keys.pred(it.id), mapping))
         if it.label is not None:
             if it.loss is None:
                 raise ValueError(f"record {it.id}: a label needs its loss")
             labels.append((it.id, it.label, it.loss, bool(int(np.argmax(it.logits)) == it.label)))
-    calls = _attach_calls(keys, labels, keys.feedback, now_ms)  # validates label and loss
+            clients.append(it.client)
+    calls = _attach_calls(keys, labels, keys.feedback, now_ms, clients)  # validates label and loss
 
     def prelude(pipe: Any) -> None:
         for key, mapping in rows:
@@ -250,13 +257,23 @@ def _p_fetch(ids: Sequence[str], replies: Sequence[Any]) -> dict[str, StoredPred
     return out
 
 
-def _attach_calls(keys: ModelKeys, items: Sequence[LabelItem], feedback: str, now_ms: int) -> list[Call]:
+def _client(name: str | None) -> str:
+    """'' for no client; else the name, which must be a plain token (it lands in Redis and logs)."""
+    return "" if name is None else validate_client_name(name)
+
+
+def _attach_calls(
+    keys: ModelKeys, items: Sequence[LabelItem], feedback: str, now_ms: int,
+    clients: Sequence[str | None] | None = None,
+) -> list[Call]:
+    """One attach_label call per item; ``clients`` (one per item, default none) go into the feedback entries."""
+    names = [_client(c) for c in (clients if clients is not None else [None] * len(items))]
     calls: list[Call] = []
-    for record_id, label, loss, *rest in items:
+    for (record_id, label, loss, *rest), client in zip(items, names, strict=True):
         correct = rest[0] if rest else None
         hit = "" if correct is None else "1" if correct else "0"
         calls.append(((keys.pred(record_id), feedback),
-                      (_nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, hit)))
+                      (_nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, hit, client)))
     return calls
 
 
@@ -284,6 +301,7 @@ def _parse_entry(entry_id: str, fields: Mapping[bytes | str, Any] | None) -> Fee
         label=int(f["label"]),
         ts_ms=int(f["ts"]),
         correct={b"1": True, b"0": False, "1": True, "0": False}.get(f.get("hit")),
+        client=_str(f.get("client") or b"") or None,
     )
 
 
@@ -493,12 +511,13 @@ class RecordLog(_Base):
         return _p_fetch(ids, pipe.execute())
 
     def attach_labels_detailed(
-        self, items: Sequence[LabelItem], now_ms: int | None = None
+        self, items: Sequence[LabelItem], now_ms: int | None = None, client: str | None = None
     ) -> list[AttachResult]:
-        """Attach (id, label, loss[, correct]) items atomically each, in one round trip."""
+        """Attach (id, label, loss[, correct]) items atomically each, in one round trip; ``client`` gave them."""
         if not items:
             return []
-        calls = _attach_calls(self.keys, items, self.keys.feedback, _now_ms() if now_ms is None else now_ms)
+        calls = _attach_calls(self.keys, items, self.keys.feedback, _now_ms() if now_ms is None else now_ms,
+                              [client] * len(items))
         return [_p_attach(r) for r in eval_many(self.client, self.scripts.attach_label, calls)]
 
     def attach_labels(self, items: Sequence[LabelItem], now_ms: int | None = None) -> list[str]:
@@ -676,11 +695,12 @@ class AsyncRecordLog(_Base):
         return _p_fetch(ids, await pipe.execute())
 
     async def attach_labels_detailed(
-        self, items: Sequence[LabelItem], now_ms: int | None = None
+        self, items: Sequence[LabelItem], now_ms: int | None = None, client: str | None = None
     ) -> list[AttachResult]:
         if not items:
             return []
-        calls = _attach_calls(self.keys, items, self.keys.feedback, _now_ms() if now_ms is None else now_ms)
+        calls = _attach_calls(self.keys, items, self.keys.feedback, _now_ms() if now_ms is None else now_ms,
+                              [client] * len(items))
         return [_p_attach(r) for r in await eval_many_async(self.client, self.scripts.attach_label, calls)]
 
     async def attach_labels(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import AfterValidator, BeforeValidator, SecretStr
 from pydantic_settings import NoDecode
 
-from mpserve.keys import validate_model_name
+from mpserve.keys import validate_client_name, validate_model_name
 
 
 def _split(v: object) -> object:
@@ -31,3 +31,49 @@ def _validated(v: list[str]) -> list[str]:
 
 #: A list of model names: NoDecode so that MPSERVE_MODELS=a,b is split here rather than parsed as JSON.
 ModelNames = Annotated[list[str], NoDecode, BeforeValidator(_split), AfterValidator(_validated)]
+
+
+# ------------------------------------------------------------------------------------- API clients
+MIN_SECRET_LEN = 8
+
+
+def _client_names(v: list[str]) -> list[str]:
+    return list(dict.fromkeys(validate_client_name(c) for c in v))
+
+
+def _parse_keys(v: object) -> object:
+    """Accept "a:secret1,b:secret2" or a JSON object {"a": "secret1"} (flags, env variables)."""
+    if isinstance(v, str):
+        text = v.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        out: dict[str, str] = {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            name, sep, secret = item.partition(":")
+            if not sep:
+                raise ValueError(f"api key entry {name.strip()!r} has no ':': write client:secret")
+            out[name.strip()] = secret.strip()
+        return out
+    return v
+
+
+def _checked_keys(v: dict[str, SecretStr]) -> dict[str, SecretStr]:
+    """Valid names, secrets long enough, and no secret shared by two clients (a key names one client)."""
+    seen: dict[str, str] = {}
+    for name, secret in v.items():
+        validate_client_name(name)
+        value = secret.get_secret_value()
+        if len(value) < MIN_SECRET_LEN or any(c.isspace() or c == "," for c in value):
+            raise ValueError(f"the secret of client {name!r} must be at least {MIN_SECRET_LEN} characters, "
+                             "without spaces or commas")
+        if value in seen:
+            raise ValueError(f"clients {seen[value]!r} and {name!r} have the same secret")
+        seen[value] = name
+    return v
+
+
+#: A list of client names ("a,b" or a JSON list), each a plain token.
+ClientNames = Annotated[list[str], NoDecode, BeforeValidator(_split), AfterValidator(_client_names)]
+
+#: Client name -> secret, from "a:secret1,b:secret2" or a JSON object; secrets stay SecretStr (never logged).
+ApiKeys = Annotated[dict[str, SecretStr], NoDecode, BeforeValidator(_parse_keys), AfterValidator(_checked_keys)]

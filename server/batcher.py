@@ -45,6 +45,7 @@ class _Item:
     labels: np.ndarray | None  # (n,) int64
     future: asyncio.Future[Answer]
     arrived: float
+    client: str | None = None  # the API client that asked; recorded with each of its predictions
 
     @property
     def n(self) -> int:
@@ -81,8 +82,8 @@ class MicroBatcher:
         self._queued = 0
         await asyncio.gather(*self._finishing, return_exceptions=True)
 
-    async def submit(self, x: np.ndarray, labels: np.ndarray | None) -> Answer:
-        """Queue validated inputs (and their labels) and wait for their share of a batch."""
+    async def submit(self, x: np.ndarray, labels: np.ndarray | None, client: str | None = None) -> Answer:
+        """Queue validated inputs (and their labels, from ``client``) and wait for their share of a batch."""
         if self.runtime.served is None:
             raise ApiError(503, f"model {self.runtime.name!r} is not loaded yet: {self.runtime.error or 'starting'}")
         if self._task is None:
@@ -90,7 +91,7 @@ class MicroBatcher:
         if self._queued + len(x) > QUEUE_BATCHES * self.max_batch:
             raise ApiError(503, "the server is overloaded; retry later", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
-        item = _Item(x, labels, loop.create_future(), loop.time())
+        item = _Item(x, labels, loop.create_future(), loop.time(), client)
         self._pending.append(item)
         self._queued += item.n
         self._arrived.set()
@@ -199,7 +200,7 @@ class MicroBatcher:
                 records.append(PredictionRecord(
                     ids[i], served.version, tuple(int(v) for v in pth[i]), lg[i],
                     None if item.labels is None else int(item.labels[i]),
-                    None if losses is None else float(losses[i])))
+                    None if losses is None else float(losses[i]), item.client))
             answers.append((item, Answer(served.version, ids, lg)))
         if not records:
             return

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, WithJsonSchema
 
+from model_store.manifest import MAX_VERSION
 from mpserve.keys import MODEL_NAME_RE, RECORD_ID_RE
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_RE.pattern, description="model name; default: the server's",
@@ -108,7 +109,7 @@ class ReconcileResponse(BaseModel):
 
 class RollbackRequest(_Request):
     model: ModelName | None = None
-    version: StrictInt = Field(ge=0, description="a stored version to serve from now on")
+    version: StrictInt = Field(ge=0, lt=MAX_VERSION, description="a stored version to serve from now on")
 
 
 class RollbackResponse(BaseModel):
@@ -217,3 +218,9 @@ class HoldoutInfo(BaseModel):
 class HoldoutDeleted(BaseModel):
     model: str
     deleted: bool
+#: What any route with a JSON body may answer before it runs (server.middleware, server.jsonbody).
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "request body larger than max_body_bytes"},
+    422: {"model": ErrorResponse, "description": "malformed body: not UTF-8 JSON, NaN or Infinity, nested too "
+                                               "deeply, or not the request schema"},
+}

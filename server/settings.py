@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mpserve.keys import validate_model_name
-from mpserve.settings_types import ModelNames
+from mpserve.settings_types import ApiKeys, ClientNames, ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -42,6 +42,13 @@ class ServerSettings(BaseSettings):
     log_level: LogLevel = Field("info", description="logging level")
     device: str | None = Field(None, description="tinygrad device (unset: tinygrad's default)")
     seed_default: bool = Field(False, description="copy the shipped default model into an empty store at start")
+    # API clients (server/access.py): unset api_keys leaves /predict and /label open
+    api_keys: ApiKeys = Field(default_factory=dict, description="client API keys, 'client-a:secret1,client-b:secret2' "
+                              "or a JSON object; when set, /predict and /label need one (X-API-Key or Bearer)")
+    disabled_clients: ClientNames = Field(default_factory=list,
+                                          description="clients whose keys get 403 (the worker drops their feedback)")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="requests per second per client, per replica (0: no limit)")
+    rate_limit_burst: int = Field(10, ge=1, description="requests a client may send at once before the rate applies")
 
     @field_validator("default_model")
     @classmethod

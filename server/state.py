@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from model_store import ModelStore
 from mpserve.recordlog import AsyncRecordLog
 from mpserve.versions import seed_default_model
+from server.access import ClientAccess
 from server.batcher import MicroBatcher
 from server.engine_thread import EngineThread
 from server.errors import ApiError
@@ -55,6 +56,7 @@ class AppState:
     metrics: ServerMetrics
     models: dict[str, ModelContext]
     watcher: VersionWatcher
+    access: ClientAccess  # API keys, disabled clients, rate limits of /predict and /label
 
     def model(self, name: str | None) -> ModelContext:
         """The named model (default: the server's), or a 404 naming the ones served."""
@@ -88,12 +90,19 @@ class AppState:
                                    settings.max_wait_ms, t)
             models[name] = ModelContext(name, records, runtime, batcher)
         watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
-        state = cls(settings, store, client, events, sync_client, engine_thread, metrics, models, watcher)
+        access = ClientAccess(settings.api_keys, settings.disabled_clients, settings.rate_limit_per_s,
+                              settings.rate_limit_burst)
+        state = cls(settings, store, client, events, sync_client, engine_thread, metrics, models, watcher, access)
         await asyncio.gather(*(c.runtime.sync() for c in models.values()))
         for c in models.values():
             c.runtime.start()
             c.batcher.start()
         watcher.start()
+        if access.enabled:  # names only: secrets are never logged
+            log.info("API keys required on /predict and /label: clients %s, disabled %s, rate limit %s",
+                     sorted(settings.api_keys), sorted(access.disabled),
+                     f"{settings.rate_limit_per_s:g}/s burst {settings.rate_limit_burst} per replica"
+                     if access.bucket else "off")
         log.info("serving %s (default %s); versions %s", sorted(models), settings.default_model,
                  {m: (c.runtime.served.version if c.runtime.served else None) for m, c in models.items()})
         return state

@@ -594,3 +594,23 @@ def test_aof_always_keeps_labels_and_pending_across_a_crash(tmp_path) -> None:  
     finally:
         server.stop()
     assert not server.running
+
+
+def test_the_api_client_is_kept_in_the_hash_and_the_feedback_entries(log: RecordLog,
+                                                                     redis_client: redis.Redis) -> None:
+    """The client that predicted is in the hash; the client that gave a label is in its feedback entry."""
+    zeros = np.zeros(4, np.float32)
+    log.write_predictions([PredictionRecord("a0", 1, (0, 1), zeros, 2, 0.5, client="alpha"),
+                           PredictionRecord("a1", 1, (1, 0), zeros, client="alpha"),
+                           PredictionRecord("n0", 1, (1, 1), zeros, 3, 0.7)])
+    assert log.attach_labels_detailed([("a1", 1, 0.9)], client="beta")[0].status == "ok"
+    assert log.attach_labels([("n0", 3, 0.7)]) == ["duplicate"]
+    assert [redis_client.hget(K.pred(i), "client") for i in ("a0", "a1", "n0")] == [b"alpha", b"alpha", None]
+    entries = {e.id: e.client for e in log.read_feedback("w", count=10)}
+    assert entries == {"a0": "alpha", "n0": None, "a1": "beta"}
+    for bad in ("", "a b", "x" * 65, "../etc"):  # a client name lands in Redis: plain tokens only
+        with pytest.raises(ValueError):
+            log.write_predictions([PredictionRecord("z0", 1, (0, 0), zeros, client=bad)])
+        with pytest.raises(ValueError):
+            log.attach_labels_detailed([("a0", 2, 0.5)], client=bad)
+    assert redis_client.exists(K.pred("z0")) == 0

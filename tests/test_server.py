@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from marketplace.deltas import path_params
+from marketplace.engine import Engine, leader_logits
 from marketplace.reconcile import cross_entropy
 from model_store import ModelStore
 from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
@@ -35,7 +36,7 @@ from mpserve.recordlog import RecordLog
 from mpserve.versions import load_version, write_next_version
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, free_port, make_store, numpy_mlp, start_redis, wait_until
+from tests.helpers import RedisProcess, ServerProcess, make_store, numpy_mlp, start_redis, wait_until
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -49,57 +50,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------- processes
-class ServerProcess:
-    """``python -m server`` on a free loopback port, its output in a log file."""
-
-    def __init__(self, log_dir: Path, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.log_path = log_dir / f"server-{name}.log"
-        self.args, self.env = args, env
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def launch(self) -> None:
-        self.port = free_port()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            return httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        try:
-            wait_until(self._ready, timeout=timeout, interval=0.1, what=f"{self.url}/readyz")
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
     return {**env, **extra}
@@ -352,14 +302,14 @@ MALFORMED_PREDICT: dict[str, tuple[bytes | str, int]] = {
     "beyond float32": (_body(_with(1e39)), 422),
     "ragged": (_body(_ragged()), 422),
     "nested deeper than the shape": (_body(_with([[1.0]])), 422),
-    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 400),
+    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 422),
     "string pixel": (_body(_with("7")), 422),
     "bool pixel": (_body(_with(True)), 422),
     "null pixel": (_body(_with(None)), 422),
     "inputs not a list": (_body("abc"), 422),
     "no inputs": (_body([]), 422),
     "missing inputs": (json.dumps({"labels": [1]}), 422),
-    "too many inputs": (_body(_zeros(MAX_INPUTS + 1)), 422),
+    "too many inputs": (_body(_zeros(MAX_INPUTS + 1)), 413),
     "labels shorter than inputs": (_body(_zeros(2), labels=[1]), 422),
     "label out of range": (_body(_zeros(1), labels=[CLASSES]), 422),
     "negative label": (_body(_zeros(1), labels=[-1]), 422),
@@ -409,7 +359,7 @@ MALFORMED_LABEL: dict[str, tuple[str, int]] = {
     "string label": (json.dumps({"id": "a" * 32, "label": "1"}), 422),
     "both forms": (json.dumps({"id": "a" * 32, "label": 1, "labels": [{"id": "b", "label": 1}]}), 422),
     "empty batch": (json.dumps({"labels": []}), 422),
-    "too many labels": (json.dumps({"labels": [{"id": f"x{i}", "label": 1} for i in range(MAX_INPUTS + 1)]}), 422),
+    "too many labels": (json.dumps({"labels": [{"id": f"x{i}", "label": 1} for i in range(MAX_INPUTS + 1)]}), 413),
     "unknown model": (json.dumps({"id": "a" * 32, "label": 1, "model": "digits"}), 404),
 }
 
@@ -759,9 +709,12 @@ def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
         second = client.reconcile()
         assert store.read_manifest(MODEL, second["version"])["validation"]["holdout_sha256"] == second_info["sha256"]
 
-        # a holdout the serving version gets right on its closest calls: with tolerance 0 a step is refused
+        # a holdout the serving version gets right on its closest calls: with tolerance 0 a step is refused.
+        # Its labels come from the guard's own evaluation (tinygrad, float32), so the reference is exactly 1.0
+        # and a single flipped call refuses the candidate.
         pool = images(3000, seed=54)
-        logits = leader_predictions(store, serving(r), pool)
+        loaded = load_version(store, MODEL, serving(r))
+        logits = leader_logits(Engine(loaded.spec, 1, buckets=[256]), loaded.params, pool)
         top2 = np.sort(logits, axis=1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
         close = np.argsort(np.where(margin > 1e-3, margin, np.inf))[:40]

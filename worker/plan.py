@@ -7,6 +7,7 @@ Kept apart from the Redis and store plumbing so the rules can be read (and teste
   weights too far from the ones being updated;
 - an entry whose path does not fit its version (groups, vendors), whose label is not a class of the
   model, or whose loss is not finite is *invalid* (a poison entry must not stop every reconciliation);
+  so is an entry labelled by a disabled API client (its labels are not trusted, whenever it gave them);
 - a cohort (entries of one version) smaller than ``min_cohort`` waits for more records, unless an
   entry is older than the label window: no more labels can join it, so it is *expired*;
 - the rest is *usable*, oldest first, up to ``max_records``; whatever does not fit waits.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from mpserve.recordlog import FeedbackEntry
@@ -58,7 +59,7 @@ def _fits(entry: FeedbackEntry, shape: tuple[int, int], num_classes: int | None)
 
 def plan_batch(entries: Iterable[FeedbackEntry], base: int, window: Mapping[int, tuple[int, int]],
                min_cohort: int, max_records: int, label_window_ms: int, now_ms: int,
-               num_classes: int | None = None) -> Batch:
+               num_classes: int | None = None, disabled_clients: Collection[str] = ()) -> Batch:
     """Split ``entries``; ``window`` maps each version a cohort may come from to its (groups, vendors)."""
     ordered = sorted(entries, key=lambda e: entry_order(e.entry_id))
     stale, invalid = [], []
@@ -66,7 +67,7 @@ def plan_batch(entries: Iterable[FeedbackEntry], base: int, window: Mapping[int,
     for e in ordered:
         if e.version not in window:
             stale.append(e)
-        elif not _fits(e, window[e.version], num_classes):
+        elif not _fits(e, window[e.version], num_classes) or (e.client is not None and e.client in disabled_clients):
             invalid.append(e)
         else:
             by_version[e.version].append(e)

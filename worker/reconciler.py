@@ -312,7 +312,8 @@ class Reconciler:
         window = {n: (int(s.seeds.shape[0]), int(s.seeds.shape[1])) for n, s in sources.items()}
         return plan_batch(self.buffer.values(), base, window, self.settings.min_cohort,
                           self.settings.max_records_per_reconcile, self.settings.label_window_s * 1000,
-                          time.time_ns() // 1_000_000, self._parent(base).spec.num_classes)
+                          time.time_ns() // 1_000_000, self._parent(base).spec.num_classes,
+                          disabled_clients=frozenset(self.settings.disabled_clients))
 
     def _attempt(self, force: bool, trigger: str | None, t0: float) -> ReconcileOutcome:
         base, current = self._base()

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marketplace.reconcile import ReconcileConfig
 from marketplace.update import UpdateConfig
-from mpserve.settings_types import ModelNames
+from mpserve.settings_types import ClientNames, ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -71,6 +71,8 @@ class WorkerSettings(BaseSettings):
     keep_versions: int = Field(50, ge=1, description="retention: keep the newest N versions (and current, parent)")
     max_records_per_reconcile: int = Field(100_000, ge=1, description="most records one update uses (and buffers)")
     log_level: LogLevel = Field("info", description="logging level")
+    disabled_clients: ClientNames = Field(default_factory=list,
+                                          description="API clients whose feedback entries are dropped as invalid")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -101,5 +103,5 @@ class WorkerSettings(BaseSettings):
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "baseline", "probe_scale", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
                 "gap_scale", "guard_tolerance", "guard_reference", "min_cohort", "max_cohort_age", "min_records",
-                "interval_s", "max_records_per_reconcile", "label_window_s", "consumer")
+                "interval_s", "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

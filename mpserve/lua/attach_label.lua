@@ -1,7 +1,7 @@
 -- Attach a label to a served prediction and queue it for reconciliation, atomically.
 -- KEYS[1] pred hash, KEYS[2] feedback stream
 -- ARGV[1] label, ARGV[2] loss, ARGV[3] now_ms, ARGV[4] prediction id,
--- ARGV[5] '1'/'0' whether the served prediction was right ('' when unknown)
+-- ARGV[5] '1'/'0' whether the served prediction was right ('' when unknown), ARGV[6] API client ('' for none)
 -- Returns {status} or {status, existing_label}; status in ok | duplicate | conflict | not_found.
 local h = redis.call('HMGET', KEYS[1], 'version', 'path', 'label')
 if not h[1] then
@@ -15,7 +15,11 @@ if h[3] then
   return {'conflict', h[3]}
 end
 redis.call('HSET', KEYS[1], 'label', label)
-redis.call('XADD', KEYS[2], '*',
-  'id', ARGV[4], 'version', h[1], 'path', h[2] or '', 'loss', ARGV[2], 'label', label, 'ts', ARGV[3],
-  'hit', ARGV[5] or '')
+local entry = {'id', ARGV[4], 'version', h[1], 'path', h[2] or '', 'loss', ARGV[2], 'label', label, 'ts', ARGV[3],
+  'hit', ARGV[5] or ''}
+if ARGV[6] and ARGV[6] ~= '' then  -- the API client that gave the label, when the server has API keys
+  entry[#entry + 1] = 'client'
+  entry[#entry + 1] = ARGV[6]
+end
+redis.call('XADD', KEYS[2], '*', unpack(entry))
 return {'ok'}

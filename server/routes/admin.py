@@ -18,7 +18,9 @@ from model_store import Holdout, ModelStoreError
 from mpserve.keys import MODEL_NAME_RE
 from mpserve.versions import load_version
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
+from server.jsonbody import StrictJSONRoute
 from server.schemas import (
+    BODY_ERRORS,
     ErrorResponse,
     HoldoutDeleted,
     HoldoutInfo,
@@ -34,7 +36,8 @@ from server.validation import inputs_array, labels_array
 
 log = logging.getLogger(__name__)
 
-_bearer = HTTPBearer(auto_error=False, description="the server's admin token (MPSERVE_ADMIN_TOKEN)")
+_bearer = HTTPBearer(scheme_name="AdminToken", auto_error=False,
+                     description="the server's admin token (MPSERVE_ADMIN_TOKEN)")
 
 
 def require_admin(state: StateDep,
@@ -50,7 +53,9 @@ def require_admin(state: StateDep,
         raise ApiError(401, "invalid admin token", challenge)
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses={
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   route_class=StrictJSONRoute, responses={
+    **BODY_ERRORS,
     401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
     403: {"model": ErrorResponse, "description": "admin disabled: no token configured"},
     404: {"model": ErrorResponse, "description": "unknown model or version"},
@@ -63,11 +68,12 @@ def worker_settings(settings: ServerSettings) -> Any:
     from worker.settings import WorkerSettings
 
     return WorkerSettings(redis_url=settings.redis_url, store_dir=settings.store_dir, models=settings.models,
-                          label_window_s=settings.label_window_s)
+                          label_window_s=settings.label_window_s, disabled_clients=settings.disabled_clients)
 
 
 @router.post("/reconcile", response_model=ReconcileResponse, responses={
     409: {"model": ErrorResponse, "description": "nothing published, and why (e.g. too few records)"},
+    501: {"model": ErrorResponse, "description": "the reconciler (worker package) is not installed here"},
     504: {"model": ErrorResponse, "description": "no outcome within the timeout"},
 })
 async def reconcile(body: ReconcileRequest, state: StateDep) -> ReconcileResponse:

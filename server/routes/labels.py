@@ -13,8 +13,11 @@ from fastapi import APIRouter, Body
 
 from marketplace.reconcile import cross_entropy
 from mpserve.recordlog import LabelItem
-from server.errors import ApiError, invalid, redis_op
+from server.access import ACCESS_ERRORS, ClientDep
+from server.errors import ApiError, redis_op
+from server.jsonbody import StrictJSONRoute
 from server.schemas import (
+    BODY_ERRORS,
     BatchLabelRequest,
     BatchLabelResponse,
     ErrorResponse,
@@ -24,7 +27,7 @@ from server.schemas import (
 )
 from server.state import AppState, ModelContext, StateDep
 
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["feedback"], route_class=StrictJSONRoute)
 
 CODES = {"ok": 200, "duplicate": 200, "conflict": 409, "not_found": 404, "invalid_label": 422}
 
@@ -34,8 +37,9 @@ def _result(record_id: str, status: str, existing: int | None = None, detail: st
                        detail=detail)
 
 
-async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]]) -> list[LabelResult]:
-    """Per item: the loss from the stored logits, then the atomic attach; statuses in item order."""
+async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]],
+                 client: str | None = None) -> list[LabelResult]:
+    """Per item: the loss from the stored logits, then the atomic attach (by ``client``); statuses in item order."""
     num_classes = ctx.served().loaded.spec.num_classes
     results: list[LabelResult | None] = [None] * len(items)
     wanted = []
@@ -64,7 +68,7 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
             to_attach.append((i, (rid, label, loss, bool(int(np.argmax(pred.logits)) == label))))
     if to_attach:
         async with redis_op("attach labels", timeout):
-            attached = await ctx.records.attach_labels_detailed([t for _, t in to_attach])
+            attached = await ctx.records.attach_labels_detailed([t for _, t in to_attach], client=client)
         for (i, (rid, *_)), res in zip(to_attach, attached, strict=True):
             detail = None
             if res.status == "conflict":
@@ -82,13 +86,18 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
     "/label",
     response_model=LabelResult | BatchLabelResponse,
     responses={
+        **BODY_ERRORS,
+        **ACCESS_ERRORS,
         404: {"model": ErrorResponse, "description": "single label: unknown or expired id (or unknown model)"},
         409: {"model": ErrorResponse, "description": "single label: a different label is already attached"},
+        413: {"model": ErrorResponse, "description": "body larger than max_body_bytes, or more labels than "
+                                                   "max_inputs_per_request"},
         422: {"model": ErrorResponse, "description": "malformed body, or a label outside the model's classes"},
         503: {"model": ErrorResponse, "description": "Redis unavailable or model not loaded"},
     },
 )
-async def label(body: Annotated[LabelRequest, Body()], state: StateDep) -> LabelResult | BatchLabelResponse:
+async def label(body: Annotated[LabelRequest, Body()], state: StateDep,
+                client: ClientDep) -> LabelResult | BatchLabelResponse:
     """Attach a label (``{"id", "label"}``) or many (``{"labels": [...]}``) to served predictions.
 
     The same label again is a success that adds nothing. A single label answers with the item's own
@@ -98,11 +107,12 @@ async def label(body: Annotated[LabelRequest, Body()], state: StateDep) -> Label
     if isinstance(body, BatchLabelRequest):
         limit = state.settings.max_inputs_per_request
         if len(body.labels) > limit:
-            raise invalid(["labels"], f"{len(body.labels)} labels in one request; the limit is {limit}")
-        results = await attach(state, ctx, [(it.id, it.label) for it in body.labels])
+            raise ApiError(413, f"{len(body.labels)} labels in one request; the limit is {limit} "
+                                "(max_inputs_per_request): split the request")
+        results = await attach(state, ctx, [(it.id, it.label) for it in body.labels], client)
         return BatchLabelResponse(model=ctx.name, results=results)
     assert isinstance(body, SingleLabelRequest)
-    (result,) = await attach(state, ctx, [(body.id, body.label)])
+    (result,) = await attach(state, ctx, [(body.id, body.label)], client)
     if result.code != 200:
         raise ApiError(result.code, result.detail, extra={
             "id": result.id, "status": result.status, "existing_label": result.existing_label})

@@ -5,17 +5,23 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter
 
-from server.errors import invalid
-from server.schemas import ErrorResponse, Prediction, PredictRequest, PredictResponse
+from server.access import ACCESS_ERRORS, ClientDep
+from server.errors import ApiError
+from server.jsonbody import StrictJSONRoute
+from server.schemas import BODY_ERRORS, ErrorResponse, Prediction, PredictRequest, PredictResponse
 from server.state import StateDep
 from server.validation import inputs_array, labels_array
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=StrictJSONRoute)
 
 ERRORS = {
+    **BODY_ERRORS,
+    **ACCESS_ERRORS,
     404: {"model": ErrorResponse, "description": "unknown model"},
-    413: {"model": ErrorResponse, "description": "request body too large"},
-    422: {"model": ErrorResponse, "description": "malformed inputs or labels"},
+    409: {"model": ErrorResponse, "description": "the model changed shape or classes while the request waited"},
+    413: {"model": ErrorResponse, "description": "body larger than max_body_bytes, or more inputs than "
+                                               "max_inputs_per_request"},
+    422: {"model": ErrorResponse, "description": "malformed inputs or labels (shape, NaN or infinity, types)"},
     503: {"model": ErrorResponse, "description": "model not loaded, Redis unavailable, or overloaded"},
 }
 
@@ -27,7 +33,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)  # type: ignore[arg-type]
-async def predict(body: PredictRequest, state: StateDep) -> PredictResponse:
+async def predict(body: PredictRequest, state: StateDep, client: ClientDep) -> PredictResponse:
     """Predict a class for each input; each one is served on one balanced vendor path and recorded.
 
     Labels given here are attached at once (with their loss) and feed the next reconciliation.
@@ -35,11 +41,12 @@ async def predict(body: PredictRequest, state: StateDep) -> PredictResponse:
     ctx = state.model(body.model)
     limit = state.settings.max_inputs_per_request
     if len(body.inputs) > limit:
-        raise invalid(["inputs"], f"{len(body.inputs)} inputs in one request; the limit is {limit}")
+        raise ApiError(413, f"{len(body.inputs)} inputs in one request; the limit is {limit} "
+                            "(max_inputs_per_request): split the request")
     spec = ctx.served().loaded.spec
     x = inputs_array(body.inputs, spec.input_shape)
     labels = labels_array(body.labels, len(x), spec.num_classes)
-    answer = await ctx.batcher.submit(x, labels)
+    answer = await ctx.batcher.submit(x, labels, client)
     probs = softmax(answer.logits)
     return PredictResponse(model=ctx.name, version=answer.version, predictions=[
         Prediction(id=rid, label=int(p.argmax()), probabilities=p.tolist())

@@ -1,0 +1,36 @@
+"""worker.plan.plan_batch on hand-made feedback entries (pure logic: no Redis, no store)."""
+
+from __future__ import annotations
+
+from mpserve.recordlog import FeedbackEntry
+from worker.plan import plan_batch
+
+NOW_MS = 1_000_000_000
+WINDOW = {0: (2, 4)}  # version 0: 2 groups, 4 vendors
+
+
+def entry(n: int, client: str | None, version: int = 0, label: int = 1) -> FeedbackEntry:
+    return FeedbackEntry(entry_id=f"{1000 + n}-0", id=f"p{n}", version=version, path=(n % 4, (n + 1) % 4),
+                         loss=0.5 + n / 100, label=label, ts_ms=NOW_MS - 1000, client=client)
+
+
+def plan(entries: list[FeedbackEntry], disabled: frozenset[str] = frozenset(), min_cohort: int = 2):
+    return plan_batch(entries, base=0, window=WINDOW, min_cohort=min_cohort, max_records=1000,
+                      label_window_ms=60_000, now_ms=NOW_MS, num_classes=10, disabled_clients=disabled)
+
+
+def test_entries_of_disabled_clients_are_invalid_and_the_rest_is_used() -> None:
+    entries = [entry(i, c) for i, c in enumerate(["a", "b", None, "b", "a", "c", None, "b"])]
+    batch = plan(entries, frozenset({"b"}))
+    assert [e.id for e in batch.invalid] == ["p1", "p3", "p7"]
+    assert [e.id for e in batch.usable] == ["p0", "p2", "p4", "p5", "p6"]  # anonymous entries are not disabled
+    assert batch.counts()["invalid_dropped"] == 3 and batch.dropped == batch.invalid
+    assert plan(entries).invalid == [] and len(plan(entries).usable) == len(entries)  # no one disabled
+
+
+def test_a_cohort_shrunk_by_disabled_entries_waits_and_stale_ones_stay_stale() -> None:
+    entries = [entry(0, "a"), entry(1, "b"), entry(2, "b"), entry(3, "b", version=7)]
+    batch = plan(entries, frozenset({"b"}))
+    assert [e.id for e in batch.invalid] == ["p1", "p2"]
+    assert [e.id for e in batch.held] == ["p0"] and batch.usable == []  # one of min_cohort=2 left: it waits
+    assert [e.id for e in batch.stale] == ["p3"]  # outside the lineage window: stale whoever labelled it

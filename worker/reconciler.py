@@ -30,11 +30,11 @@ import redis
 
 from marketplace.reconcile import Records, VersionSeeds, reconcile
 from model_store import ModelStore, VersionExistsError, VersionNotFound
+from mpserve.faults import fault_point
 from mpserve.keys import validate_model_name
 from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
 from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
-from worker.faults import fault_point
 from worker.fenced import fenced_ack
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
@@ -273,9 +273,13 @@ class Reconciler:
         return time.monotonic() - self._last_publish >= self.settings.interval_s
 
     def _worth_attempting(self) -> bool:
-        """Cheap gate before planning: enough entries could be usable, and something changed."""
+        """Cheap gate before planning: enough entries could be usable (or the buffer is full), and something changed.
+
+        A full buffer always gets a look, even below ``min_records`` (a ``max_records_per_reconcile``
+        smaller than it): nothing more can be read until it is used or its dropped entries acknowledged.
+        """
         timer = self._timer_fired()
-        if not timer and len(self.buffer) < self.settings.min_records:
+        if not timer and len(self.buffer) < self.settings.min_records and self._room() > 0:
             return False
         key = (self._generation, self.records.current_version(), timer)
         if key == self._last_attempt:
@@ -347,6 +351,7 @@ class Reconciler:
         if acked is None:
             self._last_attempt = None  # the version moved under us: plan again
             return
+        fault_point("fenced_ack_after_exec")
         for i in ids:
             self.buffer.pop(i, None)
         stats["acked_without_publish"] = len(ids)

@@ -303,3 +303,46 @@ def worker_args(redis_url: str, store_root: Path, model: str, consumer: str, min
     return ["--redis-url", redis_url, "--store-dir", str(store_root), "--models", model, "--consumer", consumer,
             "--min-records", str(min_records), "--min-cohort", "8", "--poll-ms", "20", "--lease-ttl-ms", "900",
             "--claim-idle-ms", "60000", "--interval-s", "3600", *extra]
+
+
+class ApiProcess(ChildProcess):
+    """``python -m server`` on a free loopback port (a new one at each start)."""
+
+    def __init__(self, args: list[str], log_path: Path, fault: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__("server", args, log_path, fault, env)
+        self.base_args = list(args)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiProcess:
+        self.port = free_port()
+        self.args = [*self.base_args, "--port", str(self.port)]
+        super().start()
+        return self
+
+    def readyz(self, timeout: float = 5.0):
+        """GET /readyz (None while the port does not answer yet)."""
+        import httpx
+
+        self._alive()
+        try:
+            return httpx.get(self.url + "/readyz", timeout=timeout)
+        except httpx.TransportError:
+            return None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        try:
+            wait_until(lambda: (r := self.readyz()) is not None and r.status_code == 200, timeout=timeout,
+                       interval=0.1, what=f"{self.url}/readyz")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+
+
+def api_args(redis_url: str, store_root: Path, *extra: str) -> list[str]:
+    """Flags of ``python -m server`` for tests: small batches (a quick warmup), fast polling, short Redis timeout."""
+    return ["--redis-url", redis_url, "--store-dir", str(store_root), "--max-batch", "16", "--max-wait-ms", "5",
+            "--poll-interval-s", "0.5", "--redis-timeout-s", "0.5", "--log-level", "info", *extra]

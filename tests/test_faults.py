@@ -9,10 +9,15 @@ then sends a real SIGKILL. Everything is checked from Redis and the store alone,
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -20,10 +25,26 @@ import redis
 from model_store import ModelStore
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import RecordLog
-from tests.helpers import ChildProcess, RedisProcess, feed_labels, make_store, pending_ids, wait_until, worker_args
+from mpserve.versions import load_version, write_next_version
+from tests.helpers import (
+    ApiProcess,
+    ChildProcess,
+    RedisProcess,
+    api_args,
+    feed_labels,
+    make_store,
+    pending_ids,
+    start_redis,
+    wait_until,
+    worker_args,
+)
 
 MODEL = "fashion"
 KEYS = ModelKeys(MODEL)
+SHAPE = (1, 28, 28)
+CLASSES = 10
+REDIS_TIMEOUT_S = 0.5  # api_args' --redis-timeout-s
+SLACK_S = 2.0  # a loaded 2-core CI machine: scheduling, not waiting on Redis
 
 
 @pytest.fixture
@@ -139,3 +160,317 @@ def test_sigkill_at_each_step_of_a_reconciliation_uses_every_entry_exactly_once(
     assert store.lineage(MODEL, 4) == [4, 2, 0]  # the unpublished files 1 and 3 are in no lineage
     stats = RecordLog(redis_client, MODEL).stream_stats()
     assert pending_ids(redis_client, MODEL) == [] and stats.backlog == 0  # nothing pending, nothing unread
+
+
+# ------------------------------------------------------------------------------------------ API replicas
+
+
+@dataclass
+class Stack:
+    """One Redis (AOF), one store and two API replicas, shared by the API fault tests of this module."""
+
+    redis: RedisProcess
+    store: ModelStore
+    a: ApiProcess
+    b: ApiProcess
+    logs: Path
+    r: redis.Redis
+
+    def serving(self) -> int:
+        return int(self.r.get(KEYS.version))
+
+    def replica(self, name: str, *extra: str, fault: str | None = None) -> ApiProcess:
+        return ApiProcess(api_args(self.redis.url, self.store.root, *extra), self.logs / f"api-{name}.log", fault)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Replica B stops at its next hot swap (``before_swap:pause``) until the swap test kills and restarts it:
+    the other tests publish only versions that fail to load, which never reach that point."""
+    logs = tmp_path_factory.mktemp("fault-logs")
+    server = start_redis(tmp_path_factory.mktemp("fault-redis"), appendonly=True, appendfsync="always")
+    store = make_store(tmp_path_factory.mktemp("fault-store"), model=MODEL)
+    r = redis.Redis.from_url(server.url, decode_responses=False)
+    st = Stack(server, store, ApiProcess([], logs / "unused.log"), ApiProcess([], logs / "unused.log"), logs, r)
+    st.a, st.b = st.replica("a"), st.replica("b", fault="before_swap:pause")
+    try:
+        for p in (st.a, st.b):
+            p.start()
+        for p in (st.a, st.b):
+            p.wait_ready()
+        yield st
+    finally:
+        for p in (st.a, st.b):
+            p.stop()
+        r.close()
+        server.stop()
+
+
+def publish_next(st: Stack, corrupt: str | None = None, parent: int | None = None, base: int | None = None) -> int:
+    """What the worker does: store the next version (built on ``parent``, default: the serving one), publish it.
+
+    ``corrupt``: ``truncate`` cuts the weights file in half after the write, ``manifest`` the manifest.
+    The weights are those of ``base`` (default: ``parent``) plus a small step, so ``parent`` may be a
+    version that does not load.
+    """
+    base_version = base if base is not None else parent if parent is not None else st.serving()
+    base = load_version(st.store, MODEL, base_version)
+    parent = base.version if parent is None else parent
+    version = (st.store.latest(MODEL) or 0) + 1
+    params = {k: v + np.float32(0.01) for k, v in base.params.items()}
+    write_next_version(st.store, replace(base, version=parent), version, params, {"records": 0}, 0.5,
+                       np.random.default_rng(version))
+    if corrupt is not None:
+        suffix = {"truncate": "safetensors", "manifest": "json"}[corrupt]
+        path = st.store.root / MODEL / "versions" / f"{version:08d}.{suffix}"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    token = int(st.r.get(KEYS.fence) or 0)
+    RecordLog(st.r, MODEL).publish(token, version, {"parent": parent, "by": "test"}, [],
+                                   expected_version=st.serving())
+    return version
+
+
+def predicted_version(url: str, model: str = MODEL) -> int:
+    resp = httpx.post(url + "/predict", json={"model": model, "inputs": images(1, np.random.default_rng())},
+                      timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["version"]
+
+
+def readiness(p: ApiProcess) -> dict[str, Any]:
+    resp = p.readyz()
+    assert resp is not None
+    return resp.json()
+
+
+def images(n: int, rng: np.random.Generator) -> list[Any]:
+    return rng.integers(0, 256, size=(n, *SHAPE)).tolist()
+
+
+@dataclass
+class Call:
+    """One HTTP exchange of a load thread: what was asked, what came back, and when (monotonic)."""
+
+    kind: str  # predict | label
+    url: str
+    status: int | None  # None: no answer (a transport error, a timeout)
+    started: float
+    ended: float
+    body: dict[str, Any] = field(default_factory=dict)
+    labels: list[tuple[str, int]] = field(default_factory=list)  # (id, label) this call attached, if 200
+
+
+class Load:
+    """Client threads that predict and label in a loop until stopped, recording every exchange."""
+
+    def __init__(self, urls: list[str], threads_per_url: int = 2, timeout_s: float = 15.0) -> None:
+        self.calls: list[Call] = []
+        self._stop = threading.Event()
+        self._timeout_s = timeout_s
+        self._threads = [threading.Thread(target=self._run, args=(url, i), daemon=True)
+                         for i, url in enumerate(u for u in urls for _ in range(threads_per_url))]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self._timeout_s + 5)
+        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
+
+    def _post(self, c: httpx.Client, url: str, kind: str, body: dict[str, Any]) -> Call:
+        t0 = time.monotonic()
+        try:
+            resp = c.post(url, json=body)
+            status, payload = resp.status_code, resp.json()
+        except (httpx.TransportError, ValueError) as exc:
+            status, payload = None, {"error": repr(exc)}
+        call = Call(kind, url, status, t0, time.monotonic(), payload)
+        self.calls.append(call)  # list.append is atomic under the GIL
+        if status != 200:
+            self._stop.wait(0.05)  # a client that backs off (Retry-After), briefly
+        return call
+
+    def _run(self, url: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(timeout=self._timeout_s) as c:
+            while not self._stop.is_set():
+                with_labels = bool(rng.integers(2))
+                labels = [int(v) for v in rng.integers(0, CLASSES, 2)]
+                body: dict[str, Any] = {"inputs": images(2, rng)}
+                if with_labels:
+                    body["labels"] = labels
+                call = self._post(c, url + "/predict", "predict", body)
+                if call.status != 200:
+                    continue
+                ids = [p["id"] for p in call.body["predictions"]]
+                if with_labels:
+                    call.labels = list(zip(ids, labels, strict=True))
+                    continue
+                for rid, label in zip(ids, labels, strict=True):
+                    done = self._post(c, url + "/label", "label", {"id": rid, "label": label})
+                    if done.status == 200:
+                        done.labels = [(rid, label)]
+
+    def count(self, status: int | None = 200, after: float = 0.0, url: str | None = None) -> int:
+        return sum(1 for c in list(self.calls)
+                   if c.status == status and c.started >= after and (url is None or c.url.startswith(url)))
+
+    def labelled(self) -> list[tuple[str, int, float]]:
+        """(id, label, answered at) of every label the API acknowledged with a 200."""
+        return [(rid, label, c.ended) for c in list(self.calls) for rid, label in c.labels]
+
+
+def stream_ids(r: redis.Redis) -> Counter[str]:
+    """How many feedback entries each prediction id has."""
+    return Counter(fields[b"id"].decode() for _, fields in r.xrange(KEYS.feedback))
+
+
+@pytest.mark.parametrize("appendfsync", ["always", "everysec"])
+def test_redis_crash_and_restart_under_load(stack: Stack, appendfsync: str) -> None:
+    """Redis is SIGKILLed (no shutdown flush) and restarted while clients predict and label.
+
+    During the outage every answer is a 503 naming Redis, quickly; never a 500, never a hang. Service
+    comes back by itself. With ``appendfsync always`` every label answered 200 is still in its prediction
+    hash and in the feedback stream after the restart; with ``everysec`` that holds for every label
+    answered more than 2 s before the crash (Redis's worst case for a delayed fsync).
+    """
+    stack.r.config_set("appendfsync", appendfsync)
+    stack.redis.appendfsync = appendfsync  # the restart keeps the policy
+    version = stack.serving()
+    with Load([stack.a.url]) as load:
+        wait_until(lambda: load.count(after=0) >= 30, timeout=30, interval=0.02, what="traffic before the crash")
+        crashed = time.monotonic()
+        stack.redis.kill()
+        wait_until(lambda: load.count(503, after=crashed) >= 5, timeout=10, interval=0.02, what="503s in the outage")
+        ready = httpx.get(stack.a.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and any("Redis" in why for why in ready.json()["reasons"])
+        assert httpx.get(stack.a.url + "/healthz", timeout=10).status_code == 200
+        stack.redis.start()
+        restarted = time.monotonic()
+        wait_until(lambda: load.count(after=restarted) >= 30, timeout=30, interval=0.02, what="service resumes")
+    answered = [c for c in load.calls if c.status is not None]
+    assert len(answered) == len(load.calls), [c.body for c in load.calls if c.status is None][:3]  # no hang
+    statuses = Counter(c.status for c in answered)
+    assert set(statuses) <= {200, 503} or (appendfsync == "everysec" and set(statuses) <= {200, 503, 404}), statuses
+    for c in answered:
+        if c.status == 503:
+            assert "Redis" in c.body["detail"], c.body
+            assert c.ended - c.started < REDIS_TIMEOUT_S + SLACK_S, f"a 503 took {c.ended - c.started:.2f}s"
+    assert httpx.get(stack.a.url + "/readyz", timeout=10).status_code == 200
+    assert stack.serving() == version
+
+    in_stream = stream_ids(stack.r)
+    must_survive = [(rid, label) for rid, label, at in load.labelled()
+                    if appendfsync == "always" or at < crashed - 2.0 or at > restarted]
+    lost = [(rid, label) for rid, label in must_survive
+            if stack.r.hget(KEYS.pred(rid), "label") != str(label).encode() or in_stream[rid] != 1]
+    assert not lost, f"{len(lost)} of {len(must_survive)} acknowledged labels lost: {lost[:5]}"
+    assert len(must_survive) >= 30
+
+
+def test_replica_killed_during_a_hot_swap(stack: Stack) -> None:
+    """Replica B is SIGKILLed mid-swap (new version loaded and warmed up, not swapped in) under load.
+
+    Replica A never fails a request and converges to the new version; once an answer of A named the
+    new version, every later request is answered by it. B answers 200 until it dies, then its clients
+    get connection errors (never a 5xx). B restarted serves the current version.
+    """
+    old = stack.serving()
+    for p in (stack.a, stack.b):
+        wait_until(lambda p=p: predicted_version(p.url) == old, timeout=30, interval=0.05, what="both serve")
+    a, b = stack.a.url, stack.b.url
+    with Load([a, b]) as load:
+        wait_until(lambda: load.count(url=a) >= 10 and load.count(url=b) >= 10, timeout=30, interval=0.02,
+                   what="traffic on both replicas")
+        new = publish_next(stack)
+        assert stack.b.wait_paused() == "before_swap"
+        assert stack.b.sigkill() == -signal.SIGKILL
+        killed = time.monotonic()
+        wait_until(lambda: load.count(url=a, after=killed) >= 20, timeout=30, interval=0.02,
+                   what="A keeps answering")
+        wait_until(lambda: predicted_version(a) == new, timeout=30, interval=0.05, what="A converges")
+    on_a = [c for c in load.calls if c.url.startswith(a) and c.kind == "predict"]
+    assert {c.status for c in load.calls if c.url.startswith(a)} == {200}
+    first_new = min(c.ended for c in on_a if c.body["version"] == new)
+    assert {c.body["version"] for c in on_a if c.started > first_new} <= {new}  # no going back
+    assert {c.body["version"] for c in on_a} == {old, new}
+    assert {c.status for c in load.calls if c.url.startswith(b)} <= {200, None}
+    assert "pausing at before_swap" in stack.b.log_tail()
+
+    stack.b = stack.replica("b")  # restarted, without the fault
+    stack.b.start().wait_ready()
+    assert predicted_version(stack.b.url) == new
+    ready = readiness(stack.b)["models"][MODEL]
+    assert (ready["version"], ready["target_version"], ready["error"]) == (new, new, None)
+
+
+@pytest.mark.parametrize("corrupt", ["truncate", "manifest"])
+def test_a_truncated_or_corrupt_version_is_refused_and_the_last_good_one_keeps_serving(
+        stack: Stack, corrupt: str) -> None:
+    good = stack.serving()
+    for p in (stack.a, stack.b):
+        wait_until(lambda p=p: predicted_version(p.url) == good, timeout=30, interval=0.05, what="both serve")
+    bad = publish_next(stack, corrupt)
+
+    def refused(p: ApiProcess) -> bool:
+        m = readiness(p)["models"][MODEL]
+        return m["target_version"] == bad and bool(m["error"])
+
+    try:
+        wait_until(lambda: refused(stack.a) and refused(stack.b), timeout=30, interval=0.05, what="refusal")
+        why = "sha256" if corrupt == "truncate" else "manifest"
+        for p in (stack.a, stack.b):
+            ready = readiness(p)
+            m = ready["models"][MODEL]
+            assert ready["status"] == "ready" and m["version"] == good
+            assert f"version {bad} cannot be served" in m["error"] and why in m["error"], m["error"]
+            assert f"still serving version {good}" in m["error"]
+            assert predicted_version(p.url) == good
+            assert f"version {bad} cannot be served" in p.log_tail(20_000)
+    finally:
+        RecordLog(stack.r, MODEL).rollback(good, {"by": "test"})  # leave the module serving a good version
+    for p in (stack.a, stack.b):
+        wait_until(lambda p=p: readiness(p)["models"][MODEL]["error"] is None, timeout=30, interval=0.05)
+
+
+def test_a_replica_starting_while_the_current_version_is_corrupt_serves_its_newest_good_ancestor(
+        stack: Stack) -> None:
+    """Current: ``bad2`` (weights truncated), built on ``bad1`` (manifest truncated: its parent is known only
+    from the publish history), built on ``good``. A replica that starts now serves ``good``, ready, and
+    says why in /readyz and its log. A model with no loadable version at all is not loaded, with the reason.
+    """
+    good = stack.serving()
+    broken = make_store(stack.store.root, model="broken")
+    weights = broken.root / "broken" / "versions" / f"{0:08d}.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    bad1 = publish_next(stack, "manifest")
+    bad2 = publish_next(stack, "truncate", parent=bad1, base=good)
+    d = stack.replica("d", "--models", MODEL, "broken", "--default-model", MODEL)
+    try:
+        d.start()
+        wait_until(lambda: (r := d.readyz()) is not None and r.json()["models"][MODEL]["loaded"]
+                   and r.json()["models"]["broken"]["error"], timeout=120, interval=0.1, what="d starts")
+        ready = readiness(d)
+        m, nothing = ready["models"][MODEL], ready["models"]["broken"]
+        assert (m["version"], m["target_version"]) == (good, bad2)
+        assert f"version {bad2} cannot be served" in m["error"] and "sha256" in m["error"], m["error"]
+        assert f"serving version {good} instead, the newest loadable ancestor of version {bad2}" in m["error"]
+        assert predicted_version(d.url) == good
+        assert not nothing["loaded"] and "version 0 cannot be served" in nothing["error"]
+        assert "no ancestor" in nothing["error"]
+        assert ready["status"] == "not ready" and any("'broken' is not loaded" in why for why in ready["reasons"])
+        resp = httpx.post(d.url + "/predict", json={"model": "broken", "inputs": images(1, np.random.default_rng())})
+        assert resp.status_code == 503 and "version 0 cannot be served" in resp.json()["detail"]
+        log = d.log_tail(50_000)
+        assert f"ancestor {bad1} of version {bad2} cannot be served either" in log
+        assert f"serving version {good} instead" in log
+    finally:
+        d.stop()
+        RecordLog(stack.r, MODEL).rollback(good, {"by": "test"})
+    for p in (stack.a, stack.b):
+        wait_until(lambda p=p: readiness(p)["models"][MODEL]["error"] is None, timeout=30, interval=0.05)

@@ -29,7 +29,7 @@ import numpy as np
 import redis
 
 from marketplace.reconcile import Records, VersionSeeds, reconcile
-from model_store import ModelStore, VersionExistsError, VersionNotFound
+from model_store import ModelStore, ModelStoreError, VersionExistsError
 from mpserve.faults import fault_point
 from mpserve.keys import validate_model_name
 from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
@@ -109,6 +109,7 @@ class Reconciler:
         self._last_reclaim = time.monotonic()
         self._window: tuple[int, dict[int, VersionSeeds]] | None = None
         self._loaded: LoadedVersion | None = None
+        self._base_error: str | None = None  # why the base version cannot be built on, last time it could not
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -322,9 +323,16 @@ class Reconciler:
         try:
             sources = self._sources(base)
             batch = self._plan(base, sources)
-        except VersionNotFound as exc:  # serving points at a version the store lacks (deleted, other store)
-            return ReconcileOutcome(False, None, base, {}, f"base version {base} is not usable: {exc}",
-                                    time.monotonic() - t0)
+        except ModelStoreError as exc:
+            # serving points at a version the store lacks (deleted, another store) or cannot load (corrupt):
+            # nothing can be built on it; the entries stay pending until an operator rolls back or repairs
+            reason = f"base version {base} is not usable: {type(exc).__name__}: {exc}"
+            if reason != self._base_error:  # once per cause, not once per new entry
+                log.error("%s: %s; entries stay pending until serving points at a usable version", self.model,
+                          reason)
+            self._base_error = reason
+            return ReconcileOutcome(False, None, base, {}, reason, time.monotonic() - t0)
+        self._base_error = None
         timer = self._timer_fired()
         need = self.settings.min_cohort if (force or timer) else self.settings.min_records
         if len(batch.usable) < need:

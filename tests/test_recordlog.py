@@ -13,6 +13,7 @@ import redis.asyncio
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import (
     AsyncRecordLog,
+    EntryNotPendingError,
     FeedbackEntry,
     PredictionRecord,
     RecordLog,
@@ -300,9 +301,12 @@ def test_publish_acks_exactly_the_given_ids(log: RecordLog, redis_client: redis.
     assert (h["type"], h["version"], h["parent"], h["records"]) == ("publish", 2, 1, 2)
     assert isinstance(h["ts_ms"], int)
     assert log.backlog() == 2
-    # Acking the same ids again is harmless (0 acked) and still publishes.
-    assert log.publish(token, 3, {}, used, expected_version=2) == 0
-    assert log.current_version() == 3
+    # The same ids again: already used, so the publish is refused and changes nothing.
+    before = (log.history(), pending_ids(redis_client))
+    with pytest.raises(EntryNotPendingError, match=used[0]):
+        log.publish(token, 3, {}, [entries[1].entry_id, used[0]], expected_version=2)
+    assert (log.current_version(), log.history(), pending_ids(redis_client)) == (2, *before)
+    assert log.publish(token, 3, {}, [], expected_version=2) == 0  # no entries: a plain publish
 
 
 def test_stale_token_is_refused_and_changes_nothing(log: RecordLog, redis_client: redis.Redis) -> None:

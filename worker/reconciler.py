@@ -32,7 +32,7 @@ from marketplace.reconcile import Records, VersionSeeds, reconcile
 from model_store import ModelStore, ModelStoreError, VersionExistsError
 from mpserve.faults import fault_point
 from mpserve.keys import validate_model_name
-from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
+from mpserve.recordlog import EntryNotPendingError, FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
 from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
 from worker.fenced import fenced_ack
@@ -411,6 +411,13 @@ class Reconciler:
             self._lost(f"publish of version {version} refused: {exc}")
             log.warning("%s: version %d stays unpublished garbage in the store", self.model, version)
             return ReconcileOutcome(False, None, parent.version, stats, f"lost leadership: {exc}",
+                                    time.monotonic() - t0)
+        except EntryNotPendingError as exc:
+            # Our buffer disagrees with Redis (another leader with our token, or Redis lost writes): stop
+            # leading; whoever takes the lease next rebuilds its buffer from what is really pending.
+            self._lost(f"publish of version {version} refused: {exc}")
+            log.warning("%s: version %d stays unpublished garbage in the store", self.model, version)
+            return ReconcileOutcome(False, None, parent.version, stats, f"publish refused: {exc}",
                                     time.monotonic() - t0)
         except BaseException:
             # The script may or may not have run: only Redis knows which entries are acknowledged now.

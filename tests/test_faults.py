@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -193,6 +194,85 @@ def test_worker_survives_a_redis_crash_and_uses_every_entry_once(tmp_path: Path,
     finally:
         r.close()
         server.stop()
+
+
+def test_a_publish_lost_with_redis_last_writes_is_undone_cleanly(tmp_path: Path,
+                                                                   children: list[ChildProcess]) -> None:
+    """What ``appendfsync everysec`` may cost: Redis comes back without its last writes, here a publish
+    (and the labels it used). Serving returns to the previous version, the lost version's file is
+    unpublished garbage, and the entries that were pending before it are used again, exactly once along
+    the surviving lineage, without waiting forever. The loss is made certain by restarting Redis from a
+    copy of its AOF taken before the publish.
+    """
+    rng = np.random.default_rng(13)
+    server = start_redis(tmp_path / "redis", appendonly=True, appendfsync="always")
+    r = redis.Redis.from_url(server.url, decode_responses=False)
+    aof = tmp_path / "redis" / "appendonlydir"
+    try:
+        store = make_store(tmp_path / "store", model=MODEL)
+        w = ChildProcess("worker", worker_args(server.url, store.root, MODEL, "w", 32, "--claim-idle-ms", "1000"),
+                         tmp_path / "w.log")
+        children.append(w.start())
+        feed_labels(r, MODEL, 40, rng=rng)
+        wait_until(lambda: version_key(r) == 1, timeout=30, interval=0.05, what="the worker publishes v1")
+        held = feed_labels(r, MODEL, 20, version=1, rng=rng)
+        wait_until(lambda: len(pending_ids(r, MODEL)) == 20, timeout=10, interval=0.02, what="the worker reads")
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)  # no write in flight while the AOF is copied
+        shutil.copytree(aof, tmp_path / "aof-before")
+        os.kill(server.proc.pid, signal.SIGCONT)
+        lost = feed_labels(r, MODEL, 20, version=1, rng=rng)
+        wait_until(lambda: version_key(r) == 2, timeout=30, interval=0.05, what="the worker publishes v2")
+        assert inputs(store, 2)[0] == held + lost
+        server.kill()
+        shutil.rmtree(aof)
+        shutil.copytree(tmp_path / "aof-before", aof)
+        server.start()
+        assert version_key(r) == 1 and sorted(pending_ids(r, MODEL)) == sorted(held)  # v2 and its labels: gone
+        more = feed_labels(r, MODEL, 12, version=1, rng=rng)
+        wait_until(lambda: version_key(r) == 3, timeout=30, interval=0.05, what="the worker publishes v3")
+        assert w.stop() == 0
+        assert [h["version"] for h in publishes(r)] == [1, 3]
+        assert store.lineage(MODEL, 3) == [3, 1, 0]  # v2 is garbage: in no lineage
+        assert inputs(store, 3)[0] == held + more
+        assert pending_ids(r, MODEL) == [] and RecordLog(r, MODEL).stream_stats().backlog == 0
+    finally:
+        r.close()
+        server.stop()
+
+
+def test_two_leaders_with_the_same_token_never_use_an_entry_twice(
+        redis_client: redis.Redis, redis_server: RedisProcess, tmp_path: Path) -> None:
+    """Redis lost its last writes (``appendfsync everysec``): the lease ``a`` took and its fence INCR. ``b``
+    then takes the lease and gets the very token ``a`` holds; until ``a``'s next renewal both pass the
+    fence. ``b`` claims and publishes the entries ``a`` buffered; ``a``'s publish of the same entries is
+    refused because they are no longer pending, and ``a`` stops leading.
+    """
+    from worker.reconciler import Reconciler
+    from worker.settings import WorkerSettings
+
+    store = make_store(tmp_path / "store", model=MODEL)
+
+    def reconciler(consumer: str) -> Reconciler:
+        settings = WorkerSettings(redis_url=redis_server.url, store_dir=store.root, models=[MODEL],
+                                  consumer=consumer, min_records=32, min_cohort=8, interval_s=3600, poll_ms=20)
+        return Reconciler(settings, store, redis_client, MODEL)
+
+    a, b = reconciler("a"), reconciler("b")
+    early = feed_labels(redis_client, MODEL, 10)
+    assert not a.run_once().published and a.is_leader  # a leads and buffers 10 entries
+    redis_client.delete(KEYS.lock)  # the writes Redis lost: a's lease and its fence increment
+    redis_client.decr(KEYS.fence)
+    late = feed_labels(redis_client, MODEL, 30)
+    out = b.run_once()  # takes the lease, gets a's token, claims a's entries, publishes all 40
+    assert b.lease.token == a.lease.token and out.published and out.version == 1
+    out = a.run_once(force=True)  # a's renewal is not due: it still leads, and builds on 1 with its 10
+    assert not out.published and "no longer pending" in out.reason and not a.is_leader
+    assert [h["version"] for h in publishes(redis_client)] == [1] and version_key(redis_client) == 1
+    assert inputs(store, 1)[0] == early + late
+    assert pending_ids(redis_client, MODEL) == []
+    assert a.run_once().reason.startswith("not leader")  # b holds the lease
+    b.close()
 
 
 def test_worker_does_not_build_on_a_corrupt_serving_version(

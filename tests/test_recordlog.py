@@ -477,6 +477,8 @@ def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Re
     t1 = log.acquire_lease("a", 10_000)
     assert t1 == 1
     assert log.acquire_lease("b", 10_000) is None
+    assert log.acquire_lease("a", 10_000) == t1 + 1  # the holder takes it again: a new token, its old one stale
+    t1 += 1
     assert log.renew_lease("b", 10_000) is False
     assert log.release_lease("b") is False
     assert redis_client.get(K.lock) == b"a"
@@ -485,11 +487,11 @@ def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Re
 
     t2 = wait_until(lambda: log.acquire_lease("b", 10_000), timeout=5, what="lease expired")
     assert t2 == t1 + 1
-    assert redis_client.get(K.fence) == b"2"
+    assert redis_client.get(K.fence) == b"3"
     assert log.renew_lease("a", 10_000) is False  # the old owner lost it
     assert log.release_lease("a") is False
     assert log.release_lease("b") is True
-    assert log.acquire_lease("a", 10_000) == 3
+    assert log.acquire_lease("a", 10_000) == 4
 
 
 # --------------------------------------------------------------------------- async twin

@@ -138,6 +138,8 @@ class Reconciler:
                     self.step(stop)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("%s: Redis unavailable (%s); retrying", self.model, exc)
+                    if self.lease.held:  # Redis may come back without its last writes: rebuild from it
+                        self._lost("Redis connection lost; the buffer is rebuilt from Redis once it answers")
                     self._last_attempt = None
                     stop.wait(1.0)
                 except Exception:

@@ -80,6 +80,7 @@ def test_mpserve_up_serves_learns_and_stops_cleanly(tmp_path):
     """The README's first command, for real: embedded Redis with AOF, API, worker; Ctrl-C stops all three."""
     port, token = free_port(), "up-test-token"
     env = {**os.environ, "MPSERVE_ADMIN_TOKEN": token, "MPSERVE_MIN_RECORDS": "100000", "MPSERVE_MIN_COHORT": "8",
+           "MPSERVE_INTERVAL_S": "3600",  # no timer: a slow start must not let it reconcile before the request
            "MPSERVE_MAX_BATCH": "64"}
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "mpserve.cli", "up", "--port", str(port), "--data-dir",

@@ -71,18 +71,13 @@ if #ARGV >= FIRST_ID and not found then
   return {'no_group', group}
 end
 if #ARGV >= FIRST_ID then
-  local lo, hi = ARGV[FIRST_ID], ARGV[FIRST_ID]
-  for i = FIRST_ID + 1, #ARGV do
-    if less(ARGV[i], lo) then lo = ARGV[i] end
-    if less(hi, ARGV[i]) then hi = ARGV[i] end
-  end
   local npending = 0
   for _, info in ipairs(infos) do
     if info['name'] == group then npending = tonumber(info['pending']) end
   end
   local pending = {}
-  if npending > 0 then
-    for _, row in ipairs(redis.call('XPENDING', stream, group, lo, hi, npending)) do
+  if npending > 0 then  -- the whole PEL: about as many entries as the worker's buffer
+    for _, row in ipairs(redis.call('XPENDING', stream, group, '-', '+', npending)) do
       pending[row[1]] = true
     end
   end

@@ -41,6 +41,13 @@ class StaleLeaderError(RuntimeError):
     """The publisher's fencing token is not the current one: another leader took over."""
 
 
+class EntryNotPendingError(RuntimeError):
+    """An entry given to a publish is not pending in the group: another publish used or dropped it (a second
+    leader, after Redis lost its last writes), or Redis lost it. Nothing was changed; the caller's view of
+    the stream is wrong and must be rebuilt from Redis.
+    """
+
+
 class VersionMovedError(RuntimeError):
     """``mp:{m}:version`` is no longer the version the publisher built on (a rollback, another publish).
 
@@ -399,6 +406,8 @@ def _p_publish(reply: Sequence[Any], token: int, expected_version: int | None) -
         raise StaleLeaderError(f"fencing token {token} is not the current one ({_str(reply[1])})")
     if status == "moved":
         raise VersionMovedError(expected_version, _p_version(reply[1]))
+    if status == "not_pending":
+        raise EntryNotPendingError(f"entry {_str(reply[1])} is no longer pending: used by another publish, or lost")
     raise RuntimeError(f"publish_version refused: {status} {_str(reply[1])}")
 
 
@@ -616,8 +625,9 @@ class RecordLog(_Base):
         """Publish ``new_version`` and ack the entries it used, all or nothing; returns the ack count.
 
         ``expected_version`` is what ``mp:{m}:version`` read when the update was planned (None: unset).
-        Raises StaleLeaderError when ``token`` is not the current fence, and VersionMovedError when
-        the version key is set to anything else (a rollback in between); nothing is changed then.
+        Raises StaleLeaderError when ``token`` is not the current fence, VersionMovedError when the
+        version key is set to anything else (a rollback in between), and EntryNotPendingError when an
+        entry is no longer pending (so none is ever used twice); nothing is changed then.
         """
         keys, args = _publish_call(self.keys, self.group, token, new_version, history_record, entry_ids,
                                    expected_version, self.history_max)

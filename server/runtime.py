@@ -6,7 +6,9 @@ request path (file read and hash check on a worker thread; materialize and warmu
 thread, between batches) and then swapped in by reference: a batch holds the :class:`Served` it
 started with, so in-flight batches finish on the old weights and every answer names its version.
 A version that cannot be loaded (missing, corrupt, non-finite outputs) is logged and the replica keeps
-serving the last good one; the reason shows in /readyz.
+serving the last good one; the reason shows in /readyz. A replica that starts while the current version
+cannot be loaded serves its newest loadable ancestor (ready, the reason in /readyz); with none, it is
+not ready and /readyz says why.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import redis.asyncio
 
 from marketplace.engine import Engine, PerturbedWeights
 from model_store import ModelStore
+from mpserve.faults import fault_point
 from mpserve.recordlog import AsyncRecordLog
 from mpserve.versions import LoadedVersion, fallback_base, load_version
 from server.engine_thread import EngineThread
@@ -65,6 +68,7 @@ class ModelRuntime:
         self.served: Served | None = None
         self.target: int | None = None  # what Redis said last
         self.error: str | None = None  # why the target is not what this replica serves, if it is not
+        self._ancestor_of: int | None = None  # serving a fallback ancestor of this version (see _serve_ancestor)
         self._failed: dict[int, tuple[str, float]] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -124,18 +128,71 @@ class ModelRuntime:
                 self.error = self._still_serving(reason)
                 log.error("model %s: %s", self.name, self.error)
                 self.metrics.swaps.inc(self.name, "failed")
+                if self.served is None:  # nothing to keep serving (a replica that starts now): fall back
+                    await self._serve_ancestor(target, reason)
+                    if self.served is None:  # the reason, until the next try, says no ancestor loads either
+                        self._failed[target] = (self.error or reason, self._failed[target][1])
                 return
+            if self.served is not None:
+                fault_point("before_swap")  # crash tests: loaded and warmed up, not swapped in
             previous = self.served
             self.served = served  # the swap: new batches take this one, running batches keep theirs
-            self.error = None
+            self.error, self._ancestor_of = None, None
             self._failed.pop(target, None)
             self.metrics.version.set(target, self.name)
             self.metrics.swaps.inc(self.name, "ok")
             log.info("model %s: serving version %d (was %s), ready in %.2fs", self.name, target,
                      None if previous is None else previous.version, time.perf_counter() - started)
 
+    async def _serve_ancestor(self, target: int, reason: str) -> None:
+        """Serve the newest loadable ancestor of ``target``, the version other replicas most likely still serve.
+
+        Used only when this replica serves nothing yet (it starts while the current version is corrupt
+        or missing): running replicas keep their last good version instead. The parent comes from the
+        manifest, or from the publish history in Redis when the manifest itself is unreadable.
+        """
+        tried: list[int] = []
+        version: int | None = target
+        while (version := await self._parent_of(version)) is not None and version not in tried:
+            tried.append(version)
+            try:
+                served = await self._prepare(version)
+            except Exception as exc:
+                log.error("model %s: ancestor %d of version %d cannot be served either: %s: %s", self.name, version,
+                          target, type(exc).__name__, exc)
+                continue
+            self.served, self._ancestor_of = served, target
+            self.error = self._still_serving(reason)
+            self.metrics.version.set(version, self.name)
+            self.metrics.swaps.inc(self.name, "ok")
+            log.warning("model %s: %s", self.name, self.error)
+            return
+        self.error = f"{reason}; no ancestor of it can be served either (tried {tried or 'none'})"
+        log.error("model %s: %s", self.name, self.error)
+
+    async def _parent_of(self, version: int) -> int | None:
+        """The version ``version`` was built on (None: a root, or unknown)."""
+        try:
+            manifest = await asyncio.to_thread(self.store.read_manifest, self.name, version)
+            return manifest["parent"]
+        except Exception as exc:
+            log.info("model %s: no readable manifest for version %d (%s); asking the publish history", self.name,
+                     version, exc)
+        try:
+            async with redis_op("read the version history", self.redis_timeout_s):
+                history = await self.records.history()
+        except ApiError:
+            return None
+        parents = [h.get("parent") for h in history if h.get("type") == "publish" and h.get("version") == version]
+        return parents[-1] if parents and isinstance(parents[-1], int) else None
+
     def _still_serving(self, reason: str) -> str:
-        return reason if self.served is None else f"{reason}; still serving version {self.served.version}"
+        if self.served is None:
+            return reason
+        if self._ancestor_of is not None:
+            return (f"{reason}; serving version {self.served.version} instead, the newest loadable ancestor of "
+                    f"version {self._ancestor_of}")
+        return f"{reason}; still serving version {self.served.version}"
 
     async def _target_version(self) -> int:
         """``mp:{m}:version``; when unset, propose one with SET NX (the first replica to ask wins).

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -231,3 +234,179 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")[-n:]
         except OSError:
             return "(no log)"
+
+
+# ------------------------------------------------------------------------------------------ feedback
+
+
+def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_ms: int | None = None,
+                rng=None, groups: int = 2, vendors: int = 4, classes: int = 10) -> list[str]:
+    """Write ``n`` labelled predictions served by ``version`` on random paths; their stream entry ids, in order.
+
+    The defaults fit :func:`make_store`'s model (2 layer groups, 4 vendors, 10 classes).
+    """
+    import numpy as np
+
+    from mpserve.recordlog import PredictionRecord, RecordLog
+
+    rng = rng if rng is not None else np.random.default_rng()
+    records = [
+        PredictionRecord(f"p{next(_record_ids)}", version, tuple(int(v) for v in rng.integers(0, vendors, groups)),
+                         np.zeros(classes, np.float32), label=int(rng.integers(classes)),
+                         loss=float(rng.exponential(1.0)))
+        for _ in range(n)
+    ]
+    log_ = RecordLog(client, model)
+    log_.write_predictions(records, now_ms)
+    return [eid.decode() for eid, _ in reversed(client.xrevrange(log_.keys.feedback, count=n))]
+
+
+_record_ids = itertools.count()
+
+
+def pending_ids(client: redis.Redis, model: str, group: str = "reconciler") -> list[str]:
+    """Entry ids delivered to the consumer group and not acknowledged (none while the group is missing)."""
+    from mpserve.keys import ModelKeys
+
+    try:
+        rows = client.xpending_range(ModelKeys(model).feedback, group, "-", "+", 100_000)
+    except redis.ResponseError:
+        return []
+    return [r["message_id"].decode() for r in rows]
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any MPSERVE_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
+    return {**env, **extra}
+
+
+class ChildProcess:
+    """A ``python -m <module>`` child with its output in a log file, and fault-injection helpers.
+
+    ``fault`` is ``MPSERVE_FAULT`` (see mpserve.faults); with a ``<point>:pause`` fault the child
+    writes :attr:`marker` when it reaches the point, and :meth:`wait_paused` waits for that.
+    """
+
+    def __init__(self, module: str, args: list[str], log_path: Path, fault: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.module, self.args, self.log_path, self.fault = module, args, Path(log_path), fault
+        self.marker = self.log_path.with_suffix(".fault")
+        extra = dict(env or {})
+        if fault:
+            extra.update(MPSERVE_FAULT=fault, MPSERVE_FAULT_MARKER=str(self.marker))
+        self.env = clean_env(**extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildProcess:
+        self.marker.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module, *self.args], cwd=REPO, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+    def _alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.module} exited with {self.proc.returncode}:\n{self.log_tail()}")
+        return True
+
+    def wait_paused(self, timeout: float = 30.0) -> str:
+        """Wait until the child stopped at its fault point; returns the point's name."""
+        def paused() -> str | None:
+            self._alive()
+            if not self.marker.exists():
+                return None
+            point, pid = self.marker.read_text().split()
+            assert int(pid) == self.pid
+            return point
+        try:
+            return wait_until(paused, timeout=timeout, interval=0.02, what=f"{self.module} reaches {self.fault}")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+
+    def sigkill(self) -> int:
+        """A real SIGKILL (no handler, no cleanup); returns the exit status (-9)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait (SIGKILL if it will not go); the exit status, None if it never started."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def worker_args(redis_url: str, store_root: Path, model: str, consumer: str, min_records: int = 32,
+                *extra: str) -> list[str]:
+    """Flags of ``python -m worker`` for tests: a short lease and poll, no timer, no idle reclaim."""
+    return ["--redis-url", redis_url, "--store-dir", str(store_root), "--models", model, "--consumer", consumer,
+            "--min-records", str(min_records), "--min-cohort", "8", "--poll-ms", "20", "--lease-ttl-ms", "900",
+            "--claim-idle-ms", "60000", "--interval-s", "3600", *extra]
+
+
+class ApiProcess(ChildProcess):
+    """``python -m server`` on a free loopback port (a new one at each start)."""
+
+    def __init__(self, args: list[str], log_path: Path, fault: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__("server", args, log_path, fault, env)
+        self.base_args = list(args)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiProcess:
+        self.port = free_port()
+        self.args = [*self.base_args, "--port", str(self.port)]
+        super().start()
+        return self
+
+    def readyz(self, timeout: float = 5.0):
+        """GET /readyz (None while the port does not answer yet)."""
+        import httpx
+
+        self._alive()
+        try:
+            return httpx.get(self.url + "/readyz", timeout=timeout)
+        except httpx.TransportError:
+            return None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        try:
+            wait_until(lambda: (r := self.readyz()) is not None and r.status_code == 200, timeout=timeout,
+                       interval=0.1, what=f"{self.url}/readyz")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+
+
+def api_args(redis_url: str, store_root: Path, *extra: str) -> list[str]:
+    """Flags of ``python -m server`` for tests: small batches (a quick warmup), fast polling, short Redis timeout."""
+    return ["--redis-url", redis_url, "--store-dir", str(store_root), "--max-batch", "16", "--max-wait-ms", "5",
+            "--poll-interval-s", "0.5", "--redis-timeout-s", "0.5", "--log-level", "info", *extra]

@@ -13,6 +13,7 @@ import redis.asyncio
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import (
     AsyncRecordLog,
+    EntryNotPendingError,
     FeedbackEntry,
     PredictionRecord,
     RecordLog,
@@ -303,9 +304,12 @@ def test_publish_acks_exactly_the_given_ids(log: RecordLog, redis_client: redis.
     assert (h["type"], h["version"], h["parent"], h["records"]) == ("publish", 2, 1, 2)
     assert isinstance(h["ts_ms"], int)
     assert log.backlog() == 2
-    # Acking the same ids again is harmless (0 acked) and still publishes.
-    assert log.publish(token, 3, {}, used, expected_version=2) == 0
-    assert log.current_version() == 3
+    # The same ids again: already used, so the publish is refused and changes nothing.
+    before = (log.history(), pending_ids(redis_client))
+    with pytest.raises(EntryNotPendingError, match=used[0]):
+        log.publish(token, 3, {}, [entries[1].entry_id, used[0]], expected_version=2)
+    assert (log.current_version(), log.history(), pending_ids(redis_client)) == (2, *before)
+    assert log.publish(token, 3, {}, [], expected_version=2) == 0  # no entries: a plain publish
 
 
 def test_stale_token_is_refused_and_changes_nothing(log: RecordLog, redis_client: redis.Redis) -> None:
@@ -525,6 +529,8 @@ def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Re
     t1 = log.acquire_lease("a", 10_000)
     assert t1 == 1
     assert log.acquire_lease("b", 10_000) is None
+    assert log.acquire_lease("a", 10_000) == t1 + 1  # the holder takes it again: a new token, its old one stale
+    t1 += 1
     assert log.renew_lease("b", 10_000) is False
     assert log.release_lease("b") is False
     assert redis_client.get(K.lock) == b"a"
@@ -533,11 +539,11 @@ def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Re
 
     t2 = wait_until(lambda: log.acquire_lease("b", 10_000), timeout=5, what="lease expired")
     assert t2 == t1 + 1
-    assert redis_client.get(K.fence) == b"2"
+    assert redis_client.get(K.fence) == b"3"
     assert log.renew_lease("a", 10_000) is False  # the old owner lost it
     assert log.release_lease("a") is False
     assert log.release_lease("b") is True
-    assert log.acquire_lease("a", 10_000) == 3
+    assert log.acquire_lease("a", 10_000) == 4
 
 
 # --------------------------------------------------------------------------- async twin

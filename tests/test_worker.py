@@ -1,8 +1,7 @@
 """The reconciler worker against a real redis-server and a real model store (tests.helpers.make_store).
 
-In-process tests drive ``Reconciler.run_once`` directly; the crash and failover tests run
-``python -m worker`` as real processes and kill them, then check from Redis and the store alone that
-every labelled entry went into exactly one published version.
+In-process tests drive ``Reconciler.run_once`` directly; the failover test runs two ``python -m worker``
+processes and kills the leader. Crashes at each step of a reconciliation are in tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -11,13 +10,8 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +27,16 @@ from model_store.holdout import encode_holdout
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import PredictionRecord, RecordLog, StaleLeaderError
 from mpserve.versions import load_version, version_sources
-from tests.helpers import RedisProcess, make_store, numpy_mlp, wait_until
+from tests.helpers import (
+    ChildProcess,
+    RedisProcess,
+    feed_labels,
+    make_store,
+    numpy_mlp,
+    pending_ids,
+    wait_until,
+    worker_args,
+)
 from worker.fenced import fenced_ack
 from worker.main import build_settings
 from worker.reconciler import Reconciler
@@ -43,8 +46,6 @@ from worker.trigger import ReconcileTimeout, request_reconcile
 MODEL = "fashion"
 K = ModelKeys(MODEL)
 GROUPS, VENDORS, CLASSES = 2, 4, 10  # make_store's mlp(hidden=(32,)) with 4 vendors
-REPO = Path(__file__).resolve().parent.parent
-_ids = itertools.count()
 _rng = np.random.default_rng(1234)
 
 
@@ -66,22 +67,11 @@ def make_settings(redis_server: RedisProcess, store: ModelStore, **overrides: ob
 
 def feed(client: redis.Redis, n: int, version: int = 0, now_ms: int | None = None) -> list[str]:
     """Write n labelled predictions served by ``version`` on random paths; returns their stream entry ids."""
-    records = [
-        PredictionRecord(f"p{next(_ids)}", version, tuple(int(v) for v in _rng.integers(0, VENDORS, GROUPS)),
-                         np.zeros(CLASSES, np.float32), label=int(_rng.integers(CLASSES)),
-                         loss=float(_rng.exponential(1.0)))
-        for _ in range(n)
-    ]
-    RecordLog(client, MODEL).write_predictions(records, now_ms)
-    return [eid.decode() for eid, _ in reversed(client.xrevrange(K.feedback, count=n))]
+    return feed_labels(client, MODEL, n, version, now_ms, _rng, GROUPS, VENDORS, CLASSES)
 
 
 def pending(client: redis.Redis) -> list[str]:
-    try:
-        rows = client.xpending_range(K.feedback, "reconciler", "-", "+", 100_000)
-    except redis.ResponseError:  # no group yet
-        return []
-    return [r["message_id"].decode() for r in rows]
+    return pending_ids(client, MODEL)
 
 
 def version_key(client: redis.Redis) -> int | None:
@@ -329,13 +319,17 @@ def test_a_rollback_during_reconciliation_is_not_undone(
 # ------------------------------------------------------------------------------------------ validation guard
 
 
+_served_ids = itertools.count()
+
+
 def feed_served(client: redis.Redis, n: int, version: int, seed: int) -> dict[str, PredictionRecord]:
     """n labelled predictions with real logits (about half of them right): entry id -> the record."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 2, (n, CLASSES)).astype(np.float32)
     labels = np.where(rng.random(n) < 0.5, logits.argmax(1), rng.integers(0, CLASSES, n))
     loss = cross_entropy(logits, labels)
-    records = [PredictionRecord(f"s{next(_ids)}", version, tuple(int(v) for v in rng.integers(0, VENDORS, GROUPS)),
+    records = [PredictionRecord(f"s{next(_served_ids)}", version,
+                                tuple(int(v) for v in rng.integers(0, VENDORS, GROUPS)),
                                 logits[i], label=int(labels[i]), loss=float(loss[i])) for i in range(n)]
     RecordLog(client, MODEL).write_predictions(records)
     ids = [eid.decode() for eid, _ in reversed(client.xrevrange(K.feedback, count=n))]
@@ -597,80 +591,20 @@ def test_a_stale_fencing_token_cannot_publish(
 # ------------------------------------------------------------------------------------------ processes
 
 
-def _worker_env(fault: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
-    if fault:
-        env["MPSERVE_FAULT"] = fault
-    return env
-
-
-def _worker_argv(redis_server: RedisProcess, store: ModelStore, consumer: str, min_records: int) -> list[str]:
-    return [sys.executable, "-m", "worker", "--redis-url", redis_server.url, "--store-dir", str(store.root),
-            "--models", MODEL, "--consumer", consumer, "--min-records", str(min_records), "--min-cohort", "8",
-            "--poll-ms", "20", "--lease-ttl-ms", "900", "--claim-idle-ms", "60000", "--interval-s", "3600"]
-
-
-def _start(redis_server: RedisProcess, store: ModelStore, consumer: str, log_dir: Path, min_records: int = 32,
-           fault: str | None = None) -> subprocess.Popen[bytes]:
-    out = open(log_dir / f"{consumer}.log", "wb")  # noqa: SIM115 - owned by the process
-    return subprocess.Popen(_worker_argv(redis_server, store, consumer, min_records), cwd=REPO,
-                            env=_worker_env(fault), stdout=out, stderr=subprocess.STDOUT)
-
-
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Worker processes started by a test; whatever is still running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
+def procs() -> Iterator[list[ChildProcess]]:
+    """Worker processes started by a test; whatever is still running at the end is stopped."""
+    started: list[ChildProcess] = []
     yield started
     for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def test_crashes_before_and_after_publish_use_every_entry_exactly_once(
-        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path,
-        procs: list[subprocess.Popen[bytes]]) -> None:
-    def crash(consumer: str, fault: str) -> None:
-        p = _start(redis_server, store, consumer, tmp_path, fault=fault)
-        procs.append(p)
-        assert p.wait(timeout=30) == 137, (tmp_path / f"{consumer}.log").read_text()
-        assert f"exiting at {fault}" in (tmp_path / f"{consumer}.log").read_text()
-
-    batch1 = feed(redis_client, 40)
-    crash("c1", "after_store_write")
-    assert store.versions(MODEL) == [0, 1] and version_key(redis_client) is None
-    assert sorted(pending(redis_client)) == sorted(batch1)
-
-    crash("c2", "after_publish")  # waits out c1's lease, claims its entries, publishes, dies
-    assert version_key(redis_client) == 2 and pending(redis_client) == []
-    batch2 = feed(redis_client, 40, version=2)
-    crash("c3", "after_store_write")
-    assert version_key(redis_client) == 2 and store.versions(MODEL) == [0, 1, 2, 3]
-
-    clean = _start(redis_server, store, "c4", tmp_path)
-    procs.append(clean)
-    wait_until(lambda: version_key(redis_client) == 4, timeout=20, interval=0.05, what="the clean worker publishes")
-    clean.send_signal(signal.SIGTERM)
-    assert clean.wait(timeout=10) == 0
-    assert redis_client.get(K.lock) is None  # released on SIGTERM
-
-    assert published_versions(redis_client) == [2, 4]
-    per_version = {v: used_ids(store, v) for v in published_versions(redis_client)}
-    assert per_version == {2: batch1, 4: batch2}
-    everything = Counter(i for ids in per_version.values() for i in ids)
-    assert set(everything) == set(batch1 + batch2) and max(everything.values()) == 1
-    lineage = store.lineage(MODEL, 4)
-    assert lineage == [4, 2, 0]  # the garbage versions 1 and 3 are in no lineage
-    along = Counter(i for v in lineage if v for i in used_ids(store, v))
-    assert max(along.values()) == 1
-    assert pending(redis_client) == []
+        p.stop()
 
 
 def test_leader_failover_between_two_worker_processes(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path,
-        procs: list[subprocess.Popen[bytes]]) -> None:
-    workers = {name: _start(redis_server, store, name, tmp_path, min_records=48) for name in ("wa", "wb")}
+        procs: list[ChildProcess]) -> None:
+    workers = {name: ChildProcess("worker", worker_args(redis_server.url, store.root, MODEL, name, 48),
+                                  tmp_path / f"{name}.log").start() for name in ("wa", "wb")}
     procs.extend(workers.values())
     holder = wait_until(lambda: redis_client.get(K.lock), timeout=20, what="a leader").decode()
     leader = holder.split(":")[0]
@@ -681,8 +615,7 @@ def test_leader_failover_between_two_worker_processes(
     held = feed(redis_client, 32, version=1)  # fewer than min_records: the leader reads and holds them
     wait_until(lambda: len(pending(redis_client)) == 32, timeout=10, interval=0.02, what="the leader reads")
 
-    workers[leader].kill()
-    workers[leader].wait()
+    workers[leader].sigkill()
     t0 = time.monotonic()
     more = feed(redis_client, 16, version=1)
     wait_until(lambda: version_key(redis_client) == 2, timeout=10, interval=0.02, what="the survivor publishes")
@@ -690,7 +623,7 @@ def test_leader_failover_between_two_worker_processes(
     last = RecordLog(redis_client, MODEL).history()[-1]
     assert last["consumer"] == survivor
     assert used_ids(store, 2) == held + more  # the dead leader's pending entries were claimed, not lost
-    assert workers[survivor].poll() is None
+    assert workers[survivor].proc.poll() is None
 
 
 # ------------------------------------------------------------------------------------------ trigger

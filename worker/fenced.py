@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import redis
 from redis.exceptions import WatchError
 
+from mpserve.faults import fault_point
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import StaleLeaderError
 
@@ -39,6 +40,7 @@ def fenced_ack(client: redis.Redis, keys: ModelKeys, group: str, token: int, ver
                 raise StaleLeaderError(f"fencing token {token} is not the current {int(fence or 0)}")
             if (None if current is None else int(current)) != version:
                 return None
+            fault_point("fenced_ack_before_exec")  # a death here: the connection closes, WATCH and all
             pipe.multi()
             pipe.xack(keys.feedback, group, *entry_ids)
             (acked,) = pipe.execute()

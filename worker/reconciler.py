@@ -21,7 +21,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +31,11 @@ import redis
 from marketplace.reconcile import Records, VersionSeeds
 from marketplace.update import online_metrics, previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionExistsError, VersionNotFound
+from mpserve.faults import fault_point
 from mpserve.keys import validate_model_name
-from mpserve.recordlog import FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
+from mpserve.recordlog import EntryNotPendingError, FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
 from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
-from worker.faults import fault_point
 from worker.fenced import fenced_ack
 from worker.guard import ValidationGuard, Verdict
 from worker.lease import Lease
@@ -113,6 +113,7 @@ class Reconciler:
         self._loaded: LoadedVersion | None = None
         self._grandparent: LoadedVersion | None = None
         self.guard = ValidationGuard(settings, store, self.model)
+        self._base_error: str | None = None  # why the base version cannot be built on, last time it could not
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -141,6 +142,8 @@ class Reconciler:
                     self.step(stop)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("%s: Redis unavailable (%s); retrying", self.model, exc)
+                    if self.lease.held:  # Redis may come back without its last writes: rebuild from it
+                        self._lost("Redis connection lost; the buffer is rebuilt from Redis once it answers")
                     self._last_attempt = None
                     stop.wait(1.0)
                 except Exception:
@@ -277,9 +280,13 @@ class Reconciler:
         return time.monotonic() - self._last_publish >= self.settings.interval_s
 
     def _worth_attempting(self) -> bool:
-        """Cheap gate before planning: enough entries could be usable, and something changed."""
+        """Cheap gate before planning: enough entries could be usable (or the buffer is full), and something changed.
+
+        A full buffer always gets a look, even below ``min_records`` (a ``max_records_per_reconcile``
+        smaller than it): nothing more can be read until it is used or its dropped entries acknowledged.
+        """
         timer = self._timer_fired()
-        if not timer and len(self.buffer) < self.settings.min_records:
+        if not timer and len(self.buffer) < self.settings.min_records and self._room() > 0:
             return False
         key = (self._generation, self.records.current_version(), timer)
         if key == self._last_attempt:
@@ -323,9 +330,16 @@ class Reconciler:
         try:
             sources = self._sources(base)
             batch = self._plan(base, sources)
-        except VersionNotFound as exc:  # serving points at a version the store lacks (deleted, other store)
-            return ReconcileOutcome(False, None, base, {}, f"base version {base} is not usable: {exc}",
-                                    time.monotonic() - t0)
+        except ModelStoreError as exc:
+            # serving points at a version the store lacks (deleted, another store) or cannot load (corrupt):
+            # nothing can be built on it; the entries stay pending until an operator rolls back or repairs
+            reason = f"base version {base} is not usable: {type(exc).__name__}: {exc}"
+            if reason != self._base_error:  # once per cause, not once per new entry
+                log.error("%s: %s; entries stay pending until serving points at a usable version", self.model,
+                          reason)
+            self._base_error = reason
+            return ReconcileOutcome(False, None, base, {}, reason, time.monotonic() - t0)
+        self._base_error = None
         timer = self._timer_fired()
         need = self.settings.min_cohort if (force or timer) else self.settings.min_records
         if len(batch.usable) < need:
@@ -352,6 +366,7 @@ class Reconciler:
         if acked is None:
             self._last_attempt = None  # the version moved under us: plan again
             return
+        fault_point("fenced_ack_after_exec")
         for i in ids:
             self.buffer.pop(i, None)
         stats["acked_without_publish"] = len(ids)
@@ -407,26 +422,11 @@ class Reconciler:
                    "trigger": trigger, "metrics": stats["metrics"]}
         token = self.lease.token
         assert token is not None
-        try:
-            acked = self.records.publish(token, version, history, used_ids + dropped_ids,
-                                         expected_version=expected)
-        except VersionMovedError as exc:
-            # A rollback (or another publish) landed while we reconciled: publishing would undo it.
-            # The entries stay pending and buffered; the next iteration plans from the new version.
-            self._last_attempt = None
-            log.warning("%s: publish of version %d refused: %s; its entries stay pending, version %d stays "
-                        "unpublished garbage in the store, planning again", self.model, version, exc, version)
-            return ReconcileOutcome(False, None, parent.version, stats, f"version moved: {exc}",
-                                    time.monotonic() - t0)
-        except StaleLeaderError as exc:
-            self._lost(f"publish of version {version} refused: {exc}")
-            log.warning("%s: version %d stays unpublished garbage in the store", self.model, version)
-            return ReconcileOutcome(False, None, parent.version, stats, f"lost leadership: {exc}",
-                                    time.monotonic() - t0)
-        except BaseException:
-            # The script may or may not have run: only Redis knows which entries are acknowledged now.
-            self._lost(f"publish of version {version} failed; its outcome is unknown")
-            raise
+        acked, failed = self._fenced(f"publish of version {version}", parent.version, stats, t0, version,
+                                     lambda: self.records.publish(token, version, history, used_ids + dropped_ids,
+                                                                  expected_version=expected))
+        if failed is not None:
+            return failed
         fault_point("after_publish")
         if acked != len(used_ids) + len(dropped_ids):
             log.warning("%s: version %d acknowledged %d entries, expected %d", self.model, version, acked,
@@ -440,6 +440,33 @@ class Reconciler:
         self._retain(version, parent.version)
         return ReconcileOutcome(True, version, parent.version, stats, None, seconds)
 
+    def _fenced(self, what: str, base: int, stats: dict[str, Any], t0: float, garbage: int | None,
+                call: Callable[[], int]) -> tuple[int, ReconcileOutcome | None]:
+        """Run a fenced publish-script call; on a refusal, the outcome that says why (and what it leaves)."""
+        left = "" if garbage is None else f"; version {garbage} stays unpublished garbage in the store"
+        try:
+            return call(), None
+        except VersionMovedError as exc:
+            # A rollback (or another publish) landed while we reconciled: going on would undo it.
+            # The entries stay pending and buffered; the next iteration plans from the new version.
+            self._last_attempt = None
+            log.warning("%s: %s refused: %s; its entries stay pending, planning again%s", self.model, what, exc, left)
+            return 0, ReconcileOutcome(False, None, base, stats, f"version moved: {exc}", time.monotonic() - t0)
+        except StaleLeaderError as exc:
+            self._lost(f"{what} refused: {exc}")
+            log.warning("%s: lost leadership%s", self.model, left)
+            return 0, ReconcileOutcome(False, None, base, stats, f"lost leadership: {exc}", time.monotonic() - t0)
+        except EntryNotPendingError as exc:
+            # Our buffer disagrees with Redis (another leader with our token, or Redis lost writes): stop
+            # leading; whoever takes the lease next rebuilds its buffer from what is really pending.
+            self._lost(f"{what} refused: {exc}")
+            log.warning("%s: entries no longer pending%s", self.model, left)
+            return 0, ReconcileOutcome(False, None, base, stats, f"{what} refused: {exc}", time.monotonic() - t0)
+        except BaseException:
+            # The script may or may not have run: only Redis knows which entries are acknowledged now.
+            self._lost(f"{what} failed; its outcome is unknown")
+            raise
+
     def _refuse(self, parent: LoadedVersion, verdict: Verdict, stats: dict[str, Any], entry_ids: list[str],
                 expected: int | None, t0: float) -> ReconcileOutcome:
         """Record a candidate the guard refused and acknowledge its entries; serving stays on ``parent``."""
@@ -448,19 +475,10 @@ class Reconciler:
                    "token": self.lease.token, "trigger": stats["trigger"]}
         token = self.lease.token
         assert token is not None
-        try:
-            self.records.refuse(token, parent.version, history, entry_ids, expected)
-        except VersionMovedError as exc:
-            self._last_attempt = None
-            return ReconcileOutcome(False, None, parent.version, stats, f"version moved: {exc}",
-                                    time.monotonic() - t0)
-        except StaleLeaderError as exc:
-            self._lost(f"recording a refused candidate failed: {exc}")
-            return ReconcileOutcome(False, None, parent.version, stats, f"lost leadership: {exc}",
-                                    time.monotonic() - t0)
-        except BaseException:
-            self._lost("recording a refused candidate failed; its outcome is unknown")
-            raise
+        _, failed = self._fenced("recording a refused candidate", parent.version, stats, t0, None,
+                                 lambda: self.records.refuse(token, parent.version, history, entry_ids, expected))
+        if failed is not None:
+            return failed
         for i in entry_ids:
             self.buffer.pop(i, None)
         self._last_publish = time.monotonic()

@@ -9,8 +9,21 @@
 -- acknowledgements, but the version key stays and no event is sent.
 -- Returns {'ok', acked, trimmed} or {'stale_token', fence} / {'moved', current} /
 -- {'bad_version', v} / {'bad_expected', v} / {'bad_history_max', n} / {'bad_id', id} /
--- {'no_group', group}. Every check runs before the first write, so a refusal changes nothing.
+-- {'no_group', group} / {'not_pending', id}. Every check runs before the first write, so a refusal
+-- changes nothing.
+-- Every entry must still be pending in the group: one that another publish acknowledged (or that Redis
+-- lost) is refused, so no entry is ever used by two versions, whatever the caller believes (a second
+-- leader holding the same token after Redis lost the fence's last INCR under appendfsync everysec).
 local FIRST_ID = 7
+local function parse_id(s)
+  local ms, seq = string.match(s, '^(%d+)%-(%d+)$')
+  return tonumber(ms), tonumber(seq), ms, seq
+end
+local function less(a, b)
+  local ams, aseq = parse_id(a)
+  local bms, bseq = parse_id(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
 local fence_raw = redis.call('GET', KEYS[2]) or '0'
 -- Only the holder of the newest token may publish: an older token is a stale leader, and a newer
 -- one than the fence was never handed out.
@@ -60,6 +73,23 @@ end
 if #ARGV >= FIRST_ID and not found then
   return {'no_group', group}
 end
+if #ARGV >= FIRST_ID then
+  local npending = 0
+  for _, info in ipairs(infos) do
+    if info['name'] == group then npending = tonumber(info['pending']) end
+  end
+  local pending = {}
+  if npending > 0 then  -- the whole PEL: about as many entries as the worker's buffer
+    for _, row in ipairs(redis.call('XPENDING', stream, group, '-', '+', npending)) do
+      pending[row[1]] = true
+    end
+  end
+  for i = FIRST_ID, #ARGV do
+    if not pending[ARGV[i]] then
+      return {'not_pending', ARGV[i]}
+    end
+  end
+end
 
 if not refused then
   redis.call('SET', KEYS[1], ARGV[2])
@@ -80,15 +110,6 @@ end
 
 -- Trim bound: for every group, its oldest pending entry, or (nothing pending) the entry just
 -- after its last-delivered-id. The smallest bound over all groups is safe for all of them.
-local function parse_id(s)
-  local ms, seq = string.match(s, '^(%d+)%-(%d+)$')
-  return tonumber(ms), tonumber(seq), ms, seq
-end
-local function less(a, b)
-  local ams, aseq = parse_id(a)
-  local bms, bseq = parse_id(b)
-  return ams < bms or (ams == bms and aseq < bseq)
-end
 local minid = nil
 for _, info in ipairs(infos) do
   local bound

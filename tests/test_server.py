@@ -721,10 +721,14 @@ def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
         client.upload_holdout(pool[close], logits[close].argmax(1))
         mine = label_some(client, 12, seed=55)
         version, stored = serving(r), store.versions(MODEL)
-        with pytest.raises(MPServeError) as refused:
-            client.reconcile()
-        assert refused.value.status == 409 and "validation guard" in refused.value.detail
-        assert "holdout accuracy" in refused.value.detail
+        try:
+            out = client.reconcile()
+        except MPServeError as exc:
+            refused = exc
+        else:  # say what the guard saw, so a failure here can be understood
+            pytest.fail(f"published {out} with validation {store.read_manifest(MODEL, out['version'])['validation']}")
+        assert refused.status == 409 and "validation guard" in refused.detail
+        assert "holdout accuracy" in refused.detail
         assert serving(r) == version and store.versions(MODEL) == stored  # nothing written or published
         last = client.model(MODEL)["history"][-1]
         assert (last["type"], last["version"], last["validation"]["accepted"]) == ("refused", version, False)

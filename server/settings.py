@@ -42,6 +42,8 @@ class ServerSettings(BaseSettings):
     log_level: LogLevel = Field("info", description="logging level")
     device: str | None = Field(None, description="tinygrad device (unset: tinygrad's default)")
     seed_default: bool = Field(False, description="copy the shipped default model into an empty store at start")
+    learning: bool = Field(True, description="learn from traffic: vendor paths, records in Redis, labels accepted "
+                                             "(off: a static replica serving the leader only, nothing recorded)")
 
     @field_validator("default_model")
     @classmethod

@@ -83,9 +83,9 @@ class AppState:
         for name in settings.models:
             records = AsyncRecordLog(client, name, settings.label_window_s)
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
-                                   settings.device, t)
+                                   settings.device, t, settings.learning)
             batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
-                                   settings.max_wait_ms, t)
+                                   settings.max_wait_ms, t, settings.learning)
             models[name] = ModelContext(name, records, runtime, batcher)
         watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
         state = cls(settings, store, client, events, sync_client, engine_thread, metrics, models, watcher)

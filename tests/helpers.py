@@ -1,21 +1,25 @@
-"""Test helpers: a real redis-server process, and condition polling with a deadline."""
+"""Test helpers: a real redis-server process, a real API replica process, and condition polling with a deadline."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import redis
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_until(
@@ -166,3 +170,60 @@ def make_store(root: Path, model: str = "fashion", hidden: tuple[int, ...] = (32
                              probe_scale=eps, learning_rate=0.5, training={"kind": "random init (tests)"})
     store.write_version(model, 0, spec.init_params(seed), manifest)
     return store
+
+
+class ServerProcess:
+    """``python -m server`` on a free loopback port, its output in a log file."""
+
+    def __init__(self, log_dir: Path, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.log_path = log_dir / f"server-{name}.log"
+        self.args, self.env = args, env
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        self.port = free_port()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *self.args],
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+        try:
+            return httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        try:
+            wait_until(self._ready, timeout=timeout, interval=0.1, what=f"{self.url}/readyz")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return "(no log)"
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any MPSERVE_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
+    return {**env, **extra}

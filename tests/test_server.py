@@ -13,8 +13,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +31,7 @@ from mpserve.recordlog import RecordLog
 from mpserve.versions import load_version, write_next_version
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, free_port, make_store, start_redis, wait_until
+from tests.helpers import RedisProcess, ServerProcess, make_store, server_env, start_redis, wait_until
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -44,63 +42,6 @@ MAX_BODY = 256 * 1024
 REDIS_TIMEOUT_S = 0.5
 KEYS = ModelKeys(MODEL)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------- processes
-class ServerProcess:
-    """``python -m server`` on a free loopback port, its output in a log file."""
-
-    def __init__(self, log_dir: Path, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.log_path = log_dir / f"server-{name}.log"
-        self.args, self.env = args, env
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def launch(self) -> None:
-        self.port = free_port()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            return httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        try:
-            wait_until(self._ready, timeout=timeout, interval=0.1, what=f"{self.url}/readyz")
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
-    return {**env, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +70,8 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
     a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN],
-                      _env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000"))
-    b = ServerProcess(logs, "b", common, _env())
+                      server_env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000"))
+    b = ServerProcess(logs, "b", common, server_env())
     try:
         for s in (a, b):
             s.launch()
@@ -572,7 +513,7 @@ def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServe
     (info,) = client.models()
     assert info == client.model(MODEL)
     assert info["name"] == MODEL and info["input_shape"] == list(SHAPE) and info["num_classes"] == CLASSES
-    assert info["vendors"] == 4 and info["probe_scale"] == pytest.approx(0.05)
+    assert info["vendors"] == 4 and info["probe_scale"] == pytest.approx(0.05) and info["learning"] is True
     assert info["version"] == serving(r) and 0 in info["stored_versions"]
     with pytest.raises(MPServeError) as unknown:
         client.model("digits")

@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Body
 
 from marketplace.reconcile import cross_entropy
-from server.errors import ApiError, invalid, redis_op
+from server.errors import ApiError, invalid, learning_off, redis_op
 from server.schemas import (
     BatchLabelRequest,
     BatchLabelResponse,
@@ -82,7 +82,8 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
     response_model=LabelResult | BatchLabelResponse,
     responses={
         404: {"model": ErrorResponse, "description": "single label: unknown or expired id (or unknown model)"},
-        409: {"model": ErrorResponse, "description": "single label: a different label is already attached"},
+        409: {"model": ErrorResponse, "description": "single label: a different label is already attached; "
+                                                    "or learning is off on this server"},
         422: {"model": ErrorResponse, "description": "malformed body, or a label outside the model's classes"},
         503: {"model": ErrorResponse, "description": "Redis unavailable or model not loaded"},
     },
@@ -94,6 +95,8 @@ async def label(body: Annotated[LabelRequest, Body()], state: StateDep) -> Label
     status code; a batch answers 200 with a status and code per item.
     """
     ctx = state.model(body.model)
+    if not state.settings.learning:
+        raise learning_off("labels")
     if isinstance(body, BatchLabelRequest):
         limit = state.settings.max_inputs_per_request
         if len(body.labels) > limit:

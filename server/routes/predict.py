@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter
 
-from server.errors import invalid
+from server.errors import invalid, learning_off
 from server.schemas import ErrorResponse, Prediction, PredictRequest, PredictResponse
 from server.state import StateDep
 from server.validation import inputs_array, labels_array
@@ -14,6 +14,7 @@ router = APIRouter(tags=["inference"])
 
 ERRORS = {
     404: {"model": ErrorResponse, "description": "unknown model"},
+    409: {"model": ErrorResponse, "description": "labels given, but learning is off on this server"},
     413: {"model": ErrorResponse, "description": "request body too large"},
     422: {"model": ErrorResponse, "description": "malformed inputs or labels"},
     503: {"model": ErrorResponse, "description": "model not loaded, Redis unavailable, or overloaded"},
@@ -30,9 +31,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 async def predict(body: PredictRequest, state: StateDep) -> PredictResponse:
     """Predict a class for each input; each one is served on one balanced vendor path and recorded.
 
-    Labels given here are attached at once (with their loss) and feed the next reconciliation.
+    Labels given here are attached at once (with their loss) and feed the next reconciliation. With
+    learning off the server serves the leader, records nothing and answers ``id: null``.
     """
     ctx = state.model(body.model)
+    if body.labels is not None and not state.settings.learning:
+        raise learning_off("labels")
     limit = state.settings.max_inputs_per_request
     if len(body.inputs) > limit:
         raise invalid(["inputs"], f"{len(body.inputs)} inputs in one request; the limit is {limit}")
@@ -41,6 +45,7 @@ async def predict(body: PredictRequest, state: StateDep) -> PredictResponse:
     labels = labels_array(body.labels, len(x), spec.num_classes)
     answer = await ctx.batcher.submit(x, labels)
     probs = softmax(answer.logits)
+    ids = answer.ids if answer.ids is not None else [None] * len(probs)
     return PredictResponse(model=ctx.name, version=answer.version, predictions=[
         Prediction(id=rid, label=int(p.argmax()), probabilities=p.tolist())
-        for rid, p in zip(answer.ids, probs, strict=True)])
+        for rid, p in zip(ids, probs, strict=True)])

@@ -127,11 +127,13 @@ class LocalStack:
 
 
 # ---------------------------------------------------------------------------------- /proc readings
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a process has used so far, from /proc/PID/stat."""
+def proc_cpu_s(pid: int, main_thread_only: bool = False) -> float:
+    """CPU seconds (user + system) a process has used so far: all its threads, or only its main thread
+    (for an API replica: the event loop, i.e. HTTP, JSON, validation and Redis, without the engine thread)."""
     import os
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
 
 

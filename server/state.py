@@ -110,7 +110,8 @@ class AppState:
         self.sync_redis.close()
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """Async on purpose: FastAPI runs a plain ``def`` dependency on its thread pool, a thread hop per request."""
     return request.app.state.mp  # type: ignore[no-any-return]
 
 

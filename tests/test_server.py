@@ -289,7 +289,7 @@ MALFORMED_PREDICT: dict[str, tuple[bytes | str, int]] = {
     "beyond float32": (_body(_with(1e39)), 422),
     "ragged": (_body(_ragged()), 422),
     "nested deeper than the shape": (_body(_with([[1.0]])), 422),
-    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 400),
+    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 422),  # invalid JSON: too deep
     "string pixel": (_body(_with("7")), 422),
     "bool pixel": (_body(_with(True)), 422),
     "null pixel": (_body(_with(None)), 422),

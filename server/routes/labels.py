@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body
 
 from marketplace.reconcile import cross_entropy
 from server.errors import ApiError, invalid, learning_off, redis_op
+from server.fastjson import FastJSONRoute
 from server.schemas import (
     BatchLabelRequest,
     BatchLabelResponse,
@@ -23,7 +24,7 @@ from server.schemas import (
 )
 from server.state import AppState, ModelContext, StateDep
 
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["feedback"], route_class=FastJSONRoute)
 
 CODES = {"ok": 200, "duplicate": 200, "conflict": 409, "not_found": 404, "invalid_label": 422}
 

@@ -6,11 +6,12 @@ import numpy as np
 from fastapi import APIRouter
 
 from server.errors import invalid, learning_off
+from server.fastjson import FastJSONRoute
 from server.schemas import ErrorResponse, Prediction, PredictRequest, PredictResponse
 from server.state import StateDep
 from server.validation import inputs_array, labels_array
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=FastJSONRoute)
 
 ERRORS = {
     404: {"model": ErrorResponse, "description": "unknown model"},

@@ -49,7 +49,7 @@ def flatness(values: list[float], tolerance: float) -> dict[str, Any]:
     """Middle-third and last-third means, the growth between them, and whether it is within `tolerance`."""
     n = len(values)
     middle, last = values[n // 3: 2 * n // 3], values[2 * n // 3:]
-    if not middle or not last:
+    if n < 3:  # no warm-up third to leave out
         return {"middle_mean": None, "last_mean": None, "growth": None, "flat": None}
     m, lst = float(np.mean(middle)), float(np.mean(last))
     growth = (lst - m) / m if m else 0.0

@@ -15,8 +15,16 @@ MPSERVE_LEARNING=false (the leader only, V=1, nothing recorded). This process is
 
 Ratios: `http_vs_raw` = HTTP inputs/s over the raw engine's at that batch (target >= 0.8 at 64 clients x 8
 inputs); `p99/p50` (target <= 3 at 8 clients); `learning_vs_static` = learning over static inputs/s
-(target >= 0.9: learning costs at most 10%). The phases of one cell run back to back on both replicas,
-so background load on the machine hits them alike; the two replicas idle while the other is driven.
+(target >= 0.9: learning costs at most 10%), and the same in CPU per input, `cpu_static_vs_learning`
+(steadier when other processes share the machine). The raw engine is measured right before the HTTP phases of
+its cell, and the phases of one cell run back to back on both replicas, so background load on the
+machine hits them alike; the replica not being driven idles. Each figure is the best of `--rounds`.
+
+CPU columns, steadier than wall-clock rates on a shared machine: `api_cpu_ms_per_input` is the replica's
+CPU (all threads, /proc/PID/stat) per input served, to compare with the raw engine's `cpu_ms_per_input`;
+`loop_cpu_ms_per_request` is its main thread only: the event loop (HTTP, JSON, validation, Redis,
+answers), i.e. what the server adds around the engine. `--quick` runs one round of 1 s phases with the
+replicas' max batch at 64 (fewer buckets to compile at start-up; the 64 x 8 cell then runs at batch 64).
 """
 
 from __future__ import annotations
@@ -215,7 +223,8 @@ def main() -> None:
                          "learning_inputs_per_s": row["inputs_per_s"], "static_inputs_per_s": static["inputs_per_s"],
                          "learning_vs_static": row["inputs_per_s"] / static["inputs_per_s"],
                          "learning_cpu_ms_per_input": row["api_cpu_ms_per_input"],
-                         "static_cpu_ms_per_input": static["api_cpu_ms_per_input"]})
+                         "static_cpu_ms_per_input": static["api_cpu_ms_per_input"],
+                         "cpu_static_vs_learning": static["api_cpu_ms_per_input"] / row["api_cpu_ms_per_input"]})
     label_rows, raw_rows = list(label.values()), list(raw.values())
 
     print(f"POST /predict: closed loop, best of {args.rounds} round(s) of {args.seconds:g} s; raw = engine.forward "

@@ -24,7 +24,7 @@ CPU columns, steadier than wall-clock rates on a shared machine: `api_cpu_ms_per
 CPU (all threads, /proc/PID/stat) per input served, to compare with the raw engine's `cpu_ms_per_input`;
 `loop_cpu_ms_per_request` is its main thread only: the event loop (HTTP, JSON, validation, Redis,
 answers), i.e. what the server adds around the engine. `--quick` runs one round of 1 s phases with the
-replicas' max batch at 64 (fewer buckets to compile at start-up; the 64 x 8 cell then runs at batch 64).
+replicas' max batch at 32 (fewer buckets to compile at start-up; larger cells then run at batch 32).
 """
 
 from __future__ import annotations
@@ -146,12 +146,12 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=ServerSettings().max_batch,
                     help="the replicas' MPSERVE_MAX_BATCH (default: the server's default)")
     ap.add_argument("--label-batch", type=int, default=8, help="labels per batch /label request")
-    ap.add_argument("--quick", action="store_true", help="1 round of short phases, max batch 64")
+    ap.add_argument("--quick", action="store_true", help="1 round of 1 s phases, max batch 32")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.rounds, args.max_batch = 1.0, 1, min(args.max_batch, 64)
-    raw_seconds = min(args.seconds, 1.0)
+        args.seconds, args.rounds, args.max_batch = 1.0, 1, min(args.max_batch, 32)
+    raw_seconds = min(args.seconds / 2, 1.0)
     clients_list = [int(c) for c in args.clients.split(",")]
     inputs_list = [int(k) for k in args.inputs.split(",")]
     max_batch = args.max_batch

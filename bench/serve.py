@@ -1,5 +1,6 @@
 """Requests/s of `POST /predict` through the whole stack, with and without labels, and the cost of one
-reconciliation of 256 records — measured against `mpserve up` (embedded Redis, API, worker).
+reconciliation of 256 records — measured against the processes `mpserve up` runs (Redis, API, worker;
+bench.common.LocalStack), driven by the shipped async client.
 
     python -m bench.serve [--quick] [--json results/serve.json] [--clients 8 --inputs 8]
 
@@ -11,36 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import print_table, write_json
+from bench.common import LocalStack, print_table, write_json
 from marketplace.data import load_fashion_mnist
 from mpserve.client import AsyncMPServeClient, MPServeClient
-from mpserve.stack import free_port
 
 TOKEN = "bench-token"
-
-
-def start_stack(data_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MPSERVE_ADMIN_TOKEN": TOKEN, "MPSERVE_MIN_RECORDS": "1000000000",
-           "MPSERVE_INTERVAL_S": "1000000", "MPSERVE_MIN_COHORT": "8", "MPSERVE_LOG_LEVEL": "warning"}
-    log = (data_dir / "up.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mpserve.cli", "up", "--port", str(port), "--data-dir",
-                             str(data_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while b"mpserve is up" not in (data_dir / "up.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit((data_dir / "up.log").read_text()[-3000:])
-        time.sleep(0.2)
-    return proc
+# reconcile only when asked, so the figures of each phase are not mixed with background updates
+WORKER_ENV = {"MPSERVE_MIN_RECORDS": "1000000000", "MPSERVE_INTERVAL_S": "1000000", "MPSERVE_MIN_COHORT": "8"}
 
 
 async def load(url: str, images: np.ndarray, labels: np.ndarray, clients: int, inputs: int, seconds: float,
@@ -80,31 +64,28 @@ def main() -> None:
     test = load_fashion_mnist()["test"]
     images, labels = test.x.astype(np.float32), test.y
 
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        proc = start_stack(Path(tmp), port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            client = MPServeClient(url, admin_token=TOKEN, timeout=600)
-            for _ in range(3):  # warm-up
-                asyncio.run(load(url, images, labels, args.clients, args.inputs, 1.0, False))
-            rows = [asyncio.run(load(url, images, labels, args.clients, args.inputs, seconds, flag))
-                    for flag in (False, True)]
-            print_table(rows, list(rows[0]))
-            client.reconcile()  # consume what the load phase labelled
-            for i in range(0, args.records, args.inputs):
-                n = min(args.inputs, args.records - i)
-                client.predict(images[i:i + n], labels=labels[i:i + n].tolist())
-            start = time.perf_counter()
-            outcome = client.reconcile()
-            wall = time.perf_counter() - start
-            rec = {"records": outcome["stats"]["records"], "http_seconds": wall,
-                   "version": outcome["version"], "loss_mean": outcome["stats"].get("loss_mean")}
-            print()
-            print_table([rec], list(rec))
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(60)
+    with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp), admin_token=TOKEN) as stack:
+        stack.start_redis()
+        url = stack.start_api("api", WORKER_ENV)  # the API's admin endpoint reads the worker settings too
+        stack.start_worker(WORKER_ENV)
+        stack.wait_ready()
+        client = MPServeClient(url, admin_token=TOKEN, timeout=600)
+        for _ in range(3):  # warm-up
+            asyncio.run(load(url, images, labels, args.clients, args.inputs, 1.0, False))
+        rows = [asyncio.run(load(url, images, labels, args.clients, args.inputs, seconds, flag))
+                for flag in (False, True)]
+        print_table(rows, list(rows[0]))
+        client.reconcile()  # consume what the load phase labelled
+        for i in range(0, args.records, args.inputs):
+            n = min(args.inputs, args.records - i)
+            client.predict(images[i:i + n], labels=labels[i:i + n].tolist())
+        start = time.perf_counter()
+        outcome = client.reconcile()
+        wall = time.perf_counter() - start
+        rec = {"records": outcome["stats"]["records"], "http_seconds": wall,
+               "version": outcome["version"], "loss_mean": outcome["stats"].get("loss_mean")}
+        print()
+        print_table([rec], list(rec))
     write_json(args.json, {"benchmark": "serve", "rows": rows, "reconcile": rec})
 
 

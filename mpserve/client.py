@@ -35,7 +35,7 @@ DEFAULT_TIMEOUT = 30.0
 
 # ---------------------------------------------------------------------------------- answers
 class Prediction(TypedDict):
-    id: str
+    id: str | None  # None: the server runs with learning off (nothing recorded, nothing to label)
     label: int
     probabilities: list[float]
 
@@ -88,6 +88,7 @@ class ModelInfo(TypedDict):
     num_classes: int | None
     vendors: int | None
     probe_scale: float | None
+    learning: bool
     error: str | None
     stored_versions: list[int]
     history: list[dict[str, Any]]

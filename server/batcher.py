@@ -4,7 +4,8 @@ A batch closes when it holds ``max_batch`` inputs or when its oldest request has
 ``max_wait_ms``, whichever comes first; while the engine runs a batch, the next one gathers, so under
 load batches grow by themselves. A batch runs once on the engine thread, on the :class:`Served` it
 captured (every answer names that version), its records go to Redis in one round trip, and only then
-does each request get its slice: a client can label an id as soon as it has it.
+does each request get its slice: a client can label an id as soon as it has it. With learning off
+nothing is recorded: a batch is answered as soon as the engine returns, without ids.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Answer:
     """One request's share of a batch."""
 
     version: int
-    ids: list[str]
+    ids: list[str] | None  # None: learning is off, nothing was recorded
     logits: np.ndarray  # (n, C) float32
 
 
@@ -56,8 +57,10 @@ class MicroBatcher:
     """The batching loop of one model."""
 
     def __init__(self, runtime: ModelRuntime, records: AsyncRecordLog, engine_thread: EngineThread,
-                 metrics: ServerMetrics, max_batch: int, max_wait_ms: float, redis_timeout_s: float) -> None:
+                 metrics: ServerMetrics, max_batch: int, max_wait_ms: float, redis_timeout_s: float,
+                 learning: bool = True) -> None:
         self.runtime, self.records, self.engine_thread, self.metrics = runtime, records, engine_thread, metrics
+        self.learning = learning
         self.max_batch, self.max_wait_s, self.redis_timeout_s = max_batch, max_wait_ms / 1000.0, redis_timeout_s
         self.rng = np.random.default_rng()  # path choices; used on the engine thread only
         self._pending: deque[_Item] = deque()
@@ -193,6 +196,9 @@ class MicroBatcher:
                 item.future.set_exception(ApiError(422, [{
                     "loc": ["body", "inputs", bad], "type": "value_error",
                     "msg": "the model produced non-finite outputs for this input (values too large?)"}]))
+                continue
+            if not self.learning:
+                item.future.set_result(Answer(served.version, None, lg))
                 continue
             ids = [uuid.uuid4().hex for _ in range(item.n)]
             losses = cross_entropy(lg, item.labels) if item.labels is not None else None

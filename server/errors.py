@@ -45,6 +45,12 @@ def invalid(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> Ap
     return ApiError(422, [{"loc": ["body", *loc], "msg": msg, "type": kind}])
 
 
+def learning_off(what: str) -> ApiError:
+    """A 409: this replica runs with learning off, so it records nothing and cannot take labels."""
+    return ApiError(409, f"learning is off on this server (MPSERVE_LEARNING=false): {what} are not accepted; "
+                         "send them to a replica with learning on")
+
+
 @asynccontextmanager
 async def redis_op(what: str, timeout_s: float) -> AsyncIterator[None]:
     """Bound a Redis exchange by ``timeout_s`` and turn an outage into a 503."""

@@ -1,19 +1,25 @@
-"""Strict JSON request bodies: UTF-8 only, no NaN or Infinity literals, bounded nesting.
+"""Strict JSON request bodies, parsed fast: UTF-8 only, no NaN or Infinity literals, bounded nesting.
 
-Python's ``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON), and a body nested a few
-thousand levels deep makes it raise RecursionError. Every body-taking route uses :class:`StrictJSONRoute`,
-which parses with :func:`strict_loads`; its errors are ``json.JSONDecodeError``, which FastAPI turns into
-a 422 ``json_invalid`` with our message, before anything reaches validation, Redis or the model.
+``/predict`` bodies are large arrays of numbers (8 Fashion-MNIST images are ~37 KB), and parsing them
+was the largest cost on the event loop under load: pydantic-core's parser takes about half the time of
+``json.loads``, with the same Python objects out, and refuses NaN and infinities when told to. Python's
+``json`` accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON) and raises RecursionError a few
+thousand levels deep; pydantic-core stops at a fixed depth. So the fast parser runs first, and only a
+body it refuses goes through the standard library with those constants refused, which says precisely
+what is wrong (and still accepts nesting the fast parser's depth limit alone would refuse). Errors are
+``json.JSONDecodeError``, which FastAPI turns into a 422 ``json_invalid`` before anything reaches
+validation, Redis or the model.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from pydantic_core import from_json
 
 
 def _refuse_constant(name: str) -> Any:
@@ -26,6 +32,10 @@ def strict_loads(body: bytes) -> Any:
         text = body.decode("utf-8")  # RFC 8259: JSON exchanged between systems is UTF-8
     except UnicodeDecodeError as exc:
         raise json.JSONDecodeError(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})", "", 0) from None
+    try:
+        return from_json(body.removeprefix(b"\xef\xbb\xbf"), allow_inf_nan=False)
+    except ValueError:
+        pass  # the slow path below says exactly why, or accepts what only the fast parser's limits refused
     try:
         return json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
@@ -40,9 +50,9 @@ class StrictJSONRequest(Request):
 
 
 class StrictJSONRoute(APIRoute):
-    """A route whose JSON body is parsed by :func:`strict_loads`."""
+    """A route whose JSON body is parsed by :func:`strict_loads` (FastAPI's documented custom-route hook)."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request) -> Response:

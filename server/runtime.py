@@ -8,7 +8,8 @@ started with, so in-flight batches finish on the old weights and every answer na
 A version that cannot be loaded (missing, corrupt, non-finite outputs) is logged and the replica keeps
 serving the last good one; the reason shows in /readyz. A replica that starts while the current version
 cannot be loaded serves its newest loadable ancestor (ready, the reason in /readyz); with none, it is
-not ready and /readyz says why.
+not ready and /readyz says why. With learning off a replica still follows the serving version, but
+materializes its leader only (V=1): plain inference, no vendor paths.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis.asyncio
 
-from marketplace.engine import Engine, PerturbedWeights
+from marketplace.engine import Engine, PerturbedWeights, leader_seeds
 from model_store import ModelStore
 from mpserve.faults import fault_point
 from mpserve.recordlog import AsyncRecordLog
@@ -61,8 +62,9 @@ class ModelRuntime:
     """One model of this replica: the version it serves and the loop that keeps it current."""
 
     def __init__(self, name: str, store: ModelStore, records: AsyncRecordLog, engine_thread: EngineThread,
-                 metrics: ServerMetrics, max_batch: int, device: str | None, redis_timeout_s: float) -> None:
-        self.name, self.store, self.records = name, store, records
+                 metrics: ServerMetrics, max_batch: int, device: str | None, redis_timeout_s: float,
+                 learning: bool = True) -> None:
+        self.name, self.store, self.records, self.learning = name, store, records, learning
         self.engine_thread, self.metrics = engine_thread, metrics
         self.max_batch, self.device, self.redis_timeout_s = max_batch, device, redis_timeout_s
         self.served: Served | None = None
@@ -225,16 +227,17 @@ class ModelRuntime:
     async def _prepare(self, version: int) -> Served:
         """Everything a swap needs, off the request path; the engine and its JIT are reused when they fit."""
         loaded = await asyncio.to_thread(load_version, self.store, self.name, version)
+        vendors, seeds = (loaded.vendors, loaded.seeds) if self.learning else (1, leader_seeds(loaded.spec))
         prev = self.served
         reuse = (prev is not None and prev.loaded.spec.architecture == loaded.spec.architecture
-                 and prev.engine.V == loaded.vendors)
+                 and prev.engine.V == vendors)
         if reuse:
             assert prev is not None
             engine = prev.engine
         else:
-            engine = await self.engine_thread.run(Engine, loaded.spec, loaded.vendors, self.max_batch, self.device)
-        weights = await self.engine_thread.run(engine.materialize, loaded.params, loaded.seeds, loaded.eps,
-                                               loaded.version, loaded.antithetic)
+            engine = await self.engine_thread.run(Engine, loaded.spec, vendors, self.max_batch, self.device)
+        weights = await self.engine_thread.run(engine.materialize, loaded.params, seeds, loaded.eps, loaded.version,
+                                               loaded.antithetic and self.learning)
         if not reuse:
             for bucket in engine.buckets:  # one job per bucket, so request batches run in between
                 await self.engine_thread.run(engine.warmup, weights, [bucket])

@@ -40,7 +40,8 @@ class PredictRequest(_Request):
 
 
 class Prediction(BaseModel):
-    id: str = Field(description="record id: label it later with POST /label")
+    id: str | None = Field(description="record id: label it later with POST /label (null: the server runs with "
+                                       "learning off and recorded nothing)")
     label: int = Field(description="predicted class (argmax of the probabilities)")
     probabilities: list[float] = Field(description="softmax of the served logits, one per class")
 
@@ -126,8 +127,10 @@ class ModelInfo(BaseModel):
     architecture: str | None
     input_shape: list[int] | None
     num_classes: int | None
-    vendors: int | None
+    vendors: int | None = Field(description="vendors per group of the version (this replica serves only the leader "
+                                            "when learning is off)")
     probe_scale: float | None
+    learning: bool = Field(description="whether this replica learns (vendor paths, records, labels)")
     error: str | None = Field(None, description="why the target version is not served, if it is not")
     stored_versions: list[int] = Field(description="versions in the model store")
     history: list[dict[str, Any]] = Field(description="publish and rollback records, oldest first")

@@ -49,6 +49,8 @@ class ServerSettings(BaseSettings):
                                           description="clients whose keys get 403 (the worker drops their feedback)")
     rate_limit_per_s: float = Field(0.0, ge=0, description="requests per second per client, per replica (0: no limit)")
     rate_limit_burst: int = Field(10, ge=1, description="requests a client may send at once before the rate applies")
+    learning: bool = Field(True, description="learn from traffic: vendor paths, records in Redis, labels accepted "
+                                             "(off: a static replica serving the leader only, nothing recorded)")
 
     @field_validator("default_model")
     @classmethod

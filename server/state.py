@@ -85,9 +85,9 @@ class AppState:
         for name in settings.models:
             records = AsyncRecordLog(client, name, settings.label_window_s)
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
-                                   settings.device, t)
+                                   settings.device, t, settings.learning)
             batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
-                                   settings.max_wait_ms, t)
+                                   settings.max_wait_ms, t, settings.learning)
             models[name] = ModelContext(name, records, runtime, batcher)
         watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
         access = ClientAccess(settings.api_keys, settings.disabled_clients, settings.rate_limit_per_s,
@@ -119,7 +119,8 @@ class AppState:
         self.sync_redis.close()
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """Async on purpose: FastAPI runs a plain ``def`` dependency on its thread pool, a thread hop per request."""
     return request.app.state.mp  # type: ignore[no-any-return]
 
 

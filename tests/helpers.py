@@ -277,8 +277,6 @@ def pending_ids(client: redis.Redis, model: str, group: str = "reconciler") -> l
 
 # ------------------------------------------------------------------------------------------ processes
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without any MPSERVE_* variable, plus ``extra``."""

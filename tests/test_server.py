@@ -36,7 +36,7 @@ from mpserve.recordlog import RecordLog
 from mpserve.versions import load_version, write_next_version
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, ServerProcess, make_store, numpy_mlp, start_redis, wait_until
+from tests.helpers import RedisProcess, ServerProcess, clean_env, make_store, numpy_mlp, start_redis, wait_until
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -47,12 +47,6 @@ MAX_BODY = 256 * 1024
 REDIS_TIMEOUT_S = 0.5
 KEYS = ModelKeys(MODEL)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------------------- processes
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}
-    return {**env, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +75,9 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
     a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN],
-                      _env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000",
+                      clean_env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000",
                            MPSERVE_GUARD_TOLERANCE="0"))  # the guard acts only while a holdout set is uploaded
-    b = ServerProcess(logs, "b", common, _env())
+    b = ServerProcess(logs, "b", common, clean_env())
     try:
         for s in (a, b):
             s.launch()
@@ -526,7 +520,7 @@ def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServe
     (info,) = client.models()
     assert info == client.model(MODEL)
     assert info["name"] == MODEL and info["input_shape"] == list(SHAPE) and info["num_classes"] == CLASSES
-    assert info["vendors"] == 4 and info["probe_scale"] == pytest.approx(0.05)
+    assert info["vendors"] == 4 and info["probe_scale"] == pytest.approx(0.05) and info["learning"] is True
     assert info["version"] == serving(r) and 0 in info["stored_versions"]
     with pytest.raises(MPServeError) as unknown:
         client.model("digits")
@@ -701,7 +695,7 @@ def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
         np.savez(npz, inputs=x2, labels=(leader_predictions(store, serving(r), x2).argmax(1) + 1) % CLASSES)
         cli = subprocess.run([sys.executable, "-m", "mpserve.cli", "holdout", "upload", str(npz), "--url",
                               client.base_url, "--token", TOKEN], capture_output=True, text=True, timeout=60,
-                             env=_env(), cwd=ROOT)
+                             env=clean_env(), cwd=ROOT)
         assert cli.returncode == 0, cli.stderr
         second_info = json.loads(cli.stdout)
         assert second_info["size"] == 30 and second_info["sha256"] != info["sha256"]

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body
 from marketplace.reconcile import cross_entropy
 from mpserve.recordlog import LabelItem
 from server.access import ACCESS_ERRORS, ClientDep
-from server.errors import ApiError, redis_op
+from server.errors import ApiError, learning_off, redis_op
 from server.jsonbody import StrictJSONRoute
 from server.schemas import (
     BODY_ERRORS,
@@ -89,7 +89,8 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
         **BODY_ERRORS,
         **ACCESS_ERRORS,
         404: {"model": ErrorResponse, "description": "single label: unknown or expired id (or unknown model)"},
-        409: {"model": ErrorResponse, "description": "single label: a different label is already attached"},
+        409: {"model": ErrorResponse, "description": "single label: a different label is already attached; "
+                                                    "or learning is off on this server"},
         413: {"model": ErrorResponse, "description": "body larger than max_body_bytes, or more labels than "
                                                    "max_inputs_per_request"},
         422: {"model": ErrorResponse, "description": "malformed body, or a label outside the model's classes"},
@@ -104,6 +105,8 @@ async def label(body: Annotated[LabelRequest, Body()], state: StateDep,
     status code; a batch answers 200 with a status and code per item.
     """
     ctx = state.model(body.model)
+    if not state.settings.learning:
+        raise learning_off("labels")
     if isinstance(body, BatchLabelRequest):
         limit = state.settings.max_inputs_per_request
         if len(body.labels) > limit:

@@ -31,6 +31,7 @@ async def describe(state: AppState, ctx: ModelContext) -> ModelInfo:
         num_classes=None if loaded is None else loaded.spec.num_classes,
         vendors=None if loaded is None else loaded.vendors,
         probe_scale=None if loaded is None else loaded.eps,
+        learning=state.settings.learning,
         error=ctx.runtime.error,
         stored_versions=stored,
         history=history,

@@ -6,7 +6,7 @@ import numpy as np
 from fastapi import APIRouter
 
 from server.access import ACCESS_ERRORS, ClientDep
-from server.errors import ApiError
+from server.errors import ApiError, learning_off
 from server.jsonbody import StrictJSONRoute
 from server.schemas import BODY_ERRORS, ErrorResponse, Prediction, PredictRequest, PredictResponse
 from server.state import StateDep
@@ -18,7 +18,8 @@ ERRORS = {
     **BODY_ERRORS,
     **ACCESS_ERRORS,
     404: {"model": ErrorResponse, "description": "unknown model"},
-    409: {"model": ErrorResponse, "description": "the model changed shape or classes while the request waited"},
+    409: {"model": ErrorResponse, "description": "the model changed shape or classes while the request waited; "
+                                               "or labels given, but learning is off on this server"},
     413: {"model": ErrorResponse, "description": "body larger than max_body_bytes, or more inputs than "
                                                "max_inputs_per_request"},
     422: {"model": ErrorResponse, "description": "malformed inputs or labels (shape, NaN or infinity, types)"},
@@ -36,9 +37,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 async def predict(body: PredictRequest, state: StateDep, client: ClientDep) -> PredictResponse:
     """Predict a class for each input; each one is served on one balanced vendor path and recorded.
 
-    Labels given here are attached at once (with their loss) and feed the next reconciliation.
+    Labels given here are attached at once (with their loss) and feed the next reconciliation. With
+    learning off the server serves the leader, records nothing and answers ``id: null``.
     """
     ctx = state.model(body.model)
+    if body.labels is not None and not state.settings.learning:
+        raise learning_off("labels")
     limit = state.settings.max_inputs_per_request
     if len(body.inputs) > limit:
         raise ApiError(413, f"{len(body.inputs)} inputs in one request; the limit is {limit} "
@@ -48,6 +52,7 @@ async def predict(body: PredictRequest, state: StateDep, client: ClientDep) -> P
     labels = labels_array(body.labels, len(x), spec.num_classes)
     answer = await ctx.batcher.submit(x, labels, client)
     probs = softmax(answer.logits)
+    ids = answer.ids if answer.ids is not None else [None] * len(probs)
     return PredictResponse(model=ctx.name, version=answer.version, predictions=[
         Prediction(id=rid, label=int(p.argmax()), probabilities=p.tolist())
-        for rid, p in zip(answer.ids, probs, strict=True)])
+        for rid, p in zip(ids, probs, strict=True)])

@@ -33,8 +33,7 @@ from mpserve.plot import main as plot_main
 from mpserve.recordlog import RecordLog
 from mpserve.version_metrics import METRIC_FIELDS, ManifestSummaryCache, metrics_of, refused_entries, series
 from mpserve.versions import load_version, write_next_version
-from tests.helpers import RedisProcess
-from tests.test_server import ServerProcess, _env
+from tests.helpers import RedisProcess, ServerProcess, clean_env
 
 MODEL = "fashion"
 KEYS = ModelKeys(MODEL)
@@ -162,7 +161,7 @@ def server(r: redis.Redis, redis_server: RedisProcess, store: ModelStore,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(tmp_path_factory.mktemp("logs"), "dash",
                          ["--redis-url", redis_server.url, "--store-dir", str(store.root), "--max-batch", "8",
-                          "--poll-interval-s", "0.5", "--log-level", "warning"], _env())
+                          "--poll-interval-s", "0.5", "--log-level", "warning"], clean_env())
     try:
         proc.launch()
         proc.wait_ready()

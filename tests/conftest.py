@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.helpers import RedisProcess, start_redis
+from model_store import ModelStore
+from tests.helpers import RedisProcess, make_store, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +32,19 @@ def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """A store with a small mlp model (tests.helpers.make_store), one per test module."""
+    return make_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """This module's own redis-server (no persistence), for modules whose servers outlive a test."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -8,7 +8,6 @@ checked to leave no ``mp:*`` key and no feedback entry behind.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,7 @@ from mpserve.keys import ModelKeys
 from server.access import TokenBucket
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, ServerProcess, make_store, start_redis, wait_until
+from tests.helpers import RedisProcess, ServerProcess, clean_env, wait_until
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -47,24 +46,6 @@ def bearer(secret: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- processes
-def _env(**extra: str) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("MPSERVE_")}, **extra}
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    proc = start_redis(tmp_path_factory.mktemp("redis-hardening"))
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return make_store(tmp_path_factory.mktemp("store"))
-
-
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[dict[str, ServerProcess]]:
@@ -76,8 +57,8 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
     procs = {
         "guarded": ServerProcess(logs, "guarded", [
             *common, "--admin-token", TOKEN, "--api-keys", ",".join(f"{c}:{s}" for c, s in SECRETS.items()),
-            "--disabled-clients", "gone"], _env()),
-        "limited": ServerProcess(logs, "limited", common, _env(
+            "--disabled-clients", "gone"], clean_env()),
+        "limited": ServerProcess(logs, "limited", common, clean_env(
             MPSERVE_API_KEYS=json.dumps({"alpha": SECRETS["alpha"]}), MPSERVE_RATE_LIMIT_PER_S=str(RATE),
             MPSERVE_RATE_LIMIT_BURST=str(BURST))),
     }

@@ -18,25 +18,11 @@ from model_store import ModelStore
 from mpserve.keys import ModelKeys
 from mpserve.versions import load_version
 from server.main import settings_from_args
-from tests.helpers import RedisProcess, ServerProcess, clean_env, make_store, start_redis
+from tests.helpers import RedisProcess, ServerProcess, clean_env
 
 MODEL = "fashion"
 SHAPE = (1, 28, 28)
 KEYS = ModelKeys(MODEL)
-
-
-@pytest.fixture(scope="module")
-def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    proc = start_redis(tmp_path_factory.mktemp("redis-static"))
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return make_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")

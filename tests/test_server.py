@@ -36,7 +36,7 @@ from mpserve.recordlog import RecordLog
 from mpserve.versions import load_version, write_next_version
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, ServerProcess, clean_env, make_store, numpy_mlp, start_redis, wait_until
+from tests.helpers import RedisProcess, ServerProcess, clean_env, numpy_mlp, start_redis, wait_until
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -59,11 +59,6 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
         if proc.proc is not None and proc.proc.poll() is None:
             os.kill(proc.proc.pid, signal.SIGCONT)
         proc.stop()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return make_store(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,11 @@ from mpserve.stack import free_port
 TOKEN = "bench-token"
 
 
-def start_stack(data_dir: Path, port: int) -> subprocess.Popen:
+def start_stack(data_dir: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`mpserve up` on ``data_dir``, reconciling only when asked unless ``env`` says otherwise."""
     env = {**os.environ, "MPSERVE_ADMIN_TOKEN": TOKEN, "MPSERVE_MIN_RECORDS": "1000000000",
-           "MPSERVE_INTERVAL_S": "1000000", "MPSERVE_MIN_COHORT": "8", "MPSERVE_LOG_LEVEL": "warning"}
+           "MPSERVE_INTERVAL_S": "1000000", "MPSERVE_MIN_COHORT": "8", "MPSERVE_LOG_LEVEL": "warning",
+           **(env or {})}
     log = (data_dir / "up.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "mpserve.cli", "up", "--port", str(port), "--data-dir",
                              str(data_dir)], env=env, stdout=log, stderr=subprocess.STDOUT)

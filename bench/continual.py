@@ -362,10 +362,16 @@ def base_model(args: argparse.Namespace, protocol: Protocol, streams: Streams) -
         spec, params = load_base(args.base_store, args.base_name)
         return spec, params, f"{args.base_store}:{args.base_name}"
     spec = get_model(args.model, {"hidden": [args.hidden]} if args.model == "mlp" else None)
+    desc = f"backprop {args.base_steps} steps (seed {args.seed})"
+    if args.base_npz and args.base_npz.exists():  # a cache of exactly this training, so runs share one base
+        with np.load(args.base_npz, allow_pickle=False) as z:
+            return spec, {k: z[k] for k in z.files}, desc
     t0 = time.perf_counter()
     params = train_base(spec, streams, protocol, args.base_steps, args.seed)
     log.info("trained the base model (%d backprop steps) in %.1f s", args.base_steps, time.perf_counter() - t0)
-    return spec, params, f"backprop {args.base_steps} steps (seed {args.seed})"
+    if args.base_npz:
+        np.savez(args.base_npz, **params)
+    return spec, params, desc
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -388,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--base-store", type=Path, default=None, help="a store holding the base model (version 0)")
     ap.add_argument("--base-name", default="fashion", help="model name in --base-store")
     ap.add_argument("--base-steps", type=int, default=400, help="backprop steps of an on-the-fly base")
+    ap.add_argument("--base-npz", type=Path, default=None, help="cache of the on-the-fly base's weights (.npz)")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--old-per-step", type=int, default=240)
@@ -410,28 +417,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     streams = make_streams(protocol, load_fashion_mnist(), args.holdout_size, args.seed)
     spec, base, base_desc = base_model(args, protocol, streams)
     options = options_from_args(args)
+    mode = "engine" if args.http is None else "http"
+    config = {"guard": options["guard"], "vendors": args.vendors, "old_per_step": args.old_per_step,
+              "new_per_step": args.new_per_step, "seed": args.seed, "eval_every": eval_every}
+
+    def output(curve: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        payload = {"protocol": protocol.name, "model": spec.name, "steps": curve[-1]["step"] if curve else 0,
+                   "curve": [{k: r[k] for k in CURVE_KEYS} for r in curve], "mode": mode, "base": base_desc,
+                   "config": {**extra.pop("settings", {}), **config}, **extra}
+        if args.json:
+            write_json(args.json, payload)
+        if args.plot:
+            what = "new class 9" if protocol.name == "A" else "new domain: class 3 rotated 90°"
+            plot_curve(payload["curve"], f"Protocol {protocol.name} ({what}), {spec.name}, {mode} mode", args.plot)
+        return payload
+
+    rows: list[dict[str, Any]] = []
+
+    def on_row(row: dict[str, Any]) -> None:  # a long run leaves usable figures even if it is stopped
+        rows.append(row)
+        if row["step"] < args.steps:
+            output(rows, {"partial": True, "steps_planned": args.steps})
+
     if args.http is None:
         out = run_engine(spec, base, streams, options, args.steps, eval_every, args.old_per_step,
                          args.new_per_step, args.vendors, args.seed, not args.no_progress,
-                         desc=f"protocol {protocol.name}")
-        mode = "engine"
+                         desc=f"protocol {protocol.name}", on_row=on_row)
     else:
         from bench.continual_http import run_http
 
         out = run_http(args, spec, base, streams, options, eval_every)
-        mode = "http"
-    payload = {"protocol": protocol.name, "model": spec.name, "steps": args.steps, "curve":
-               [{k: r[k] for k in CURVE_KEYS} for r in out["curve"]], "mode": mode, "base": base_desc,
-               "config": {**out.pop("settings"), "guard": options["guard"], "vendors": args.vendors,
-                          "old_per_step": args.old_per_step, "new_per_step": args.new_per_step,
-                          "seed": args.seed, "eval_every": eval_every},
-               **{k: v for k, v in out.items() if k != "curve"}}
+    payload = output(out.pop("curve"), out)
     print_curve(payload["curve"])
-    if args.json:
-        write_json(args.json, payload)
-    if args.plot:
-        what = "new class 9" if protocol.name == "A" else "new domain: class 3 rotated 90°"
-        plot_curve(payload["curve"], f"Protocol {protocol.name} ({what}), {spec.name}, {mode} mode", args.plot)
     return payload
 
 

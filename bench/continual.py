@@ -322,6 +322,8 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
         ax.set_xlabel("step (256 served inputs each)")
         if key != "loss":
             ax.set_ylim(0, 1)
+        else:  # the new data's loss starts tens of nats above the known data's
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

@@ -28,7 +28,10 @@ from marketplace.models import get_model
 
 log = logging.getLogger("bench.continual_ablation")
 
-PLAIN: dict[str, Any] = {"learning_rate": 0.5, "probe_scale": 0.05}
+#: the plain algorithm, spelled out so that a change of the worker's defaults does not change what "plain" means
+PLAIN: dict[str, Any] = {"learning_rate": 0.5, "probe_scale": 0.05, "attribution": "zscore", "normalize": "model",
+                         "class_weights": False, "baseline": "none", "outlier": "none", "antithetic": False,
+                         "momentum": 0.0, "lr_schedule": "constant"}
 OPTIONS: dict[str, dict[str, Any]] = {
     "plain": {},
     "antithetic pairs": {"antithetic": True},

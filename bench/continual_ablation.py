@@ -54,6 +54,10 @@ def variants(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out[f"η={lr:g} (ε={plain['probe_scale']:g})"] = {**plain, "learning_rate": lr}
     if args.best:
         out["best combination"] = {**plain, **json.loads(args.best)}
+    for combo in args.combo:
+        name, _, spec = combo.partition("={")  # a name may hold "=" itself (ε=0.1)
+        spec = "{" + spec
+        out[name] = {**plain, **json.loads(spec)}
     return out
 
 
@@ -86,7 +90,7 @@ def summarize(results: list[dict[str, Any]], checkpoints: list[int]) -> list[dic
 
 
 def markdown(rows: list[dict[str, Any]], checkpoints: list[int], title: str) -> str:
-    head = ["option"] + [f"step {c}: new / known (drop), new loss" for c in checkpoints] + ["refused", "seconds"]
+    head = ["option"] + [f"step {c}: new / known (change), new loss" for c in checkpoints] + ["refused", "seconds"]
     rule = "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", rule]
     for r in rows:
@@ -118,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--grid-eps", type=lambda s: [float(v) for v in s.split(",")], default=[])
     ap.add_argument("--grid-lr", type=lambda s: [float(v) for v in s.split(",")], default=[])
     ap.add_argument("--best", default=None, help="JSON of the combination to add, e.g. '{\"baseline\": \"class\"}'")
+    ap.add_argument("--combo", action="append", default=[], metavar="NAME=JSON",
+                    help="a named combination of options (repeatable), e.g. 'mine={\"momentum\": 0.5}'")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)

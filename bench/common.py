@@ -56,13 +56,14 @@ class LocalStack:
     MPSERVE_* settings. Several API replicas may share the one Redis (each on its own free port).
     """
 
-    def __init__(self, data_dir: Path, log_level: str = "warning", admin_token: str = "bench-token") -> None:
+    def __init__(self, data_dir: Path, log_level: str = "warning", admin_token: str = "bench-token",
+                 default_model: str = "fashion") -> None:
         from mpserve.stack import StackSettings
 
         self.data_dir, self.admin_token = Path(data_dir), admin_token
         self.logs = self.data_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.settings = StackSettings(data_dir=self.data_dir, log_level=log_level)
+        self.settings = StackSettings(data_dir=self.data_dir, log_level=log_level, default_model=default_model)
         self.children: dict[str, Any] = {}  # name -> subprocess.Popen, in start order
         self.urls: dict[str, str] = {}
         self.redis_url = ""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,36 @@ def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Hold
     correct = (logits.argmax(1) == holdout.labels) & finite
     loss = float(np.mean(cross_entropy(logits, holdout.labels))) if finite.all() else None
     return {"accuracy": float(np.mean(correct)), "loss": loss if loss is not None and np.isfinite(loss) else None}
+
+
+def verdict(own: dict[str, float], before: dict[str, float], parent_validation: dict[str, Any] | None,
+            holdout: Holdout, tolerance: float, reference: Literal["anchor", "parent"]) -> Verdict:
+    """Accept or refuse a candidate from its holdout figures and its parent's (pure: no I/O, no state).
+
+    ``parent_validation`` is the parent's recorded "validation" block (its manifest's); the anchor it carries
+    counts only when it was measured on this very holdout (same sha256), else the parent becomes the anchor.
+    """
+    same = (parent_validation or {}).get("holdout_sha256") == holdout.sha256
+    anchor = float(parent_validation.get("anchor_accuracy", before["accuracy"])) if same and parent_validation \
+        else before["accuracy"]
+    ref = anchor if reference == "anchor" else before["accuracy"]
+    accepted = own["accuracy"] >= ref - tolerance
+    return Verdict(accepted, {
+        "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],
+        "loss": own["loss"], "parent_accuracy": before["accuracy"], "anchor_accuracy": anchor,
+        "reference": reference, "reference_accuracy": ref, "tolerance": tolerance, "accepted": accepted})
+
+
+def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, float],
+                    parent_validation: dict[str, Any] | None, tolerance: float,
+                    reference: Literal["anchor", "parent"]) -> Verdict:
+    """Evaluate a candidate's unperturbed weights on the holdout and judge it against its parent.
+
+    The one guard decision: the worker calls it before publishing, and bench/continual.py in its loop, so
+    the experiments measure what the server does. ``before`` is the parent's holdout figures.
+    """
+    return verdict(holdout_figures(engine, candidate, holdout), before, parent_validation, holdout, tolerance,
+                   reference)
 
 
 class ValidationGuard:
@@ -96,18 +126,9 @@ class ValidationGuard:
                       int(holdout.labels.max()), bool(np.isfinite(holdout.inputs).all()))
             return None
         engine = self._engine(spec)
-        own = holdout_figures(engine, candidate, holdout)
-        before = self._parent_figures(parent, holdout, engine)
-        same = (parent.manifest.get("validation") or {}).get("holdout_sha256") == holdout.sha256
-        anchor = float(parent.manifest["validation"].get("anchor_accuracy", before["accuracy"])) if same \
-            else before["accuracy"]
-        reference = anchor if self.settings.guard_reference == "anchor" else before["accuracy"]
-        accepted = own["accuracy"] >= reference - self.settings.guard_tolerance
-        return Verdict(accepted, {
-            "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],
-            "loss": own["loss"], "parent_accuracy": before["accuracy"], "anchor_accuracy": anchor,
-            "reference": self.settings.guard_reference, "reference_accuracy": reference,
-            "tolerance": self.settings.guard_tolerance, "accepted": accepted})
+        return judge_candidate(engine, candidate, holdout, self._parent_figures(parent, holdout, engine),
+                               parent.manifest.get("validation"), self.settings.guard_tolerance,
+                               self.settings.guard_reference)
 
     def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine
                         ) -> dict[str, float | None]:

@@ -49,7 +49,7 @@ class WorkerSettings(BaseSettings):
     normalize: Literal["model", "group"] = Field("model", description="unit direction over the model or per group")
     class_weights: bool = Field(False, description="weight credit by inverse class frequency")
     baseline: Literal["none", "class"] = Field(
-        "none", description="subtract each record's class mean loss in its cohort before attribution")
+        "class", description="subtract each record's class mean loss in its cohort before attribution (none: plain)")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
     antithetic: bool = Field(False, description="new versions pair their vendors as +δ/−δ (antithetic probes)")
     momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball β: add β·(θ_n − θ_{n−1}) to each step")

@@ -1,0 +1,469 @@
+"""Continual learning through serving: does mpserve learn a new class (A) or a new domain (B) from its traffic?
+
+    python -m bench.continual --protocol A --quick                        # engine mode, mlp, < 3 min
+    python -m bench.continual --protocol A --steps 3000 --json docs/figures/continual_A_mlp.json \\
+        --plot docs/figures/continual_A_mlp.png
+    python -m bench.continual --protocol A --http --steps 20             # a stack of its own (redis, API, worker)
+    python -m bench.continual --protocol A --http http://host:8000 --admin-token T --store-dir /srv/store
+
+Protocol A (new class): the base model never saw class 9 (left out of its data and loss); every step serves
+240 inputs of the known classes and 16 of class 9 from the train split, labels them, and reconciles once.
+Protocol B (new domain): the base saw every class; the new data is class 3 rotated by 90°, labelled 3.
+Each row of the curve: accuracy of the leader (unperturbed) weights on the test split, known and new apart,
+and accuracy and loss of the served (perturbed) predictions since the previous row, known and new apart.
+
+Two modes report the same figures:
+
+- engine (default): in process. The Engine (V vendors) serves each step's inputs, `propose_update` turns
+  the labelled records into the next weights with the very configs the worker builds (`WorkerSettings`),
+  the validation guard is the worker's own `judge_candidate`, and every version gets fresh seeds.
+- http: a client drives a stack exactly as client apps do: `/predict` without labels, `/label` a delay later,
+  and reconciliation by the worker's own trigger or by `POST /admin/reconcile`. A client cannot read the
+  weights, and probing them through `/predict` would itself perturb and train the model, so the validation
+  figures are computed from the model store: with no URL the bench starts its own stack (`mpserve up`) on a
+  store it owns, seeded with the base model; with a URL it evaluates a published version only when
+  `--store-dir` gives that stack's store (else the validation columns are null).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.common import write_json
+from marketplace.data import Split, load_fashion_mnist
+from marketplace.engine import Engine, leader_logits
+from marketplace.models import ModelSpec, get_model
+from marketplace.reconcile import Records, VersionSeeds, cross_entropy, fresh_seeds
+from marketplace.training import TrainConfig, train
+from marketplace.update import online_metrics, previous_step, propose_update
+from model_store import Holdout
+from model_store.holdout import decode_holdout, encode_holdout
+from worker.guard import holdout_figures, judge_candidate
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("bench.continual")
+
+CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_online_acc", "old_loss", "new_loss")
+#: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
+LEARNING_KEYS = ("learning_rate", "probe_scale", "attribution", "normalize", "class_weights", "baseline", "outlier",
+                 "outlier_z", "outlier_quantile", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
+                 "gap_scale", "guard_tolerance", "guard_reference", "min_cohort")
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass(frozen=True)
+class Protocol:
+    """What is new, what the base model was trained on, and how a new input looks."""
+
+    name: str
+    new_class: int
+    exclude_class: int | None  # left out of the base model's training (A) or not (B)
+    rotate: bool  # the new inputs are rotated by 90° (B)
+
+    def new_inputs(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3))) if self.rotate else x
+
+
+PROTOCOLS = {"A": Protocol("A", 9, 9, False), "B": Protocol("B", 3, None, True)}
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Pools the traffic is drawn from, the test sets, and the guard's holdout (train split, known data)."""
+
+    old_train: Split
+    new_train: Split
+    old_test: Split
+    new_test: Split
+    holdout: Holdout
+    base_train: Split  # what an on-the-fly base model trains on: the known data without the holdout slice
+
+
+def make_streams(protocol: Protocol, data: dict[str, Split], holdout_size: int = 2000, seed: int = 0) -> Streams:
+    """Split Fashion-MNIST into the protocol's pools; the holdout is a fixed slice of the known train data."""
+    train_split, test = data["train"], data["test"]
+    known_train = train_split.without(protocol.exclude_class)
+    order = np.random.default_rng(seed).permutation(len(known_train.y))
+    hold, rest = order[:holdout_size], np.sort(order[holdout_size:])
+    old_train = Split(known_train.x[rest], known_train.y[rest])
+    new_src = train_split.only(protocol.new_class)
+    if not protocol.rotate:  # A: the new class is exactly the excluded one, so no known pool holds it
+        new_train = new_src
+    else:  # B: rotated copies of the class (the unrotated images stay known traffic)
+        new_train = Split(protocol.new_inputs(new_src.x), new_src.y)
+    new_test_src = test.only(protocol.new_class)
+    holdout = decode_holdout(encode_holdout(known_train.x[hold].astype(np.float32), known_train.y[hold]))
+    return Streams(old_train, new_train, test.without(protocol.exclude_class),
+                   Split(protocol.new_inputs(new_test_src.x), new_test_src.y), holdout, old_train)
+
+
+def step_batch(streams: Streams, rng: np.random.Generator, old_n: int, new_n: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One step's traffic: inputs, labels, and which inputs are new, in a random order."""
+    io = rng.integers(0, len(streams.old_train.y), old_n)
+    inew = rng.integers(0, len(streams.new_train.y), new_n)
+    x = np.concatenate([streams.old_train.x[io], streams.new_train.x[inew]]).astype(np.float32)
+    y = np.concatenate([streams.old_train.y[io], streams.new_train.y[inew]])
+    is_new = np.concatenate([np.zeros(old_n, bool), np.ones(new_n, bool)])
+    order = rng.permutation(len(y))
+    return x[order], y[order], is_new[order]
+
+
+# ------------------------------------------------------------------------------------------------ base model
+def train_base(spec: ModelSpec, streams: Streams, protocol: Protocol, steps: int, seed: int = 0
+               ) -> dict[str, np.ndarray]:
+    """A base model by backprop (`mpserve train`'s code path) on the known data, for runs without a stored base."""
+    config = TrainConfig(steps=steps, backprop=True, exclude_class=protocol.exclude_class, eval_every=steps,
+                         seed=seed)
+    result = train(spec, spec.init_params(seed), streams.base_train, streams.old_test, config, progress=False)
+    return result.params
+
+
+def load_base(store_dir: Path, model: str, version: int | None = None) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """A stored base model (e.g. from `mpserve train --exclude-class 9 --store-dir DIR`)."""
+    from model_store import ModelStore
+    from mpserve.versions import load_version
+
+    store = ModelStore(store_dir)
+    v = store.latest(model) if version is None else version
+    if v is None:
+        raise SystemExit(f"no version of {model!r} in {store_dir}")
+    loaded = load_version(store, model, v)
+    return loaded.spec, loaded.params
+
+
+# ------------------------------------------------------------------------------------------------ figures
+@dataclass
+class Curve:
+    """Online figures accumulated between rows, and the rows themselves."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    _loss: list[np.ndarray] = field(default_factory=list)
+    _correct: list[np.ndarray] = field(default_factory=list)
+    _new: list[np.ndarray] = field(default_factory=list)
+
+    def served(self, loss: np.ndarray, correct: np.ndarray, is_new: np.ndarray) -> None:
+        self._loss.append(loss)
+        self._correct.append(correct)
+        self._new.append(is_new)
+
+    def row(self, step: int, old_val: float | None, new_val: float | None) -> dict[str, Any]:
+        """A curve point: validation now, online figures of what was served since the last row."""
+        point: dict[str, Any] = {"step": step, "old_val_acc": old_val, "new_val_acc": new_val}
+        if self._loss:
+            loss, correct, new = (np.concatenate(a) for a in (self._loss, self._correct, self._new))
+            for tag, mask in (("old", ~new), ("new", new)):
+                m = online_metrics(loss[mask], correct[mask])
+                point[f"{tag}_online_acc"], point[f"{tag}_loss"] = m["online_accuracy"], m["online_loss"]
+        else:
+            point.update({k: None for k in CURVE_KEYS[3:]})
+        self._loss, self._correct, self._new = [], [], []
+        self.rows.append(point)
+        return point
+
+
+def validation(engine: Engine, params: dict[str, np.ndarray], streams: Streams) -> tuple[float, float]:
+    """Accuracy of the leader weights on the known and the new test data."""
+    old = leader_logits(engine, params, streams.old_test.x.astype(np.float32)).argmax(1) == streams.old_test.y
+    new = leader_logits(engine, params, streams.new_test.x.astype(np.float32)).argmax(1) == streams.new_test.y
+    return float(old.mean()), float(new.mean())
+
+
+def eval_steps(steps: int, every: int) -> set[int]:
+    return {0, steps, *range(every, steps, every)}
+
+
+# ------------------------------------------------------------------------------------------------ engine mode
+def worker_settings(options: dict[str, Any]) -> WorkerSettings:
+    """The worker's settings for these learning options (the bench builds its configs exactly as the worker)."""
+    return WorkerSettings(**{k: v for k, v in options.items() if k in LEARNING_KEYS})
+
+
+@dataclass
+class EngineRun:
+    """The served model's life in process: version, weights, seeds, and what the guard remembers."""
+
+    spec: ModelSpec
+    params: dict[str, np.ndarray]
+    settings: WorkerSettings
+    guard: bool
+    holdout: Holdout
+    vendors: int = 4
+    seed: int = 0
+    reseed_on_refusal: bool = False  # not what the worker does (it keeps serving the parent's seeds): an experiment
+    eps: float = 0.05
+    version: int = 0
+    refused: int = 0
+    grandparent: dict[str, np.ndarray] | None = None
+    parent_validation: dict[str, Any] | None = None
+    before: dict[str, float] | None = None
+    engine: Engine = field(init=False)
+    eval_engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        S = len(self.spec.groups)
+        self.engine = Engine(self.spec, self.vendors, buckets=[256])
+        self.eval_engine = Engine(self.spec, 1, buckets=[1000])
+        self.seed_rng = np.random.default_rng([self.seed, 1])
+        self.path_rng = np.random.default_rng([self.seed, 2])
+        self.eps = self.settings.probe_scale or self.eps
+        self.antithetic = self.settings.antithetic
+        self.seeds = fresh_seeds(S, self.vendors, self.seed_rng, self.antithetic)
+        self.rc, self.uc = self.settings.reconcile_config(), self.settings.update_config()
+
+    def serve_and_learn(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Serve one step's inputs on balanced vendor paths, reconcile their records, move to the next version.
+
+        Returns the served predictions' losses and correctness. A refused candidate leaves the version (and
+        its seeds) serving, as the worker does.
+        """
+        weights = self.engine.materialize(self.params, self.seeds, self.eps, self.version, self.antithetic)
+        logits, paths = self.engine.forward(weights, x, self.path_rng)
+        loss = cross_entropy(logits, y)
+        records = Records(np.full(len(y), self.version, np.int64), paths, loss, y)
+        sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
+        last = previous_step(self.params, self.grandparent) if self.uc.momentum else None
+        result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last)
+        if self.guard:
+            if self.before is None:
+                self.before = holdout_figures(self.eval_engine, self.params, self.holdout)
+            verdict = judge_candidate(self.eval_engine, result.params, self.holdout, self.before,
+                                      self.parent_validation, self.settings.guard_tolerance,
+                                      self.settings.guard_reference)
+            if not verdict.accepted:
+                self.refused += 1
+                if self.reseed_on_refusal:  # the proposed worker change: probe new directions after a refusal
+                    self.version += 1
+                    self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
+                return loss, logits.argmax(1) == y
+            self.parent_validation = verdict.validation
+            self.before = {"accuracy": verdict.validation["accuracy"], "loss": verdict.validation["loss"]}
+        self.grandparent = self.params
+        self.params = result.params
+        self.version += 1
+        self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
+        return loss, logits.argmax(1) == y
+
+
+def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, options: dict[str, Any],
+               steps: int, eval_every: int, old_n: int = 240, new_n: int = 16, vendors: int = 4, seed: int = 0,
+               progress: bool = True, desc: str = "continual",
+               on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The continual-learning loop in process; returns the curve and what the run did."""
+    settings = worker_settings(options)
+    run = EngineRun(spec, {k: v.copy() for k, v in base.items()}, settings, bool(options.get("guard")),
+                    streams.holdout, vendors, seed, bool(options.get("reseed_on_refusal")))
+    data_rng = np.random.default_rng([seed, 3])
+    curve = Curve()
+    evals = eval_steps(steps, eval_every)
+    start = time.perf_counter()
+    bar = tqdm(range(steps + 1), desc=desc, disable=not progress, mininterval=2.0)
+    for step in bar:
+        if step > 0:  # step t serves its batch with version t-1's weights, then reconciles
+            x, y, is_new = step_batch(streams, data_rng, old_n, new_n)
+            loss, correct = run.serve_and_learn(x, y)
+            curve.served(loss, correct, is_new)
+        if step in evals:
+            if step == 0:  # the base model's own served figures: one batch served without learning from it
+                x, y, is_new = step_batch(streams, np.random.default_rng([seed, 4]), old_n, new_n)
+                w = run.engine.materialize(run.params, run.seeds, run.eps, 0, run.antithetic)
+                logits, _ = run.engine.forward(w, x, np.random.default_rng([seed, 5]))
+                curve.served(cross_entropy(logits, y), logits.argmax(1) == y, is_new)
+            old_val, new_val = validation(run.eval_engine, run.params, streams)
+            point = curve.row(step, old_val, new_val)
+            point["refused"] = run.refused
+            bar.set_postfix(old=f"{old_val:.3f}", new=f"{new_val:.3f}", refused=run.refused)
+            if on_row:
+                on_row(point)
+    return {"curve": curve.rows, "seconds": time.perf_counter() - start, "refused": run.refused,
+            "versions": run.version, "settings": {k: getattr(settings, k) for k in LEARNING_KEYS},
+            "guard": bool(options.get("guard")), "holdout_size": len(streams.holdout)}
+
+
+# ------------------------------------------------------------------------------------------------ output
+def print_curve(curve: list[dict[str, Any]]) -> None:
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = [{"step": r["step"], "known val": pct(r["old_val_acc"]), "new val": pct(r["new_val_acc"]),
+             "known online": pct(r["old_online_acc"]), "new online": pct(r["new_online_acc"]),
+             "known loss": num(r["old_loss"]), "new loss": num(r["new_loss"])} for r in curve]
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "|".join("---:" for _ in cols) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
+def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Validation accuracy, online accuracy and online loss, known vs new, like the article's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in curve]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (key, label) in zip(axes, (("val_acc", "validation accuracy (leader, test split)"),
+                                       ("online_acc", "online accuracy (served, perturbed)"),
+                                       ("loss", "online loss (served)")), strict=True):
+        for tag, color, name in (("old", "tab:blue", "known"), ("new", "tab:orange", "new")):
+            ys = [np.nan if r[f"{tag}_{key}"] is None else r[f"{tag}_{key}"] for r in curve]
+            ax.plot(steps, ys, color=color, marker="o" if len(steps) < 40 else None, label=name)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("step (256 served inputs each)")
+        if key != "loss":
+            ax.set_ylim(0, 1)
+        else:  # the new data's loss starts tens of nats above the known data's
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k: getattr(args, k) for k in LEARNING_KEYS if getattr(args, k, None) is not None}
+    out["guard"] = args.guard
+    if args.reseed_on_refusal:
+        out["reseed_on_refusal"] = True
+    return out
+
+
+def add_learning_flags(ap: argparse.ArgumentParser) -> None:
+    """The worker's learning options, same names as its flags (`mpserve worker --help`)."""
+    ap.add_argument("--learning-rate", type=float, default=0.5)
+    ap.add_argument("--probe-scale", type=float, default=0.05)
+    ap.add_argument("--attribution", choices=["zscore", "rank"])
+    ap.add_argument("--normalize", choices=["model", "group"])
+    ap.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--baseline", choices=["none", "class"])
+    ap.add_argument("--outlier", choices=["none", "zscore", "quantile"])
+    ap.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--momentum", type=float)
+    ap.add_argument("--lr-schedule", choices=["constant", "loss_gap"])
+    ap.add_argument("--lr-min-ratio", type=float)
+    ap.add_argument("--gap-scale", type=float)
+    ap.add_argument("--guard", action="store_true", help="the validation guard on a held-out slice of the train split")
+    ap.add_argument("--reseed-on-refusal", action="store_true",
+                    help="engine mode, experiment: a refused candidate still moves serving to fresh seeds "
+                         "(the worker keeps the parent's)")
+    ap.add_argument("--guard-tolerance", type=float)
+    ap.add_argument("--guard-reference", choices=["anchor", "parent"])
+
+
+def base_model(args: argparse.Namespace, protocol: Protocol, streams: Streams) -> tuple[ModelSpec, dict, str]:
+    """The stored base (--base-store) or one trained here by backprop (--base-steps)."""
+    if args.base_store:
+        spec, params = load_base(args.base_store, args.base_name)
+        return spec, params, f"{args.base_store}:{args.base_name}"
+    spec = get_model(args.model, {"hidden": [args.hidden]} if args.model == "mlp" else None)
+    desc = f"backprop {args.base_steps} steps (seed {args.seed})"
+    if args.base_npz and args.base_npz.exists():  # a cache of exactly this training, so runs share one base
+        with np.load(args.base_npz, allow_pickle=False) as z:
+            return spec, {k: z[k] for k in z.files}, desc
+    t0 = time.perf_counter()
+    params = train_base(spec, streams, protocol, args.base_steps, args.seed)
+    log.info("trained the base model (%d backprop steps) in %.1f s", args.base_steps, time.perf_counter() - t0)
+    if args.base_npz:
+        np.savez(args.base_npz, **params)
+    return spec, params, desc
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="A")
+    ap.add_argument("--http", nargs="?", const="local", default=None, metavar="URL",
+                    help="drive a stack over HTTP: its URL, or none to start one of its own")
+    ap.add_argument("--admin-token", default=None, help="admin token of a foreign stack (reconcile by admin)")
+    ap.add_argument("--store-dir", type=Path, default=None, help="a foreign stack's store, for validation figures")
+    ap.add_argument("--http-model", default="fashion", help="the served model's name (http mode)")
+    ap.add_argument("--reconcile", choices=["admin", "worker"], default="admin",
+                    help="http mode: POST /admin/reconcile per step, or the worker's own min_records trigger")
+    ap.add_argument("--label-delay-s", type=float, default=0.0, help="http mode: label this long after /predict")
+    ap.add_argument("--request-size", type=int, default=16, help="http mode: inputs per /predict request")
+    ap.add_argument("--clients", type=int, default=8, help="http mode: concurrent requests")
+    ap.add_argument("--worker-timeout-s", type=float, default=120.0,
+                    help="http mode, worker trigger: longest wait for a publish")
+    ap.add_argument("--model", default="mlp", help="architecture of an on-the-fly base (mlp or beautiful_mnist)")
+    ap.add_argument("--hidden", type=int, default=128, help="mlp hidden width")
+    ap.add_argument("--base-store", type=Path, default=None, help="a store holding the base model (version 0)")
+    ap.add_argument("--base-name", default="fashion", help="model name in --base-store")
+    ap.add_argument("--base-steps", type=int, default=400, help="backprop steps of an on-the-fly base")
+    ap.add_argument("--base-npz", type=Path, default=None, help="cache of the on-the-fly base's weights (.npz)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--old-per-step", type=int, default=240)
+    ap.add_argument("--new-per-step", type=int, default=16)
+    ap.add_argument("--vendors", type=int, default=4)
+    ap.add_argument("--holdout-size", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="mlp, 300 steps, base of 300 backprop steps")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    add_learning_flags(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.steps, args.base_steps, args.base_store = "mlp", min(args.steps, QUICK_STEPS), 300, None
+    eval_every = args.eval_every or max(args.steps // 10, 1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    protocol = PROTOCOLS[args.protocol]
+    streams = make_streams(protocol, load_fashion_mnist(), args.holdout_size, args.seed)
+    spec, base, base_desc = base_model(args, protocol, streams)
+    options = options_from_args(args)
+    mode = "engine" if args.http is None else "http"
+    config = {"guard": options["guard"], "vendors": args.vendors, "old_per_step": args.old_per_step,
+              "new_per_step": args.new_per_step, "seed": args.seed, "eval_every": eval_every}
+
+    def output(curve: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+        payload = {"protocol": protocol.name, "model": spec.name, "steps": curve[-1]["step"] if curve else 0,
+                   "curve": [{k: r[k] for k in CURVE_KEYS} for r in curve], "mode": mode, "base": base_desc,
+                   "config": {**extra.pop("settings", {}), **config}, **extra}
+        if args.json:
+            write_json(args.json, payload)
+        if args.plot:
+            what = "new class 9" if protocol.name == "A" else "new domain: class 3 rotated 90°"
+            plot_curve(payload["curve"], f"Protocol {protocol.name} ({what}), {spec.name}, {mode} mode", args.plot)
+        return payload
+
+    rows: list[dict[str, Any]] = []
+
+    def on_row(row: dict[str, Any]) -> None:  # a long run leaves usable figures even if it is stopped
+        rows.append(row)
+        if row["step"] < args.steps:
+            output(rows, {"partial": True, "steps_planned": args.steps})
+
+    if args.http is None:
+        out = run_engine(spec, base, streams, options, args.steps, eval_every, args.old_per_step,
+                         args.new_per_step, args.vendors, args.seed, not args.no_progress,
+                         desc=f"protocol {protocol.name}", on_row=on_row)
+    else:
+        from bench.continual_http import run_http
+
+        out = run_http(args, spec, base, streams, options, eval_every)
+    payload = output(out.pop("curve"), out)
+    print_curve(payload["curve"])
+    return payload
+
+
+QUICK_STEPS = 300
+
+if __name__ == "__main__":
+    main()

@@ -56,7 +56,7 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "attribution", "normalize", "class_weights", "baseline", "outlier",
                  "outlier_z", "outlier_quantile", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
-                 "gap_scale", "guard_tolerance", "guard_reference", "min_cohort")
+                 "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal", "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -199,7 +199,6 @@ class EngineRun:
     holdout: Holdout
     vendors: int = 4
     seed: int = 0
-    reseed_on_refusal: bool = False  # not what the worker does (it keeps serving the parent's seeds): an experiment
     eps: float = 0.05
     version: int = 0
     refused: int = 0
@@ -241,7 +240,7 @@ class EngineRun:
                                       self.settings.guard_reference)
             if not verdict.accepted:
                 self.refused += 1
-                if self.reseed_on_refusal:  # the proposed worker change: probe new directions after a refusal
+                if self.settings.reseed_on_refusal:  # as the worker does: the same weights under fresh seeds
                     self.version += 1
                     self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
                 return loss, logits.argmax(1) == y
@@ -261,7 +260,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
     """The continual-learning loop in process; returns the curve and what the run did."""
     settings = worker_settings(options)
     run = EngineRun(spec, {k: v.copy() for k, v in base.items()}, settings, bool(options.get("guard")),
-                    streams.holdout, vendors, seed, bool(options.get("reseed_on_refusal")))
+                    streams.holdout, vendors, seed)
     data_rng = np.random.default_rng([seed, 3])
     curve = Curve()
     evals = eval_steps(steps, eval_every)
@@ -340,8 +339,6 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in LEARNING_KEYS if getattr(args, k, None) is not None}
     out["guard"] = args.guard
-    if args.reseed_on_refusal:
-        out["reseed_on_refusal"] = True
     return out
 
 
@@ -360,9 +357,8 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lr-min-ratio", type=float)
     ap.add_argument("--gap-scale", type=float)
     ap.add_argument("--guard", action="store_true", help="the validation guard on a held-out slice of the train split")
-    ap.add_argument("--reseed-on-refusal", action="store_true",
-                    help="engine mode, experiment: a refused candidate still moves serving to fresh seeds "
-                         "(the worker keeps the parent's)")
+    ap.add_argument("--reseed-on-refusal", action=argparse.BooleanOptionalAction, default=None,
+                    help="after a refused candidate, serve the same weights under fresh seeds (worker default: on)")
     ap.add_argument("--guard-tolerance", type=float)
     ap.add_argument("--guard-reference", choices=["anchor", "parent"])
 

@@ -37,7 +37,7 @@ from mpserve.versions import load_version
 def stack_env(options: dict[str, Any], reconcile: str, per_step: int, holdout: Path | None) -> dict[str, str]:
     """The worker's settings for this run, as the MPSERVE_* variables `mpserve up` passes on."""
     env = {f"MPSERVE_{k.upper()}": json.dumps(v) if isinstance(v, bool) else str(v)
-           for k, v in options.items() if k not in ("guard", "reseed_on_refusal") and v is not None}
+           for k, v in options.items() if k != "guard" and v is not None}
     env["MPSERVE_MIN_RECORDS"] = str(per_step) if reconcile == "worker" else "1000000000"
     if holdout is not None:
         env["MPSERVE_HOLDOUT_PATH"] = str(holdout)

@@ -718,8 +718,11 @@ def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
             pytest.fail(f"published {out} with validation {store.read_manifest(MODEL, out['version'])['validation']}")
         assert refused.status == 409 and "validation guard" in refused.detail
         assert "holdout accuracy" in refused.detail
-        assert serving(r) == version and store.versions(MODEL) == stored  # nothing written or published
-        last = client.model(MODEL)["history"][-1]
+        # the refused candidate is not written; its parent's weights serve again under fresh seeds (a re-seed)
+        reseed = serving(r)
+        assert store.versions(MODEL) == [*stored, reseed] and reseed > version
+        assert store.read_manifest(MODEL, reseed)["training"]["kind"] == "reseed after a refused candidate"
+        last = client.model(MODEL)["history"][-2]
         assert (last["type"], last["version"], last["validation"]["accepted"]) == ("refused", version, False)
         assert mine.isdisjoint(pending_records(r))  # its entries were used up: acknowledged
         assert last["records"] >= 12

@@ -422,7 +422,8 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
     y = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x).argmax(1)  # what v0 says: it scores (about) 1.0
     configured = tmp_path / "holdout.npz"
     np.savez(configured, inputs=x, labels=y)
-    settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0)
+    settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0,
+                             reseed_on_refusal=False)
     rec = Reconciler(settings, store, redis_client, MODEL)
     fed = feed_served(redis_client, 40, 0, seed=20)
     out = rec.run_once()
@@ -448,6 +449,34 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
     assert answer["published"] is False and "validation guard" in answer["reason"]
     assert version_key(redis_client) is None and pending(redis_client) == []
     assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "refused"]
+
+
+def test_a_refusal_reseeds_the_same_weights_so_the_next_candidate_probes_new_directions(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    spec = load_version(store, MODEL, 0).spec
+    x = holdout_images(200, 6)
+    y = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x).argmax(1)
+    configured = tmp_path / "holdout.npz"
+    np.savez(configured, inputs=x, labels=y)
+    settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0)
+    assert settings.reseed_on_refusal  # the default
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    feed_served(redis_client, 40, 0, seed=20)
+    out = rec.run_once()
+    assert not out.published and "validation guard" in (out.reason or "") and out.stats["reseeded_as"] == 1
+    assert version_key(redis_client) == 1 and pending(redis_client) == []
+    v0, v1 = load_version(store, MODEL, 0), load_version(store, MODEL, 1)
+    for k in v0.params:
+        np.testing.assert_array_equal(v1.params[k], v0.params[k])  # the same weights
+    assert (v1.seeds[:, 1:] != v0.seeds[:, 1:]).all() and (v1.seeds[:, 0] == 0).all()  # fresh probes, same leader
+    assert v1.manifest["training"]["kind"] == "reseed after a refused candidate" and v1.manifest["records"] == 0
+    assert v1.manifest["validation"]["anchor_accuracy"] == v1.manifest["validation"]["parent_accuracy"]
+    assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "publish"]
+    # the next records are served by version 1's vendors, and the next candidate builds on it
+    feed_served(redis_client, 40, 1, seed=22)
+    out = rec.run_once()
+    assert out.parent == 1 and pending(redis_client) == []
+    rec.close()
 
 
 def test_learning_options_reach_the_published_versions(

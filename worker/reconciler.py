@@ -482,12 +482,49 @@ class Reconciler:
         for i in entry_ids:
             self.buffer.pop(i, None)
         self._last_publish = time.monotonic()
+        reason = f"candidate refused by the validation guard: {verdict.reason}"
+        log.warning("%s: %s; %d entries used, the weights of version %d keep serving", self.model, reason,
+                    len(entry_ids), parent.version)
+        if self.settings.reseed_on_refusal:
+            self._reseed(parent, verdict, stats, expected)
         seconds = time.monotonic() - t0
         stats["seconds"] = round(seconds, 6)
-        reason = f"candidate refused by the validation guard: {verdict.reason}"
-        log.warning("%s: %s; %d entries used, version %d keeps serving", self.model, reason, len(entry_ids),
-                    parent.version)
         return ReconcileOutcome(False, None, parent.version, stats, reason, seconds)
+
+    def _reseed(self, parent: LoadedVersion, verdict: Verdict, stats: dict[str, Any], expected: int | None) -> None:
+        """Publish the parent's weights again under fresh seeds (no entries), so serving probes new directions.
+
+        Without it a refused candidate leaves the same seeds serving, the next records measure the same
+        directions, and the guard may refuse every candidate from then on. Best effort: if this fails, the
+        refusal stands and the next reconciliation simply probes the old seeds once more.
+        """
+        before = verdict.validation
+        validation = {**before, "accuracy": before["parent_accuracy"], "loss": None, "accepted": True,
+                      "reseed_of": parent.version}
+        meta = {"metrics": {"online_loss": None, "online_accuracy": None, "records": 0,
+                            "validation_accuracy": before["parent_accuracy"], "validation_loss": None,
+                            "holdout_size": before["size"]},
+                "trigger": stats["trigger"], "stale_dropped": 0, "expired_dropped": 0, "invalid_dropped": 0,
+                "held_back": 0, "records": 0, "cohorts": [], "outliers_dropped": 0, "loss_mean": None,
+                "loss_std": None, "direction_norm": 0.0, "loss_gap": None, "learning_rate": 0.0}
+        try:
+            version, manifest = self._write(parent, parent.params, meta, describe_entries([]), validation,
+                                            kind="reseed after a refused candidate")
+            token = self.lease.token
+            assert token is not None
+            _, failed = self._fenced(f"publish of reseeded version {version}", parent.version, stats,
+                                     time.monotonic(), version,
+                                     lambda: self.records.publish(token, version, {
+                                         "parent": parent.version, "records": 0, "reseed": True,
+                                         "weights_sha256": manifest["weights_sha256"], "owner": self.lease.owner,
+                                         "token": token, "trigger": "reseed"}, [], expected_version=expected))
+        except Exception:
+            log.exception("%s: re-seeding after a refusal failed; the parent's seeds keep serving", self.model)
+            return
+        if failed is None:
+            log.info("%s: version %d re-seeds version %d after a refused candidate", self.model, version,
+                     parent.version)
+            stats["reseeded_as"] = version
 
     def _last_step(self, parent: LoadedVersion) -> dict[str, np.ndarray] | None:
         """θ_n − θ_{n−1} for momentum: only when the parent is itself a reconciliation of a stored version."""
@@ -503,13 +540,14 @@ class Reconciler:
         return previous_step(parent.params, self._grandparent.params)
 
     def _write(self, parent: LoadedVersion, params: dict[str, np.ndarray], stats: dict[str, Any],
-               inputs: dict[str, Any], validation: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+               inputs: dict[str, Any], validation: dict[str, Any] | None = None,
+               kind: str = "marketplace reconciliation") -> tuple[int, dict[str, Any]]:
         """Store the update under the next free number (a stale leader may have taken one: skip it)."""
         extra = {"metrics": stats["metrics"], "validation": validation, "stale_dropped": stats["stale_dropped"],
                  "expired_dropped": stats["expired_dropped"], "invalid_dropped": stats["invalid_dropped"],
                  "held_back": stats["held_back"], "inputs": inputs,
                  "reconciler": {**self.settings.manifest_record(), "trigger": stats["trigger"]},
-                 "training": {"kind": "marketplace reconciliation", "direction_norm": stats["direction_norm"],
+                 "training": {"kind": kind, "direction_norm": stats["direction_norm"],
                               "loss_gap": stats["loss_gap"]}}
         for attempt in range(3):
             version = max([*self.store.versions(self.model), parent.version]) + 1

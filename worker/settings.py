@@ -61,6 +61,8 @@ class WorkerSettings(BaseSettings):
                                                         "for the validation guard; an uploaded one takes precedence")
     guard_tolerance: float = Field(0.01, ge=0, le=1, description="refuse a candidate whose holdout accuracy is "
                                                                  "more than this below the reference")
+    reseed_on_refusal: bool = Field(True, description="after a refused candidate, publish the same weights with fresh "
+                                                      "seeds, so the next candidate probes new directions")
     guard_reference: Literal["anchor", "parent"] = Field(
         "anchor", description="guard reference: the first version checked on this holdout, or the serving one")
     min_cohort: int = Field(16, ge=2, description="a cohort smaller than this waits for more records")
@@ -102,6 +104,7 @@ class WorkerSettings(BaseSettings):
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "baseline", "probe_scale", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
-                "gap_scale", "guard_tolerance", "guard_reference", "min_cohort", "max_cohort_age", "min_records",
-                "interval_s", "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
+                "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal", "min_cohort",
+                "max_cohort_age", "min_records", "interval_s", "max_records_per_reconcile", "label_window_s",
+                "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

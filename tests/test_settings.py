@@ -26,3 +26,17 @@ def test_bad_model_names_are_refused(monkeypatch, cls):
 def test_stack_settings_read_flags_and_env(monkeypatch):
     monkeypatch.setenv("MPSERVE_PORT", "9001")
     assert StackSettings().port == 9001 and StackSettings().redis_url is None
+
+
+def test_the_readme_names_every_setting() -> None:
+    """Each process's settings table in the README is printed by scripts/settings_tables.py: none is missing."""
+    from pathlib import Path
+
+    from mpserve.stack import StackSettings
+    from server.settings import ServerSettings
+    from worker.settings import WorkerSettings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f"MPSERVE_{name.upper()}" for cls in (StackSettings, ServerSettings, WorkerSettings)
+               for name in cls.model_fields if f"`MPSERVE_{name.upper()}`" not in readme]
+    assert not missing, f"README lacks {missing}: run python scripts/settings_tables.py"

@@ -19,3 +19,7 @@ bench:
 	.venv/bin/python -m bench.reconcile --json results/reconcile.json
 	.venv/bin/python -m bench.versions --json results/versions.json
 	.venv/bin/python -m bench.fuzz --json results/fuzz.json
+	.venv/bin/python -m bench.load --quick --json results/load.json
+	.venv/bin/python -m bench.soak --quick --json results/soak.json --plot results/soak.png
+	.venv/bin/python -m bench.continual --protocol A --quick --json results/continual_A.json --plot results/continual_A.png
+	.venv/bin/python -m bench.continual --protocol B --quick --json results/continual_B.json --plot results/continual_B.png

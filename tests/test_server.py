@@ -708,14 +708,21 @@ def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
         margin = top2[:, 1] - top2[:, 0]
         close = np.argsort(np.where(margin > 1e-3, margin, np.inf))[:40]
         client.upload_holdout(pool[close], logits[close].argmax(1))
-        mine = label_some(client, 12, seed=55)
-        version, stored = serving(r), store.versions(MODEL)
-        try:
-            out = client.reconcile()
-        except MPServeError as exc:
-            refused = exc
-        else:  # say what the guard saw, so a failure here can be understood
-            pytest.fail(f"published {out} with validation {store.read_manifest(MODEL, out['version'])['validation']}")
+        # A step need not flip any of these calls (it may push them all the same way); one that flips one
+        # is refused. Each accepted candidate scored 1.0, the anchor, so keep trying, a bounded number of times.
+        refused: MPServeError | None = None
+        seen = []
+        for attempt in range(8):
+            mine = label_some(client, 12, seed=55 + attempt)
+            version, stored = serving(r), store.versions(MODEL)
+            try:
+                out = client.reconcile()
+            except MPServeError as exc:
+                refused = exc
+                break
+            seen.append(store.read_manifest(MODEL, out["version"])["validation"])
+            assert seen[-1]["accuracy"] == 1.0 and seen[-1]["accepted"]  # passed only because nothing flipped
+        assert refused is not None, f"eight steps flipped none of the closest calls: {seen}"
         assert refused.status == 409 and "validation guard" in refused.detail
         assert "holdout accuracy" in refused.detail
         # the refused candidate is not written; its parent's weights serve again under fresh seeds (a re-seed)

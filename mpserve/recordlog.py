@@ -383,13 +383,17 @@ def _publish_call(
     for e in ids:
         if not _ENTRY_ID_RE.fullmatch(e):
             raise ValueError(f"invalid stream entry id {e!r}")
+    if new_version is None:
+        version_arg, history = "", _history_json("refused", _nonneg_int(refused_base, "base_version"), history_record)
+    else:
+        version_arg = _nonneg_int(new_version, "new_version")
+        history = _history_json("publish", version_arg, history_record)
     return (
         (keys.version, keys.fence, keys.history, keys.feedback, keys.events),
         (
             _nonneg_int(token, "token"),
-            "" if new_version is None else _nonneg_int(new_version, "new_version"),
-            _history_json("publish", _nonneg_int(new_version, "new_version"), history_record) if new_version is not None
-            else _history_json("refused", _nonneg_int(refused_base, "base_version"), history_record),
+            version_arg,
+            history,
             group,
             expected,
             history_max,

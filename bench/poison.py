@@ -141,6 +141,39 @@ def _one(job: tuple[Condition, str, dict[str, Any], dict[str, np.ndarray], int, 
     return {"condition": cond.name, "defense": defense, "options": options, **out}
 
 
+def filter_trial(spec: Any, base: dict[str, np.ndarray], conds: list[Condition], holdout_size: int,
+                 batches: int = 8) -> list[dict[str, Any]]:
+    """Which outlier filter to use: the share of poisoned and of true records each drops, on the base model's
+    served losses (the filter sees a cohort's losses, before any baseline), over a few steps of traffic."""
+    from bench.continual import EngineRun, make_streams, step_batch, worker_settings
+    from marketplace.data import load_fashion_mnist
+    from marketplace.reconcile import ReconcileConfig, cross_entropy, keep_mask
+
+    streams = make_streams(poison_protocol(), load_fashion_mnist(), holdout_size, 0)
+    run = EngineRun(spec, base, worker_settings({}), False, streams.holdout)
+    filters = {"zscore z=3": ReconcileConfig(outlier="zscore", outlier_z=3.0),
+               "zscore z=2": ReconcileConfig(outlier="zscore", outlier_z=2.0),
+               "zscore z=1.5": ReconcileConfig(outlier="zscore", outlier_z=1.5),
+               "quantile q=0.02": ReconcileConfig(outlier="quantile", outlier_quantile=0.02),
+               "quantile q=0.1": ReconcileConfig(outlier="quantile", outlier_quantile=0.1)}
+    data_rng, path_rng, label_rng = (np.random.default_rng([0, k]) for k in (3, 2, 6))
+    counts = {(c.name, f): np.zeros(4) for c in conds if c.kind != "clean" for f in filters}
+    for _ in range(batches):
+        x, y, _ = step_batch(streams, data_rng, 256, 0)
+        weights = run.engine.materialize(run.params, run.seeds, run.eps, 0)
+        logits, _ = run.engine.forward(weights, x, path_rng)
+        for c in conds:
+            if c.kind == "clean":
+                continue
+            sent = c.relabel()(y, label_rng)
+            bad, loss = sent != y, cross_entropy(logits, sent)
+            for f, config in filters.items():
+                drop = ~keep_mask(loss, config)
+                counts[(c.name, f)] += [(drop & bad).sum(), bad.sum(), (drop & ~bad).sum(), (~bad).sum()]
+    return [{"condition": c, "filter": f, "poisoned_dropped": n[0] / max(n[1], 1), "true_dropped": n[2] / n[3]}
+            for (c, f), n in counts.items()]
+
+
 def summarize(results: list[dict[str, Any]], checkpoints: list[int], source: int, target: int
               ) -> list[dict[str, Any]]:
     """Per run and checkpoint: test accuracy (all, attacked class, target class), differences from the clean runs."""
@@ -245,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--probe-scale", type=float, default=0.05)
     ap.add_argument("--only-conditions", default=None, help="comma-separated prefixes of condition names")
     ap.add_argument("--only-defenses", default=None, help="comma-separated prefixes of defense names")
+    ap.add_argument("--filter-trial", action="store_true",
+                    help="only print which records each candidate outlier filter drops, on the base model")
     ap.add_argument("--jobs", type=int, default=1, help="variants in parallel processes")
     ap.add_argument("--quick", action="store_true", help="300 steps, base of 300 backprop steps")
     ap.add_argument("--json", type=Path, default=None)
@@ -274,6 +309,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.base_npz:
             np.savez(args.base_npz, **base)
     plain = {"learning_rate": args.learning_rate, "probe_scale": args.probe_scale}
+    if args.filter_trial:
+        trial = filter_trial(spec, base, conditions(args), args.holdout_size)
+        print("| condition | filter | poisoned records dropped | true records dropped |\n|---|---|---:|---:|")
+        for t in trial:
+            print(f"| {t['condition']} | {t['filter']} | {100 * t['poisoned_dropped']:.0f}% | "
+                  f"{100 * t['true_dropped']:.1f}% |")
+        return {"filter_trial": trial}
     conds = [c for c in conditions(args) if not args.only_conditions
              or any(c.name.startswith(p) for p in args.only_conditions.split(","))]
     defs = {n: o for n, o in defenses(args).items() if not args.only_defenses

@@ -291,11 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.steps, args.base_steps, args.jobs = min(args.steps, 150), 300, max(args.jobs, 2)
         args.only_defenses = args.only_defenses or "none,filter +"
         args.checkpoints = args.checkpoints if args.checkpoints and max(map(int, args.checkpoints.split(","))) \
-            <= args.steps else None
+            <= args.steps else "50,100,150"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     checkpoints = [int(c) for c in args.checkpoints.split(",")] if args.checkpoints else \
         [args.steps // 4, args.steps // 2, args.steps]
-    every = int(np.gcd.reduce(checkpoints + [max(args.steps // 20, 1)]))  # the table's steps and ~20 plot points
+    points = 10 if args.quick else 20  # the table's steps, and a divisor of them that gives this many plot points
+    every = int(np.gcd.reduce(checkpoints))
+    every = max((d for d in range(1, every + 1) if every % d == 0 and args.steps // d >= points), default=every)
 
     from bench.continual import make_streams, train_base
     from marketplace.data import load_fashion_mnist

@@ -219,16 +219,20 @@ class EngineRun:
         self.seeds = fresh_seeds(S, self.vendors, self.seed_rng, self.antithetic)
         self.rc, self.uc = self.settings.reconcile_config(), self.settings.update_config()
 
-    def serve_and_learn(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def serve_and_learn(self, x: np.ndarray, y: np.ndarray, truth: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
         """Serve one step's inputs on balanced vendor paths, reconcile their records, move to the next version.
 
-        Returns the served predictions' losses and correctness. A refused candidate leaves the version (and
-        its seeds) serving, as the worker does.
+        ``y`` are the labels the clients send (what the records hold); ``truth``, when they differ (poisoned
+        feedback), the true labels the returned figures are measured against. Returns the served predictions'
+        losses and correctness. A refused candidate leaves the version (and its seeds) serving, as the worker does.
         """
         weights = self.engine.materialize(self.params, self.seeds, self.eps, self.version, self.antithetic)
         logits, paths = self.engine.forward(weights, x, self.path_rng)
         loss = cross_entropy(logits, y)
         records = Records(np.full(len(y), self.version, np.int64), paths, loss, y)
+        served = (loss, logits.argmax(1) == y) if truth is None else \
+            (cross_entropy(logits, truth), logits.argmax(1) == truth)
         sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
         last = previous_step(self.params, self.grandparent) if self.uc.momentum else None
         result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last)
@@ -243,25 +247,33 @@ class EngineRun:
                 if self.settings.reseed_on_refusal:  # as the worker does: the same weights under fresh seeds
                     self.version += 1
                     self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
-                return loss, logits.argmax(1) == y
+                return served
             self.parent_validation = verdict.validation
             self.before = {"accuracy": verdict.validation["accuracy"], "loss": verdict.validation["loss"]}
         self.grandparent = self.params
         self.params = result.params
         self.version += 1
         self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
-        return loss, logits.argmax(1) == y
+        return served
 
 
 def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, options: dict[str, Any],
                steps: int, eval_every: int, old_n: int = 240, new_n: int = 16, vendors: int = 4, seed: int = 0,
                progress: bool = True, desc: str = "continual",
-               on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The continual-learning loop in process; returns the curve and what the run did."""
+               on_row: Callable[[dict[str, Any]], None] | None = None,
+               relabel: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+               extra_eval: Callable[[EngineRun], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The continual-learning loop in process; returns the curve and what the run did.
+
+    ``relabel(y, rng)`` gives the labels the clients send for true labels ``y`` (poisoned feedback, bench/poison.py);
+    it draws from a generator of its own, so the traffic and the seeds stay those of the clean run.
+    ``extra_eval(run)`` adds figures of its own to every curve row.
+    """
     settings = worker_settings(options)
     run = EngineRun(spec, {k: v.copy() for k, v in base.items()}, settings, bool(options.get("guard")),
                     streams.holdout, vendors, seed)
     data_rng = np.random.default_rng([seed, 3])
+    label_rng = np.random.default_rng([seed, 6])
     curve = Curve()
     evals = eval_steps(steps, eval_every)
     start = time.perf_counter()
@@ -269,7 +281,8 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
     for step in bar:
         if step > 0:  # step t serves its batch with version t-1's weights, then reconciles
             x, y, is_new = step_batch(streams, data_rng, old_n, new_n)
-            loss, correct = run.serve_and_learn(x, y)
+            sent = relabel(y, label_rng) if relabel else y
+            loss, correct = run.serve_and_learn(x, sent, truth=y if relabel else None)
             curve.served(loss, correct, is_new)
         if step in evals:
             if step == 0:  # the base model's own served figures: one batch served without learning from it
@@ -280,6 +293,8 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
             old_val, new_val = validation(run.eval_engine, run.params, streams)
             point = curve.row(step, old_val, new_val)
             point["refused"] = run.refused
+            if extra_eval:
+                point.update(extra_eval(run))
             bar.set_postfix(old=f"{old_val:.3f}", new=f"{new_val:.3f}", refused=run.refused)
             if on_row:
                 on_row(point)

@@ -11,14 +11,18 @@ from model_store import ModelStore
 from tests.helpers import RedisProcess, make_store, start_redis
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    """A real redis-server on a free loopback port (no persistence); `.url`, `.port`, `.restart()`."""
+def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     server = start_redis(tmp_path_factory.mktemp("redis"))
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A real redis-server on a free loopback port (no persistence); `.url`, `.port`, `.restart()`."""
+    yield from _redis(tmp_path_factory)
 
 
 @pytest.fixture
@@ -43,8 +47,4 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 @pytest.fixture(scope="module")
 def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """This module's own redis-server (no persistence), for modules whose servers outlive a test."""
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _redis(tmp_path_factory)

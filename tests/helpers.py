@@ -39,6 +39,17 @@ def wait_until(
         time.sleep(interval)
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM and wait; SIGKILL if it will not go."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (the caller retries on a lost race)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -112,13 +123,7 @@ class RedisProcess:
         """Terminate (SIGTERM: AOF is flushed) and wait; kill if it will not go."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
+        terminate(self.proc, timeout)
         self.proc = None
 
     def kill(self) -> None:
@@ -220,14 +225,22 @@ class ServerProcess:
             raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, 15)
         self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        """Launched and ready; stopped on exit (a fixture's whole lifetime in one ``with``)."""
+        try:
+            self.launch()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -349,13 +362,7 @@ class ChildProcess:
         """SIGTERM and wait (SIGKILL if it will not go); the exit status, None if it never started."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         return self.proc.returncode
 
 

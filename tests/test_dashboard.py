@@ -159,15 +159,10 @@ def r(redis_server: RedisProcess, store: ModelStore) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="module")
 def server(r: redis.Redis, redis_server: RedisProcess, store: ModelStore,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("logs"), "dash",
+    with ServerProcess(tmp_path_factory.mktemp("logs"), "dash",
                          ["--redis-url", redis_server.url, "--store-dir", str(store.root), "--max-batch", "8",
-                          "--poll-interval-s", "0.5", "--log-level", "warning"], clean_env())
-    try:
-        proc.launch()
-        proc.wait_ready()
+                          "--poll-interval-s", "0.5", "--log-level", "warning"], clean_env()) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def get_versions(server: ServerProcess, **params: Any) -> httpx.Response:

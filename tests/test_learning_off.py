@@ -28,16 +28,11 @@ KEYS = ModelKeys(MODEL)
 @pytest.fixture(scope="module")
 def server(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("logs"), "static",
+    with ServerProcess(tmp_path_factory.mktemp("logs"), "static",
                          ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "16",
                           "--max-wait-ms", "5"],
-                         clean_env(MPSERVE_LEARNING="false"))  # the env form; the flag form is tested below
-    try:
-        proc.launch()
-        proc.wait_ready()
+                         clean_env(MPSERVE_LEARNING="false")) as proc:  # the env form; the flag form is below
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ class Engine:
             raise ValueError(f"every bucket must be a multiple of V={vendors}: {self.buckets}")
         self.max_batch = self.buckets[-1]
         self._group_keys = [list(spec.group_shapes(s)) for s in range(len(spec.groups))]
-        self._jits: dict[int, TinyJit] = {}
+        self._jits: dict[tuple[int, bool], TinyJit] = {}
 
     # ------------------------------------------------------------------------------ weights
     def materialize(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float, version: int = 0,
@@ -113,13 +113,15 @@ class Engine:
         return PerturbedWeights(version, seeds, float(eps), tuple(tensors))
 
     # ------------------------------------------------------------------------------ forward
-    def graph(self, x: Tensor, perms: list[Tensor], weights: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    def graph(self, x: Tensor, perms: list[Tensor], weights: list[Tensor] | tuple[Tensor, ...],
+              vendors: int | None = None) -> Tensor:
         """The forward pass as one lazy graph: x is (B, *input_shape) in group-0 slot order.
 
         Returns (B, num_classes) logits in last-group slot order. Differentiable, so backprop
-        training runs the very same code with V=1.
+        training runs the very same code with V=1. ``vendors=1`` with each weight's leader slice runs
+        the unperturbed model (paired probes).
         """
-        V, spec = self.V, self.spec
+        V, spec = vendors or self.V, self.spec
         B = x.shape[0]
         k = B // V
         h = x.reshape(V, k, *spec.input_shape) * spec.input_scale
@@ -139,13 +141,22 @@ class Engine:
             wi += len(self._group_keys[s])
         return h.reshape(B, spec.num_classes)
 
-    def _jit_for(self, bucket: int) -> TinyJit:
-        if bucket not in self._jits:
+    def _jit_for(self, bucket: int, paired: bool = False) -> TinyJit:
+        """One graph per (bucket, paired); a paired graph also runs the leader over the inputs in their own order."""
+        if (bucket, paired) not in self._jits:
+            n_perm = len(self.spec.groups) - 1 if self.V > 1 else 0
+
             def run(x: Tensor, *rest: Tensor) -> Tensor:
-                n_perm = len(self.spec.groups) - 1 if self.V > 1 else 0
                 return self.graph(x, list(rest[:n_perm]), rest[n_perm:]).realize()
-            self._jits[bucket] = TinyJit(run)
-        return self._jits[bucket]
+
+            def run_paired(x: Tensor, x_leader: Tensor, *rest: Tensor) -> tuple[Tensor, Tensor]:
+                weights = rest[n_perm:]
+                probe = self.graph(x, list(rest[:n_perm]), weights)
+                leader = self.graph(x_leader, [], [w[0:1] for w in weights], vendors=1)
+                return probe.realize(), leader.realize()
+
+            self._jits[(bucket, paired)] = TinyJit(run_paired if paired else run)
+        return self._jits[(bucket, paired)]
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -156,13 +167,31 @@ class Engine:
     def forward(self, weights: PerturbedWeights, x: np.ndarray, rng: np.random.Generator
                 ) -> tuple[np.ndarray, np.ndarray]:
         """Logits (n, C) float32 and paths (n, S) of a batch, each input on its own balanced path."""
+        logits, paths, _ = self._run(weights, x, rng, paired=False)
+        return logits, paths
+
+    def forward_paired(self, weights: PerturbedWeights, x: np.ndarray, rng: np.random.Generator
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Paired probes: (probe logits, paths, leader logits); every input also runs through the leader.
+
+        The answer a user gets is the leader's, so exploration is invisible to them, and the record holds the
+        loss difference on the same input. Twice the FLOPs of `forward`, in the same JIT'd graph.
+        """
+        logits, paths, leader = self._run(weights, x, rng, paired=True)
+        assert leader is not None
+        return logits, paths, leader
+
+    def _run(self, weights: PerturbedWeights, x: np.ndarray, rng: np.random.Generator, paired: bool
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         x = np.asarray(x, dtype=np.float32)
         n = x.shape[0]
         if x.shape[1:] != tuple(self.spec.input_shape):
             raise ValueError(f"inputs must have shape (n, {self.spec.input_shape}), got {x.shape}")
         if n > self.max_batch:
-            parts = [self.forward(weights, x[i:i + self.max_batch], rng) for i in range(0, n, self.max_batch)]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            parts = [self._run(weights, x[i:i + self.max_batch], rng, paired) for i in range(0, n, self.max_batch)]
+            leaders = [p[2] for p in parts]
+            return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    np.concatenate(leaders) if paired else None)  # type: ignore[arg-type]
         bucket = self.bucket_for(n)
         plan = plan_paths(n, bucket, self.V, len(self.spec.groups), rng)
         padded = np.zeros((bucket, *self.spec.input_shape), dtype=np.float32)
@@ -170,17 +199,23 @@ class Engine:
         xt = Tensor(padded[plan.order0], device=self.device)
         perms = [Tensor(p.astype(np.int32), dtype=dtypes.int32, device=self.device) for p in plan.perms
                  if self.V > 1]
-        out = self._jit_for(bucket)(xt, *perms, *weights.tensors).numpy()
+        leader = None
+        if paired:
+            out_t, leader_t = self._jit_for(bucket, True)(xt, Tensor(padded, device=self.device), *perms,
+                                                          *weights.tensors)
+            out, leader = out_t.numpy(), leader_t.numpy()[:n]
+        else:
+            out = self._jit_for(bucket)(xt, *perms, *weights.tensors).numpy()
         logits = np.empty_like(out)
         logits[plan.order_last] = out
-        return logits[:n], plan.paths
+        return logits[:n], plan.paths, leader
 
-    def warmup(self, weights: PerturbedWeights, buckets: list[int] | None = None) -> None:
+    def warmup(self, weights: PerturbedWeights, buckets: list[int] | None = None, paired: bool = False) -> None:
         """Capture the JIT of each bucket (TinyJit records on its second call) off the request path."""
         rng = np.random.default_rng(0)
         for b in buckets or self.buckets:
             for _ in range(3):
-                self.forward(weights, np.zeros((b, *self.spec.input_shape), np.float32), rng)
+                self._run(weights, np.zeros((b, *self.spec.input_shape), np.float32), rng, paired)
 
 
 def leader_logits(engine: Engine, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

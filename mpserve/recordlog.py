@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GROUP = "reconciler"
 HISTORY_MAX = 1000  # publish and rollback records kept in mp:{m}:history (the newest ones)
 ATTACH_STATUSES = ("ok", "duplicate", "conflict", "not_found")
-_PRED_FIELDS = ("version", "path", "logits")
+_PRED_FIELDS = ("version", "path", "logits", "leader")
 _ENTRY_ID_RE = re.compile(r"^\d+-\d+$")
 
 
@@ -65,6 +65,8 @@ class PredictionRecord:
     """What one served input leaves behind; ``label``/``loss`` only if the label came with it.
 
     ``client``: the API client that asked (None without API keys); kept in the hash and its feedback entry.
+    ``leader_logits``: with paired probes, the unperturbed model's logits on the same input (what the user
+    was answered with); a late label's entry then carries the leader's loss as the input's own baseline.
     """
 
     id: str
@@ -74,6 +76,7 @@ class PredictionRecord:
     label: int | None = None
     loss: float | None = None
     client: str | None = None
+    leader_logits: np.ndarray | None = None
 
 
 class StoredPrediction(NamedTuple):
@@ -82,11 +85,32 @@ class StoredPrediction(NamedTuple):
     version: int
     path: tuple[int, ...]
     logits: np.ndarray
+    leader_logits: np.ndarray | None = None
 
 
-#: (id, label, loss) or (id, label, loss, correct): what attaching one label needs; ``correct`` says
-#: whether the served prediction was right, so a version can report its online accuracy.
-LabelItem = tuple[str, int, float] | tuple[str, int, float, bool]
+#: (id, label, loss[, correct[, base_loss, probe_correct]]): what attaching one label needs. ``correct`` says
+#: whether the answer the user got was right, so a version can report its online accuracy; with paired
+#: probes ``base_loss`` is the leader's loss on the same input and ``probe_correct`` whether the perturbed
+#: path was right (see `label_item`).
+LabelItem = (tuple[str, int, float] | tuple[str, int, float, bool]
+             | tuple[str, int, float, bool, float | None, bool | None])
+
+
+def label_item(record_id: str, label: int, logits: np.ndarray, leader_logits: np.ndarray | None = None
+               ) -> tuple[str, int, float, bool, float | None, bool | None]:
+    """The feedback of one label: the probe path's loss, and with paired probes the leader's loss as its baseline.
+
+    The user was answered with the leader's logits when there are any (paired probes), else with the probe's.
+    """
+    from marketplace.reconcile import cross_entropy  # the one loss; imported here: the API never trains
+
+    y = np.array([label])
+    loss = float(cross_entropy(np.asarray(logits)[None, :], y)[0])
+    probe_hit = bool(int(np.argmax(logits)) == label)
+    if leader_logits is None:
+        return record_id, label, loss, probe_hit, None, None
+    base = float(cross_entropy(np.asarray(leader_logits)[None, :], y)[0])
+    return record_id, label, loss, bool(int(np.argmax(leader_logits)) == label), base, probe_hit
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +124,10 @@ class FeedbackEntry:
     loss: float
     label: int
     ts_ms: int
-    correct: bool | None = None  # was the served (perturbed) prediction right; None for older entries
+    correct: bool | None = None  # was the answer the user got right; None for older entries
     client: str | None = None  # the API client that gave the label (None: no API keys)
+    base_loss: float | None = None  # paired probes: the leader's loss on the same input
+    probe_correct: bool | None = None  # paired probes: was the perturbed path right
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,11 +247,16 @@ def _prediction_batch(
         }
         if it.client is not None:
             mapping["client"] = _client(it.client)
+        if it.leader_logits is not None:
+            mapping["leader"] = _encode_logits(it.leader_logits)
         rows.append((keys.pred(it.id), mapping))
         if it.label is not None:
-            if it.loss is None:
+            if it.loss is None and it.leader_logits is None:
                 raise ValueError(f"record {it.id}: a label needs its loss")
-            labels.append((it.id, it.label, it.loss, bool(int(np.argmax(it.logits)) == it.label)))
+            if it.leader_logits is not None:
+                labels.append(label_item(it.id, it.label, it.logits, it.leader_logits))
+            else:
+                labels.append((it.id, it.label, it.loss, bool(int(np.argmax(it.logits)) == it.label)))
             clients.append(it.client)
     calls = _attach_calls(keys, labels, keys.feedback, now_ms, clients)  # validates label and loss
 
@@ -252,12 +283,13 @@ def _q_fetch(pipe: Any, keys: ModelKeys, ids: Sequence[str]) -> None:
 
 def _p_fetch(ids: Sequence[str], replies: Sequence[Any]) -> dict[str, StoredPrediction | None]:
     out: dict[str, StoredPrediction | None] = {}
-    for record_id, (version, path, logits) in zip(ids, replies, strict=True):
+    for record_id, (version, path, logits, leader) in zip(ids, replies, strict=True):
         if version is None:
             out[record_id] = None
             continue
         try:
-            out[record_id] = StoredPrediction(int(version), _decode_path(path or b""), _decode_logits(logits))
+            out[record_id] = StoredPrediction(int(version), _decode_path(path or b""), _decode_logits(logits),
+                                              None if leader is None else _decode_logits(leader))
         except (ValueError, TypeError) as exc:
             log.warning("prediction %s is malformed (%s); treating it as unknown", record_id, exc)
             out[record_id] = None
@@ -277,11 +309,18 @@ def _attach_calls(
     names = [_client(c) for c in (clients if clients is not None else [None] * len(items))]
     calls: list[Call] = []
     for (record_id, label, loss, *rest), client in zip(items, names, strict=True):
-        correct = rest[0] if rest else None
-        hit = "" if correct is None else "1" if correct else "0"
+        correct, base, probe = (*rest, None, None, None)[:3]
         calls.append(((keys.pred(record_id), feedback),
-                      (_nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, hit, client)))
+                      (_nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, _flag(correct), client,
+                       "" if base is None else _encode_loss(base), _flag(probe))))
     return calls
+
+
+def _flag(value: bool | None) -> str:
+    return "" if value is None else "1" if value else "0"
+
+
+_FLAGS = {b"1": True, b"0": False, "1": True, "0": False}
 
 
 def _p_attach(reply: Sequence[Any]) -> AttachResult:
@@ -307,8 +346,10 @@ def _parse_entry(entry_id: str, fields: Mapping[bytes | str, Any] | None) -> Fee
         loss=float(f["loss"]),
         label=int(f["label"]),
         ts_ms=int(f["ts"]),
-        correct={b"1": True, b"0": False, "1": True, "0": False}.get(f.get("hit")),
+        correct=_FLAGS.get(f.get("hit")),
         client=_str(f.get("client") or b"") or None,
+        base_loss=float(f["base"]) if f.get("base") else None,
+        probe_correct=_FLAGS.get(f.get("probe_hit")),
     )
 
 

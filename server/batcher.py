@@ -58,9 +58,9 @@ class MicroBatcher:
 
     def __init__(self, runtime: ModelRuntime, records: AsyncRecordLog, engine_thread: EngineThread,
                  metrics: ServerMetrics, max_batch: int, max_wait_ms: float, redis_timeout_s: float,
-                 learning: bool = True) -> None:
+                 learning: bool = True, paired: bool = False) -> None:
         self.runtime, self.records, self.engine_thread, self.metrics = runtime, records, engine_thread, metrics
-        self.learning = learning
+        self.learning, self.paired = learning, paired
         self.max_batch, self.max_wait_s, self.redis_timeout_s = max_batch, max_wait_ms / 1000.0, redis_timeout_s
         self.rng = np.random.default_rng()  # path choices; used on the engine thread only
         self._pending: deque[_Item] = deque()
@@ -155,7 +155,12 @@ class MicroBatcher:
         x = np.concatenate([it.x for it in items]) if len(items) > 1 else items[0].x
         started = time.perf_counter()
         try:
-            logits, paths = await self.engine_thread.run(served.engine.forward, served.weights, x, self.rng)
+            if self.paired:  # the user gets the leader's answer; the probe's logits go to the record
+                logits, paths, leader = await self.engine_thread.run(served.engine.forward_paired, served.weights,
+                                                                     x, self.rng)
+            else:
+                (logits, paths), leader = await self.engine_thread.run(served.engine.forward, served.weights, x,
+                                                                       self.rng), None
         except asyncio.CancelledError:
             _fail(items, ApiError(503, "the server is shutting down"))
             raise
@@ -167,47 +172,53 @@ class MicroBatcher:
         self.metrics.engine_seconds.observe(time.perf_counter() - started, name)
         self.metrics.batch_inputs.observe(len(x), name)
         self.metrics.batch_requests.observe(len(items), name)
-        task = asyncio.create_task(self._finish(served, items, logits, paths))
+        task = asyncio.create_task(self._finish(served, items, logits, paths, leader))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
-    async def _finish(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray) -> None:
+    async def _finish(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray,
+                      leader: np.ndarray | None) -> None:
         """Answer every request of the batch, whatever happens: nobody awaits this task, so nothing may hang."""
         try:
-            await self._write_and_answer(served, items, logits, paths)
+            await self._write_and_answer(served, items, logits, paths, leader)
         except Exception as exc:
             log.exception("model %s: finishing a batch failed", self.runtime.name)
             _fail([it for it in items if not it.future.done()],
                   ApiError(500, f"recording failed: {type(exc).__name__}"))
 
-    async def _write_and_answer(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray
-                                ) -> None:
-        """Write the batch's records in one round trip, then answer each request."""
+    async def _write_and_answer(self, served: Served, items: list[_Item], logits: np.ndarray, paths: np.ndarray,
+                                leader: np.ndarray | None) -> None:
+        """Write the batch's records in one round trip, then answer each request (with the leader's logits when
+        probes are paired, else with the probe's)."""
         records: list[PredictionRecord] = []
         answers: list[tuple[_Item, Answer]] = []
         offset = 0
         for item in items:
             lg, pth = logits[offset:offset + item.n], paths[offset:offset + item.n]
+            lead = None if leader is None else leader[offset:offset + item.n]
+            answer = lg if lead is None else lead
             offset += item.n
             if item.future.done():
                 continue  # cancelled: nobody will ever see (or label) these ids
-            if not np.isfinite(lg).all():
-                bad = int(np.flatnonzero(~np.isfinite(lg).all(axis=1))[0])
+            finite = np.isfinite(lg).all(axis=1) & np.isfinite(answer).all(axis=1)
+            if not finite.all():
+                bad = int(np.flatnonzero(~finite)[0])
                 item.future.set_exception(ApiError(422, [{
                     "loc": ["body", "inputs", bad], "type": "value_error",
                     "msg": "the model produced non-finite outputs for this input (values too large?)"}]))
                 continue
             if not self.learning:
-                item.future.set_result(Answer(served.version, None, lg))
+                item.future.set_result(Answer(served.version, None, answer))
                 continue
             ids = [uuid.uuid4().hex for _ in range(item.n)]
-            losses = cross_entropy(lg, item.labels) if item.labels is not None else None
+            losses = cross_entropy(lg, item.labels) if item.labels is not None and lead is None else None
             for i in range(item.n):
                 records.append(PredictionRecord(
                     ids[i], served.version, tuple(int(v) for v in pth[i]), lg[i],
                     None if item.labels is None else int(item.labels[i]),
-                    None if losses is None else float(losses[i]), item.client))
-            answers.append((item, Answer(served.version, ids, lg)))
+                    None if losses is None else float(losses[i]), item.client,
+                    None if lead is None else lead[i]))
+            answers.append((item, Answer(served.version, ids, answer)))
         if not records:
             return
         try:

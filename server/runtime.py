@@ -63,8 +63,8 @@ class ModelRuntime:
 
     def __init__(self, name: str, store: ModelStore, records: AsyncRecordLog, engine_thread: EngineThread,
                  metrics: ServerMetrics, max_batch: int, device: str | None, redis_timeout_s: float,
-                 learning: bool = True) -> None:
-        self.name, self.store, self.records, self.learning = name, store, records, learning
+                 learning: bool = True, paired: bool = False) -> None:
+        self.name, self.store, self.records, self.learning, self.paired = name, store, records, learning, paired
         self.engine_thread, self.metrics = engine_thread, metrics
         self.max_batch, self.device, self.redis_timeout_s = max_batch, device, redis_timeout_s
         self.served: Served | None = None
@@ -240,7 +240,7 @@ class ModelRuntime:
                                                loaded.antithetic and self.learning)
         if not reuse:
             for bucket in engine.buckets:  # one job per bucket, so request batches run in between
-                await self.engine_thread.run(engine.warmup, weights, [bucket])
+                await self.engine_thread.run(engine.warmup, weights, [bucket], self.paired)
         await self.engine_thread.run(_smoke_test, engine, weights)
         return Served(loaded, weights, engine)
 

@@ -51,6 +51,9 @@ class ServerSettings(BaseSettings):
     rate_limit_burst: int = Field(10, ge=1, description="requests a client may send at once before the rate applies")
     learning: bool = Field(True, description="learn from traffic: vendor paths, records in Redis, labels accepted "
                                              "(off: a static replica serving the leader only, nothing recorded)")
+    exploration: Literal["paired", "single"] = Field(
+        "paired", description="paired: every input also runs through the leader, whose answer the user gets "
+                              "(exploration invisible, 2x FLOPs); single: the user gets the perturbed path's answer")
 
     @field_validator("default_model")
     @classmethod

@@ -84,10 +84,11 @@ class AppState:
         models: dict[str, ModelContext] = {}
         for name in settings.models:
             records = AsyncRecordLog(client, name, settings.label_window_s)
+            paired = settings.learning and settings.exploration == "paired"
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
-                                   settings.device, t, settings.learning)
+                                   settings.device, t, settings.learning, paired)
             batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
-                                   settings.max_wait_ms, t, settings.learning)
+                                   settings.max_wait_ms, t, settings.learning, paired)
             models[name] = ModelContext(name, records, runtime, batcher)
         watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
         access = ClientAccess(settings.api_keys, settings.disabled_clients, settings.rate_limit_per_s,

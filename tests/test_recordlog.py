@@ -10,6 +10,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from marketplace.reconcile import cross_entropy
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import (
     AsyncRecordLog,
@@ -19,6 +20,7 @@ from mpserve.recordlog import (
     RecordLog,
     StaleLeaderError,
     VersionMovedError,
+    label_item,
 )
 from tests.helpers import start_redis, wait_until
 
@@ -169,10 +171,31 @@ def test_fetch_logits_round_trip(redis_server, redis_client) -> None:  # type: i
     got = rl.fetch_logits(["id0", "id1", "nope"])
     assert counter.sends == 1
     assert got["nope"] is None
-    version, path, logits = got["id1"]
-    assert (version, path) == (8, (1, 1, 0))
+    version, path, logits, leader = got["id1"]
+    assert (version, path, leader) == (8, (1, 1, 0), None)
     assert logits.dtype == np.float32
     np.testing.assert_array_equal(logits, items[1].logits)
+
+
+def test_paired_record_carries_the_leader_loss_into_the_feedback_entry(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Paired probes: the hash keeps the leader's logits, and a label (late or given) records both losses."""
+    rl = RecordLog(redis_client, MODEL)
+    probe, leader = np.array([2.0, 0.0, -1.0], np.float32), np.array([0.0, 3.0, -1.0], np.float32)
+    rl.write_predictions([PredictionRecord("late", 4, (1, 2, 0), probe, leader_logits=leader),
+                          PredictionRecord("given", 4, (2, 0, 1), probe, label=1, leader_logits=leader)])
+    stored = rl.fetch_logits(["late"])["late"]
+    assert stored is not None and stored.leader_logits is not None
+    np.testing.assert_array_equal(stored.leader_logits, leader)
+    assert rl.attach_labels([label_item("late", 1, stored.logits, stored.leader_logits)]) == ["ok"]
+    rl.ensure_group()
+    entries = {e.id: e for e in rl.read_feedback("c", count=10)}
+    expect_loss = float(cross_entropy(probe[None], np.array([1]))[0])
+    expect_base = float(cross_entropy(leader[None], np.array([1]))[0])
+    for rid in ("late", "given"):
+        e = entries[rid]
+        assert e.loss == pytest.approx(expect_loss) and e.base_loss == pytest.approx(expect_base)
+        assert e.correct is True  # the user got the leader's answer, class 1
+        assert e.probe_correct is False  # the probe path said class 0
 
 
 # --------------------------------------------------------------------------- labels

@@ -202,8 +202,9 @@ def test_predict_answers_in_order_and_records_each_input(client: MPServeClient, 
         assert int(stored[b"version"]) == out["version"] and b"label" not in stored
         path = [int(v) for v in stored[b"path"].decode().split(",")]
         assert len(path) == 2 and all(0 <= v < 4 for v in path)  # mlp(32): 2 groups, 4 vendors
-        logits = np.frombuffer(stored[b"logits"], dtype="<f4")
-        z = np.exp(logits - logits.max())
+        assert np.frombuffer(stored[b"logits"], dtype="<f4").shape == (CLASSES,)  # the probe path's
+        leader = np.frombuffer(stored[b"leader"], dtype="<f4")  # paired probes (default): users get the leader's
+        z = np.exp(leader - leader.max())
         np.testing.assert_allclose(z / z.sum(), probs, rtol=1e-5, atol=1e-7)
         assert 0 < r.pttl(KEYS.pred(p["id"])) <= 86400 * 1000
     assert xlen(r) == before  # no labels, no feedback
@@ -218,7 +219,10 @@ def test_predict_with_labels_records_loss_in_the_feedback_stream(client: MPServe
     for p, y, (_, fields) in zip(out["predictions"], labels, entries, strict=True):
         assert fields[b"id"].decode() == p["id"] and int(fields[b"label"]) == y
         assert int(fields[b"version"]) == out["version"]
-        assert float(fields[b"loss"]) == pytest.approx(-math.log(p["probabilities"][y]), rel=1e-5)
+        # paired probes: the user got the leader's answer, whose loss is the baseline; the loss is the probe's
+        assert float(fields[b"base"]) == pytest.approx(-math.log(p["probabilities"][y]), rel=1e-5)
+        probe = np.frombuffer(r.hget(KEYS.pred(p["id"]), "logits"), dtype="<f4")
+        assert float(fields[b"loss"]) == pytest.approx(float(cross_entropy(probe[None], np.array([y]))[0]), rel=1e-5)
         assert int(r.hget(KEYS.pred(p["id"]), "label")) == y
 
 

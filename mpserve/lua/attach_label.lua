@@ -1,7 +1,9 @@
 -- Attach a label to a served prediction and queue it for reconciliation, atomically.
 -- KEYS[1] pred hash, KEYS[2] feedback stream
 -- ARGV[1] label, ARGV[2] loss, ARGV[3] now_ms, ARGV[4] prediction id,
--- ARGV[5] '1'/'0' whether the served prediction was right ('' when unknown), ARGV[6] API client ('' for none)
+-- ARGV[5] '1'/'0' whether the answer the user got was right ('' when unknown), ARGV[6] API client ('' for none),
+-- ARGV[7] paired probes: the leader's loss on the same input ('' for none), ARGV[8] '1'/'0' whether the probe
+-- path was right ('' for none)
 -- Returns {status} or {status, existing_label}; status in ok | duplicate | conflict | not_found.
 local h = redis.call('HMGET', KEYS[1], 'version', 'path', 'label')
 if not h[1] then
@@ -20,6 +22,12 @@ local entry = {'id', ARGV[4], 'version', h[1], 'path', h[2] or '', 'loss', ARGV[
 if ARGV[6] and ARGV[6] ~= '' then  -- the API client that gave the label, when the server has API keys
   entry[#entry + 1] = 'client'
   entry[#entry + 1] = ARGV[6]
+end
+if ARGV[7] and ARGV[7] ~= '' then
+  entry[#entry + 1] = 'base'
+  entry[#entry + 1] = ARGV[7]
+  entry[#entry + 1] = 'probe_hit'
+  entry[#entry + 1] = ARGV[8] or ''
 end
 redis.call('XADD', KEYS[2], '*', unpack(entry))
 return {'ok'}

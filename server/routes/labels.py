@@ -1,6 +1,7 @@
 """POST /label: attach late labels to served predictions.
 
-The loss is computed here from the logits that were served (one round trip to fetch them), then every
+The loss is computed here from the logits that were served (one round trip to fetch them; with paired probes
+the leader's loss on the same input too, see `mpserve.recordlog.label_item`), then every
 label is attached atomically by the Lua script (one round trip for the whole request).
 """
 
@@ -8,11 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Body
 
-from marketplace.reconcile import cross_entropy
-from mpserve.recordlog import LabelItem
+from mpserve.recordlog import LabelItem, label_item
 from server.access import ACCESS_ERRORS, ClientDep
 from server.errors import ApiError, learning_off, redis_op
 from server.jsonbody import StrictJSONRoute
@@ -64,8 +63,7 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
             results[i] = _result(rid, "invalid_label", detail=f"label {label} is outside the classes "
                                                               f"[0, {len(pred.logits)}) of version {pred.version}")
         else:
-            loss = float(cross_entropy(pred.logits[None, :], np.array([label]))[0])
-            to_attach.append((i, (rid, label, loss, bool(int(np.argmax(pred.logits)) == label))))
+            to_attach.append((i, label_item(rid, label, pred.logits, pred.leader_logits)))
     if to_attach:
         async with redis_op("attach labels", timeout):
             attached = await ctx.records.attach_labels_detailed([t for _, t in to_attach], client=client)

@@ -21,12 +21,16 @@ from marketplace.threefry import uniform_delta_np
 
 @dataclass(frozen=True)
 class Records:
-    """Labelled records: the version that served each, its path (R, S), its loss, optionally its label."""
+    """Labelled records: the version that served each, its path (R, S), its loss, optionally its label.
+
+    ``base``: with paired probes, the leader's loss on the same input (NaN where a record has none).
+    """
 
     version: np.ndarray
     path: np.ndarray
     loss: np.ndarray
     label: np.ndarray | None = None
+    base: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         R = len(self.loss)
@@ -34,6 +38,8 @@ class Records:
             raise ValueError("version (R,), path (R, S) and loss (R,) must agree")
         if self.label is not None and self.label.shape != (R,):
             raise ValueError("label must have shape (R,)")
+        if self.base is not None and self.base.shape != (R,):
+            raise ValueError("base must have shape (R,)")
         if not np.all(np.isfinite(self.loss)):
             raise ValueError("losses must be finite")
 
@@ -52,8 +58,14 @@ class VersionSeeds:
 
 @dataclass(frozen=True)
 class ReconcileConfig:
+    """The algorithm's knobs. ``step``: "unit" moves η along the unit direction (upstream V2); "signal" is a
+    zeroth-order gradient step (SPSA): raw loss differences, η an SGD rate, so the step shrinks with the signal
+    and vanishes when the credits are noise; ``max_step`` caps its norm as a share of ‖θ‖ (a trust region)."""
+
     learning_rate: float = 0.5
-    baseline: Literal["none", "class"] = "none"
+    baseline: Literal["none", "class", "leader"] = "none"
+    step: Literal["unit", "signal"] = "unit"
+    max_step: float = 0.01
     outlier: Literal["none", "zscore", "quantile"] = "none"
     outlier_z: float = 3.0
     outlier_quantile: float = 0.02  # trimmed from each tail
@@ -247,14 +259,13 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
                 keep[idx] = keep_mask(loss[idx], config)
     elif config.outlier != "none":
         raise ValueError(f"unknown outlier filter {config.outlier!r}")
-    if config.baseline == "class" and records.label is not None:
-        loss = loss - class_means(co, np.asarray(records.label, np.int64), loss, keep, spec.num_classes)
-    elif config.baseline != "none" and config.baseline != "class":
-        raise ValueError(f"unknown baseline {config.baseline!r}")
+    loss, paired = baselined(co, loss, keep, records, config.baseline, spec.num_classes)
     kept_n, mean, std = co.moments(loss, keep)
 
     # attribution
-    if config.attribution == "zscore":
+    if config.step == "signal":  # raw differences from the cohort mean: the credits keep their scale
+        credit = np.where(keep, co.at(mean) - loss, 0.0)
+    elif config.attribution == "zscore":
         live_std = (kept_n >= 2) & (std > 0)
         credit = (co.at(mean) - loss) / co.at(np.where(live_std, std, 1.0))
         if not (live_std.all() and keep.all()):
@@ -284,12 +295,18 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     directions = [group_direction(credit_by_version, sources, s, sizes[s]) for s in range(S)]
     norms = [float(np.linalg.norm(d)) for d in directions]
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
+    if config.step == "signal":
+        eps = float(np.sqrt(np.mean([sources[v].eps ** 2 for v in credit_by_version]))) if credit_by_version else 1.0
+        scales, step_norm = signal_scales(directions, eps, int(keep.sum()), params, eta, config.max_step)
+    else:
+        scales = [eta / (total_norm if config.normalize == "model" else norms[s]) if norms[s] else 0.0
+                  for s in range(S)]
+        step_norm = float(np.sqrt(sum((scales[s] * norms[s]) ** 2 for s in range(S))))
     new_params = {k: np.array(v, dtype=np.float32, copy=True) for k, v in params.items()}
     for s, d in enumerate(directions):
-        norm = total_norm if config.normalize == "model" else norms[s]
-        if norm == 0:
+        if scales[s] == 0:
             continue
-        for key_name, step in split_group(d * (eta / norm), spec.group_shapes(s)).items():
+        for key_name, step in split_group(d * scales[s], spec.group_shapes(s)).items():
             new_params[key_name] = (params[key_name].astype(np.float64) + step).astype(np.float32)
 
     cohorts = [{"version": int(versions[c]), "records": int(counts[c]), "kept": int(kept_n[c]),
@@ -297,10 +314,51 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     kept_loss = loss[keep]
     stats = {"records": int(used.sum()), "held_back": int((~used).sum()), "cohorts": cohorts,
              "outliers_dropped": int(used.sum() - keep.sum()), "direction_norm": total_norm,
+             "step_norm": step_norm, "paired": int((paired & used).sum()),
              "learning_rate": float(eta),
              "loss_mean": float(kept_loss.mean()) if len(kept_loss) else None,
              "loss_std": float(kept_loss.std()) if len(kept_loss) else None}
     return ReconcileResult(new_params, used, stats)
+
+
+def baselined(co: Cohorts, loss: np.ndarray, keep: np.ndarray, records: Records, baseline: str, C: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(loss minus its baseline, which records were paired). The baseline takes each input's own difficulty out.
+
+    "leader": the leader's loss on the same input (paired probes), exact per input; records without one fall back
+    to "class", the mean loss of their class in their cohort; "none": raw losses.
+    """
+    paired = np.zeros(len(loss), bool)
+    if baseline == "none" or records.label is None:
+        return loss, paired
+    if baseline not in ("class", "leader"):
+        raise ValueError(f"unknown baseline {baseline!r}")
+    if baseline == "leader" and records.base is not None:
+        paired = np.isfinite(records.base)
+    out = loss.copy()
+    if paired.any():
+        out[paired] = loss[paired] - records.base[paired]  # type: ignore[index]
+    if not paired.all():
+        single = keep & ~paired
+        out[~paired] = (loss - class_means(co, np.asarray(records.label, np.int64), loss, single, C))[~paired]
+    return out, paired
+
+
+def signal_scales(directions: list[np.ndarray], eps: float, records: int, params: dict[str, np.ndarray],
+                  eta: float, max_step: float) -> tuple[list[float], float]:
+    """Per group, the factor that turns D_s = Σ A·δ into an SPSA step, and the step's norm.
+
+    With δ uniform in [-ε, ε] per element, E[d·δ] = (ε²/3)·g for a loss difference d ≈ g·δ, so
+    ĝ = 3/(ε²·n)·D over n records and the step is η·ĝ (D already points downhill: credits are minus the
+    loss differences). Its norm is capped at ``max_step``·‖θ‖: one batch of outliers cannot throw the model far.
+    """
+    factor = eta * 3.0 / (eps * eps * max(records, 1))
+    norm = factor * float(np.sqrt(sum(float(d @ d) for d in directions)))
+    theta = float(np.sqrt(sum(float(np.square(p, dtype=np.float64).sum()) for p in params.values())))
+    if max_step > 0 and norm > max_step * theta:
+        factor *= max_step * theta / norm
+        norm = max_step * theta
+    return [factor] * len(directions), norm
 
 
 def fresh_seeds(S: int, V: int, rng: np.random.Generator, antithetic: bool = False) -> np.ndarray:

@@ -139,7 +139,7 @@ def test_run_once_publishes_records_inputs_and_acks_exactly_them(
     assert m["inputs"]["entry_ids"] == ids
     assert (m["inputs"]["entries"], m["inputs"]["first_entry"], m["inputs"]["last_entry"]) == (40, ids[0], ids[-1])
     assert m["inputs"]["entry_ids_sha256"] == hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    assert m["reconciler"]["min_records"] == 32 and m["reconciler"]["learning_rate"] == 0.5
+    assert m["reconciler"]["min_records"] == 32 and m["reconciler"]["learning_rate"] == WorkerSettings().learning_rate
     assert m["loss"]["mean"] == pytest.approx(out.stats["loss_mean"])
     assert pending(redis_client) == []  # every used entry acknowledged...
     assert RecordLog(redis_client, MODEL).stream_stats().undelivered == 5  # ...and nothing else touched
@@ -356,7 +356,8 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
     h1 = store.write_holdout(MODEL, x1, y1)
     configured = tmp_path / "configured.npz"  # an operator's file: the upload takes precedence over it
     np.savez(configured, inputs=holdout_images(50, 3), labels=np.zeros(50, np.int64))
-    settings = make_settings(redis_server, store, momentum=0.5, guard_tolerance=0.5, holdout_path=configured)
+    settings = make_settings(redis_server, store, momentum=0.5, guard_tolerance=0.5, holdout_path=configured,
+                             step="unit")  # unit steps: the momentum term is then as large as the step
     rec = Reconciler(settings, store, redis_client, MODEL)
 
     fed = feed_served(redis_client, 40, 0, seed=10)
@@ -483,7 +484,7 @@ def test_learning_options_reach_the_published_versions(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
     """antithetic, probe_scale, baseline=class and the loss_gap schedule, as the worker applies them."""
     settings = make_settings(redis_server, store, antithetic=True, probe_scale=0.02, baseline="class",
-                             lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0)
+                             lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0, step="unit")
     rec = Reconciler(settings, store, redis_client, MODEL)
     feed_served(redis_client, 40, 0, seed=30)
     assert rec.run_once().version == 1
@@ -501,11 +502,11 @@ def test_learning_options_reach_the_published_versions(
     p1, p2 = store.load_version(MODEL, 1)[0], store.load_version(MODEL, 2)[0]
     spec = load_version(store, MODEL, 1).spec
     sources = {1: VersionSeeds(seeds, 0.02, antithetic=True)}  # built from the manifest, not by the worker's code
-    rc = ReconcileConfig(learning_rate=0.5, min_cohort=8, baseline="class")
+    rc = ReconcileConfig(learning_rate=settings.learning_rate, min_cohort=8, baseline="class", step="unit")
     expected = propose_update(spec, p1, records, sources, rc,
                               UpdateConfig(lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0))
     gap = class_loss_gap(records.loss, records.label, CLASSES)
-    assert m2["learning_rate"] == pytest.approx(0.5 * (0.2 + 0.8 * min(gap / 5.0, 1.0)))
+    assert m2["learning_rate"] == pytest.approx(settings.learning_rate * (0.2 + 0.8 * min(gap / 5.0, 1.0)))
     assert m2["training"]["loss_gap"] == pytest.approx(gap)
     for k in p1:
         np.testing.assert_allclose(p2[k], expected.params[k], rtol=0, atol=1e-6)

@@ -85,6 +85,7 @@ def _records(entries: Sequence[FeedbackEntry]) -> Records:
         path=np.array([e.path for e in entries], dtype=np.int64).reshape(len(entries), -1),
         loss=np.array([e.loss for e in entries], dtype=np.float64),
         label=np.array([e.label for e in entries], dtype=np.int64),
+        base=np.array([np.nan if e.base_loss is None else e.base_loss for e in entries], dtype=np.float64),
     )
 
 

@@ -48,8 +48,15 @@ class WorkerSettings(BaseSettings):
     attribution: Literal["zscore", "rank"] = Field("zscore", description="credit per record within a cohort")
     normalize: Literal["model", "group"] = Field("model", description="unit direction over the model or per group")
     class_weights: bool = Field(False, description="weight credit by inverse class frequency")
-    baseline: Literal["none", "class"] = Field(
-        "class", description="subtract each record's class mean loss in its cohort before attribution (none: plain)")
+    baseline: Literal["none", "class", "leader"] = Field(
+        "leader", description="per-record baseline subtracted before attribution: the leader's loss on the same "
+                              "input (paired probes; records without one use class), the record's class mean loss "
+                              "in its cohort, or none")
+    step: Literal["unit", "signal"] = Field(
+        "signal", description="unit: move η along the unit direction (upstream); signal: an SPSA gradient step, "
+                              "η an SGD rate, that shrinks when the credits are noise")
+    max_step: float = Field(0.01, ge=0, description="signal steps: largest step, as a share of the weights' norm "
+                                                    "(0: no cap)")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
     antithetic: bool = Field(False, description="new versions pair their vendors as +δ/−δ (antithetic probes)")
     momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball β: add β·(θ_n − θ_{n−1}) to each step")
@@ -93,7 +100,8 @@ class WorkerSettings(BaseSettings):
         return ReconcileConfig(
             learning_rate=self.learning_rate, outlier=self.outlier, outlier_z=self.outlier_z,
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
-            min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline)
+            min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
+            max_step=self.max_step)
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -103,8 +111,8 @@ class WorkerSettings(BaseSettings):
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "baseline", "probe_scale", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
-                "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal", "min_cohort",
-                "max_cohort_age", "min_records", "interval_s", "max_records_per_reconcile", "label_window_s",
-                "consumer", "disabled_clients")
+                "class_weights", "baseline", "step", "max_step", "probe_scale", "antithetic", "momentum",
+                "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal",
+                "min_cohort", "max_cohort_age", "min_records", "interval_s", "max_records_per_reconcile",
+                "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,17 +65,3 @@ def read_holdout_file(path: str | os.PathLike[str]) -> Holdout:
             x, y = npz["inputs"], npz["labels"]
         return decode_holdout(encode_holdout(x, y), str(path))
     return decode_holdout(data, str(path))
-
-
-def write_holdout_file(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (temp file, fsync, rename), so a reader sees old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

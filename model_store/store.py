@@ -3,23 +3,30 @@
 Layout: `{root}/{model}/versions/{n:08d}.safetensors` (weights) and `{n:08d}.json` (manifest). A version
 exists once its manifest exists: the weights are published first, the manifest (carrying the weights'
 sha256) last, each by temp file + fsync + no-replace link, so a crash at any point leaves either a
-complete version or an orphan weights file that nobody lists or loads.
+complete version or an orphan weights file that nobody lists or loads. Beside the versions, two mutable
+files, each replaced atomically: `holdout.safetensors` (the guard's holdout set) and `pins.json` (versions
+retention never deletes).
 
 All filesystem access goes through the `_fs_*` helpers at the bottom of `ModelStore`, so an
 fsspec/object-store backend can replace them without touching the public methods or their callers.
-The store assumes one writer per model at a time (the reconciler's Redis lease); readers are unlimited.
+The store assumes one writer of versions per model at a time (the reconciler's Redis lease); readers are
+unlimited. Retention and pin changes also take the model's file lock (`{root}/{model}/.lock`), so an admin
+pinning a version from an API replica never races the worker deleting it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,7 @@ from .errors import (
     VersionExistsError,
     VersionNotFound,
 )
-from .holdout import HOLDOUT_FILE, Holdout, decode_holdout, encode_holdout, write_holdout_file
+from .holdout import HOLDOUT_FILE, Holdout, decode_holdout, encode_holdout
 from .manifest import check_version, manifest_from_json, manifest_to_json, validate_manifest
 from .safetensors_io import encode_safetensors, load_safetensors
 
@@ -52,6 +59,8 @@ logger = logging.getLogger(__name__)
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _MANIFEST_NAME_RE = re.compile(r"^([0-9]{8})\.json$")
 _VERSIONS_DIR = "versions"
+PINS_FILE = "pins.json"
+_LOCK_FILE = ".lock"
 
 
 def validate_model_name(name: str) -> str:
@@ -255,37 +264,115 @@ class ModelStore:
                     len(data), final["weights_sha256"])  # fmt: skip
         return final
 
-    def apply_retention(self, model: str, keep_last: int, protect: Iterable[int] = ()) -> list[int]:
-        """Delete old versions and return them, ascending.
+    def apply_retention(
+        self, model: str, keep_last: int, protect: Iterable[int] = (), pinned: Iterable[int] = ()
+    ) -> list[int]:
+        """Delete the versions nothing needs any more and return them, ascending.
 
-        Kept: the `keep_last` newest, every protected version (e.g. the one serving and rollback
-        targets) and the parent of each protected version (the rollback point and the base of stale
-        cohorts). Everything else is deleted, manifest first so a half-deleted version is never listed.
+        Kept: the `keep_last` newest; every protected version (the one serving, the versions stale cohorts
+        may come from) and the parent of each (the rollback point); every lineage root (manifest parent
+        None: a model as it was trained, imported or forked, e.g. the shipped base); every pinned version
+        (`pinned` and the store's pins). A version whose manifest cannot be read is kept (its parent is
+        unknown), and a protected one aborts retention with IntegrityError (its parent would be guessed).
+        Deletion is manifest first, so a half-deleted version is never listed; it holds the model's lock,
+        so a version pinned meanwhile is never deleted.
         """
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
             raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
         validate_model_name(model)
         protected = {check_version(v, "protected version") for v in protect}
-        existing = self.versions(model)
-        keep = set(existing[len(existing) - keep_last :]) if keep_last else set()
-        keep |= protected
-        for v in sorted(protected):
-            try:
-                parent = self.read_manifest(model, v)["parent"]
-            except VersionNotFound:
-                logger.warning("retention: protected version %d of %s does not exist", v, model)
-                continue
-            if parent is not None:
-                keep.add(parent)
-        doomed = [v for v in existing if v not in keep]
-        for v in doomed:
-            weights_path, manifest_path = self._path_for(model, v)
-            self._fs_remove(manifest_path)
-            self._fs_remove(weights_path)
-            logger.info("retention: deleted %s version %d", model, v)
-        if doomed:
-            self._fs_sync_dir(self._versions_dir(model))
+        keep = {check_version(v, "pinned version") for v in pinned} | protected
+        if not self.versions(model):
+            return []
+        with self._fs_lock(model):
+            existing = self.versions(model)
+            keep |= set(existing[-keep_last:]) if keep_last else set()
+            keep |= set(self.pins(model))
+            for v in existing:
+                try:
+                    parent = self.read_manifest(model, v)["parent"]
+                except VersionNotFound:
+                    continue  # deleted meanwhile by someone else: nothing to decide
+                except IntegrityError as exc:
+                    if v in protected:
+                        raise
+                    logger.warning("retention: keeping %s version %d, its manifest is unreadable: %s", model, v, exc)
+                    keep.add(v)
+                    continue
+                if parent is None:
+                    keep.add(v)  # a lineage root
+                elif v in protected:
+                    keep.add(parent)
+            missing = sorted(protected - set(existing))
+            if missing:
+                logger.warning("retention: protected versions %s of %s do not exist", missing, model)
+            doomed = [v for v in existing if v not in keep]
+            for v in doomed:
+                weights_path, manifest_path = self._path_for(model, v)
+                self._fs_remove(manifest_path)
+                self._fs_remove(weights_path)
+                logger.info("retention: deleted %s version %d", model, v)
+            if doomed:
+                self._fs_sync_dir(self._versions_dir(model))
         return doomed
+
+    # ------------------------------------------------------------------------------------- pins
+
+    def pins_path(self, model: str) -> Path:
+        """Where the model's pinned versions are listed (a fixed name: no caller chooses a path)."""
+        return self.root / validate_model_name(model) / PINS_FILE
+
+    def pins(self, model: str) -> list[int]:
+        """The model's pinned versions, ascending ([] when none); IntegrityError if the file is unreadable.
+
+        Unreadable pins raise rather than read as none: retention must not delete what they may protect.
+        """
+        path = self.pins_path(model)
+        try:
+            raw = self._fs_read(path)
+        except FileNotFoundError:
+            return []
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or not isinstance(doc.get("pinned"), list):
+                raise ValueError("expected an object with a list 'pinned'")
+            return sorted({check_version(v, "pinned version") for v in doc["pinned"]})
+        except ValueError as exc:
+            raise IntegrityError(f"pins of {model!r} ({path}) are unreadable: {exc}") from exc
+
+    def pin(self, model: str, version: int) -> list[int]:
+        """Pin a stored version so retention keeps it whatever comes after; returns the pins (idempotent).
+
+        VersionNotFound if the version is not stored: a pin on nothing would protect nothing.
+        """
+        version = check_version(version)
+        if not self.has_version(model, version):
+            raise VersionNotFound(f"model {model!r} has no version {version}")
+        with self._fs_lock(model):  # retention holds it too: the version is either deleted before, or kept
+            if not self.has_version(model, version):
+                raise VersionNotFound(f"model {model!r} has no version {version}")
+            pins = self.pins(model)
+            if version not in pins:
+                pins = self._write_pins(model, [*pins, version])
+        return pins
+
+    def unpin(self, model: str, version: int) -> list[int]:
+        """Remove a pin; returns the pins. VersionNotFound if the version is neither pinned nor stored."""
+        version = check_version(version)
+        if not self.has_version(model, version) and version not in self.pins(model):
+            raise VersionNotFound(f"model {model!r} has no version {version}")
+        with self._fs_lock(model):
+            pins = self.pins(model)
+            if version in pins:
+                pins = self._write_pins(model, [v for v in pins if v != version])
+        return pins
+
+    def _write_pins(self, model: str, pins: list[int]) -> list[int]:
+        pins = sorted(set(pins))
+        data = json.dumps({"model": model, "pinned": pins}, separators=(",", ":")).encode()
+        self._fs_replace(self.pins_path(model), data)
+        logger.info("pins of %s are now %s", model, pins)
+        return pins
 
     # ------------------------------------------------------------------------------------- paths
 
@@ -307,7 +394,9 @@ class ModelStore:
     def write_holdout(self, model: str, inputs: np.ndarray, labels: np.ndarray) -> Holdout:
         """Replace the model's holdout set; returns it as the guard will read it."""
         data = encode_holdout(inputs, labels)
-        write_holdout_file(self.holdout_path(model), data)
+        path = self.holdout_path(model)
+        self._fs_makedirs(path.parent)
+        self._fs_replace(path, data)
         return decode_holdout(data)
 
     def read_holdout(self, model: str) -> Holdout | None:
@@ -351,11 +440,8 @@ class ModelStore:
     def _fs_remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
 
-    def _fs_publish(self, path: Path, data: bytes) -> None:
-        """Write `data` to a temp file beside `path`, fsync it, then link it to `path` (never replacing).
-
-        Raises FileExistsError if `path` already exists.
-        """
+    def _fs_temp(self, path: Path, data: bytes) -> Path:
+        """A new temp file beside `path` holding `data`, fsynced; the caller links or renames it, then unlinks it."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
@@ -363,6 +449,18 @@ class ModelStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def _fs_publish(self, path: Path, data: bytes) -> None:
+        """Write `data` to a temp file beside `path`, fsync it, then link it to `path` (never replacing).
+
+        Raises FileExistsError if `path` already exists.
+        """
+        tmp = self._fs_temp(path, data)
+        try:
             try:
                 os.link(tmp, path)  # atomic and fails if `path` exists, unlike rename
             except FileExistsError:
@@ -376,6 +474,30 @@ class ModelStore:
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _fs_replace(self, path: Path, data: bytes) -> None:
+        """Replace `path` with `data` atomically (temp file, fsync, rename): a reader sees the old or the new file.
+
+        For the store's mutable files (holdout set, pins); versions never use it.
+        """
+        tmp = self._fs_temp(path, data)
+        try:
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._fs_sync_dir(path.parent)
+
+    @contextlib.contextmanager
+    def _fs_lock(self, model: str) -> Iterator[None]:
+        """Exclusive lock of one model across processes (flock), held by retention and by pin changes."""
+        path = self.root / validate_model_name(model) / _LOCK_FILE
+        self._fs_makedirs(path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
 
     def _fs_sync_dir(self, directory: Path) -> None:
         """fsync a directory so renames/links/unlinks in it survive a power loss (no-op where unsupported)."""

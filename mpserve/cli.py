@@ -134,6 +134,18 @@ def rollback(version: int, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOp
     _admin_call("rollback", url, token, version, model=model)
 
 
+@app.command()
+def pin(version: int, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None, model: ModelOpt = None) -> None:
+    """Pin a stored version: retention keeps it however many updates follow (POST /admin/versions/N/pin)."""
+    _admin_call("pin", url, token, version, model=model)
+
+
+@app.command()
+def unpin(version: int, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None, model: ModelOpt = None) -> None:
+    """Remove a pin: retention may delete the version again (DELETE /admin/versions/N/pin)."""
+    _admin_call("unpin", url, token, version, model=model)
+
+
 holdout_app = typer.Typer(help="The validation guard's holdout set (PUT/GET/DELETE /admin/holdout).",
                           no_args_is_help=True)
 app.add_typer(holdout_app, name="holdout")

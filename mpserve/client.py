@@ -23,6 +23,7 @@ __all__ = [
     "MPServeClient",
     "MPServeError",
     "ModelInfo",
+    "PinResponse",
     "PredictResponse",
     "Prediction",
     "Readiness",
@@ -70,6 +71,12 @@ class RollbackResponse(TypedDict):
     model: str
     version: int
     previous: int | None
+
+
+class PinResponse(TypedDict):
+    model: str
+    version: int
+    pinned: list[int]  # every pinned version of the model now
 
 
 class HoldoutInfo(TypedDict):
@@ -180,6 +187,11 @@ class _Calls:
         return _Call("POST", "/admin/rollback", _with_model({"version": version}, model), admin=True)
 
     @staticmethod
+    def pin(version: int, model: str | None, pinned: bool = True) -> _Call:
+        return _Call("POST" if pinned else "DELETE", f"/admin/versions/{int(version)}/pin" + _model_query(model),
+                     admin=True)
+
+    @staticmethod
     def upload_holdout(inputs: Any, labels: Sequence[int] | Any, model: str | None) -> _Call:
         body = {"inputs": _compact(inputs), "labels": _plain(labels)}
         return _Call("PUT", "/admin/holdout", _with_model(body, model), admin=True)
@@ -285,6 +297,13 @@ class MPServeClient(_Base):
         """Admin: serve a stored (older) version from now on."""
         return cast(RollbackResponse, self._send(_Calls.rollback(version, model)))
 
+    def pin(self, version: int, model: str | None = None) -> PinResponse:
+        """Keep a stored version through any number of updates (retention never deletes it)."""
+        return cast(PinResponse, self._send(_Calls.pin(version, model)))
+
+    def unpin(self, version: int, model: str | None = None) -> PinResponse:
+        return cast(PinResponse, self._send(_Calls.pin(version, model, pinned=False)))
+
     def upload_holdout(self, inputs: Any, labels: Sequence[int] | Any, model: str | None = None) -> HoldoutInfo:
         """Admin: replace the model's holdout set (the validation guard checks candidates on it)."""
         return cast(HoldoutInfo, self._send(_Calls.upload_holdout(inputs, labels, model)))
@@ -355,6 +374,12 @@ class AsyncMPServeClient(_Base):
 
     async def rollback(self, version: int, model: str | None = None) -> RollbackResponse:
         return cast(RollbackResponse, await self._send(_Calls.rollback(version, model)))
+
+    async def pin(self, version: int, model: str | None = None) -> PinResponse:
+        return cast(PinResponse, await self._send(_Calls.pin(version, model)))
+
+    async def unpin(self, version: int, model: str | None = None) -> PinResponse:
+        return cast(PinResponse, await self._send(_Calls.pin(version, model, pinned=False)))
 
     async def upload_holdout(self, inputs: Any, labels: Sequence[int] | Any, model: str | None = None
                              ) -> HoldoutInfo:

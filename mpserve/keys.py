@@ -81,6 +81,11 @@ class ModelKeys:
         return f"{self.prefix}:history"
 
     @property
+    def retention(self) -> str:
+        """Hash of what retention deleted: ``deleted_total`` (HINCRBY), ``last_deleted`` (JSON list), ``last_ts_ms``."""
+        return f"{self.prefix}:retention"
+
+    @property
     def requests(self) -> str:
         """List of JSON reconcile requests (``POST /admin/reconcile``) for the worker holding the lease."""
         return f"{self.prefix}:requests"

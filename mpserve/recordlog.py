@@ -508,6 +508,24 @@ def _p_stats(replies: Sequence[Any], group: str) -> StreamStats:
     return StreamStats(int(length), 0, int(length))
 
 
+# --------------------------------------------------------------------------- retention
+
+
+def _q_retention(pipe: Any, keys: ModelKeys, deleted: Sequence[int], now_ms: int) -> None:
+    versions = [_nonneg_int(v, "deleted version") for v in deleted]
+    pipe.hincrby(keys.retention, "deleted_total", len(versions))
+    pipe.hset(keys.retention, mapping={"last_deleted": json.dumps(versions), "last_ts_ms": now_ms})
+
+
+def _p_retention_total(raw: Any) -> int:
+    """``deleted_total`` of the retention hash; 0 before the first deletion (or if it is not a number)."""
+    try:
+        return int(raw) if raw is not None else 0
+    except ValueError:
+        log.warning("retention deleted_total %r is not a number; reporting 0", raw)
+        return 0
+
+
 # --------------------------------------------------------------------------- classes
 
 
@@ -703,6 +721,15 @@ class RecordLog(_Base):
         """Publish and rollback records, oldest first."""
         return _p_history(self.client.lrange(self.keys.history, 0, -1))
 
+    def record_retention(self, deleted: Sequence[int]) -> int:
+        """Count versions deleted by retention (``GET /metrics`` reads the total); returns the new total."""
+        pipe = self.client.pipeline(transaction=True)
+        _q_retention(pipe, self.keys, deleted, _now_ms())
+        return int(pipe.execute()[0])
+
+    def retention_deleted_total(self) -> int:
+        return _p_retention_total(self.client.hget(self.keys.retention, "deleted_total"))
+
     # leader lease
 
     def acquire_lease(self, owner: str, ttl_ms: int) -> int | None:
@@ -824,3 +851,7 @@ class AsyncRecordLog(_Base):
 
     async def history(self) -> list[dict[str, Any]]:
         return _p_history(await self.client.lrange(self.keys.history, 0, -1))
+
+    async def retention_deleted_total(self) -> int:
+        """Versions of this model deleted by retention so far (the worker counts them)."""
+        return _p_retention_total(await self.client.hget(self.keys.retention, "deleted_total"))

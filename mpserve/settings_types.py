@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BeforeValidator, SecretStr
 from pydantic_settings import NoDecode
 
+from model_store.manifest import check_version
 from mpserve.keys import validate_client_name, validate_model_name
 
 
@@ -18,7 +19,8 @@ def _split(v: object) -> object:
             return json.loads(v)
         return [m.strip() for m in v.split(",") if m.strip()]
     if isinstance(v, list):
-        return [m.strip() for item in v for m in (item.split(",") if isinstance(item, str) else [item])
+        return [m.strip() if isinstance(m, str) else m
+                for item in v for m in (item.split(",") if isinstance(item, str) else [item])
                 if not isinstance(m, str) or m.strip()]
     return v
 
@@ -31,6 +33,14 @@ def _validated(v: list[str]) -> list[str]:
 
 #: A list of model names: NoDecode so that MPSERVE_MODELS=a,b is split here rather than parsed as JSON.
 ModelNames = Annotated[list[str], NoDecode, BeforeValidator(_split), AfterValidator(_validated)]
+
+
+def _versions(v: list[int]) -> list[int]:
+    return sorted({check_version(n, "pinned version") for n in v})
+
+
+#: A list of version numbers ("3,7" or a JSON list), each 0 <= n < 10**8, sorted without repeats.
+VersionNumbers = Annotated[list[int], NoDecode, BeforeValidator(_split), AfterValidator(_versions)]
 
 
 # ------------------------------------------------------------------------------------- API clients

@@ -93,6 +93,12 @@ class Gauge(Counter):
             self._values.pop(self._key(labels), None)
 
 
+class MirroredCounter(Gauge):
+    """A counter kept elsewhere (Redis), set to its current value at scrape time: rendered as a counter."""
+
+    kind = "counter"
+
+
 class Histogram(_Metric):
     """Cumulative bucket counts, sum and count per label set."""
 
@@ -169,6 +175,10 @@ class ServerMetrics:
         self.labels = r.add(Counter("mpserve_labels_total", "labels received, by outcome", ("model", "status")))
         self.backlog = r.add(Gauge("mpserve_feedback_backlog", "feedback entries not yet used by a version",
                                    ("model",)))
+        self.retention_deleted = r.add(MirroredCounter(
+            "mpserve_retention_deleted_versions_total", "versions the worker's retention deleted (read from Redis)",
+            ("model",)))
+        self.stored_versions = r.add(Gauge("mpserve_stored_versions", "versions in the model store", ("model",)))
         self.redis_up = r.add(Gauge("mpserve_redis_up", "whether Redis answered the last scrape"))
 
     def render(self) -> str:

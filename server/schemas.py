@@ -119,6 +119,12 @@ class RollbackResponse(BaseModel):
     previous: int | None
 
 
+class PinResponse(BaseModel):
+    model: str
+    version: int = Field(description="the version just pinned or unpinned")
+    pinned: list[int] = Field(description="every pinned version of the model now, ascending: retention keeps them")
+
+
 # ---------------------------------------------------------------------------------- models
 class ModelInfo(BaseModel):
     name: str
@@ -162,6 +168,7 @@ class VersionRow(BaseModel):
         description="metrics: the manifest's metrics block; legacy: a manifest written before it (loss.mean, "
                     "offline test accuracy); unreadable: the manifest could not be read")
     serving: bool = Field(description="whether this is the version Redis says to serve")
+    pinned: bool = Field(description="whether an admin pinned it (POST /admin/versions/{n}/pin): retention keeps it")
     error: str | None = Field(None, description="why the manifest could not be read")
 
 
@@ -178,6 +185,8 @@ class ModelVersions(BaseModel):
     loaded_version: int | None = Field(description="the version this replica has loaded")
     stored: int = Field(description="versions in the store (the listing shows the newest `limit`)")
     versions: list[VersionRow] = Field(description="the newest stored versions, ascending")
+    pinned: list[int] = Field(description="versions pinned in the store, ascending (a worker's own "
+                                          "MPSERVE_PIN_VERSIONS are kept too, but not listed here)")
     refused: list[RefusedCandidate] = Field(description="candidates the validation guard refused, oldest first")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,19 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout}s: {what or predicate!r}")
         time.sleep(interval)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text page (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        sample, value = line.rsplit(" ", 1)
+        got_name, _, raw_labels = sample.partition("{")
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', raw_labels))
+        if got_name == name and all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return 0.0
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:

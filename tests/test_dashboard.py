@@ -120,9 +120,9 @@ def test_summary_cache_reads_each_manifest_once_and_forgets_deleted_versions(tmp
     assert rows[0]["source"] == "legacy" and rows[0]["metrics"]["validation_accuracy"] == 0.625
     for v in range(1, 6):
         assert rows[v]["metrics"] == store.read_manifest(MODEL, v)["metrics"]
-    store.apply_retention(MODEL, keep_last=2)
+    store.apply_retention(MODEL, keep_last=2)  # keeps the root, 0, too
     rows, stored = cache.rows(MODEL, 100)
-    assert [r["version"] for r in rows] == [4, 5] and stored == 2 and cache.reads == 6
+    assert [r["version"] for r in rows] == [0, 4, 5] and stored == 3 and cache.reads == 6
 
 
 def test_an_unreadable_manifest_is_listed_with_its_reason_and_read_again_once_fixed(tmp_path: Path) -> None:

@@ -456,21 +456,50 @@ def test_lineage_detects_cycles(store: ModelStore) -> None:
         store.lineage("fashion", 1)
 
 
-def test_retention_keeps_current_parent_and_newest(store: ModelStore) -> None:
+def test_retention_keeps_current_parent_newest_and_the_root(store: ModelStore) -> None:
     write(store, 0, None)
     for v in range(1, 8):
         write(store, v, v - 1)
     write(store, 8, 2)  # serving was rolled back to 2; 8 was trained from it
     deleted = store.apply_retention("fashion", keep_last=2, protect=[4])
-    # kept: newest two (7, 8), protected 4 and its parent 3. Not the parent (2) of unprotected 8.
-    assert deleted == [0, 1, 2, 5, 6]
-    assert store.versions("fashion") == [3, 4, 7, 8]
+    # kept: the root 0, newest two (7, 8), protected 4 and its parent 3. Not the parent (2) of unprotected 8.
+    assert deleted == [1, 2, 5, 6]
+    assert store.versions("fashion") == [0, 3, 4, 7, 8]
     files = sorted(p.name for p in (store.root / "fashion" / "versions").iterdir())
-    assert files == [f"{v:08d}.{ext}" for v in (3, 4, 7, 8) for ext in ("json", "safetensors")]
+    assert files == [f"{v:08d}.{ext}" for v in (0, 3, 4, 7, 8) for ext in ("json", "safetensors")]
     assert store.lineage("fashion", 4) == [4, 3]  # stops at the deleted ancestor
     assert store.apply_retention("fashion", keep_last=2, protect=[4]) == []
     assert store.apply_retention("fashion", keep_last=0, protect=[8]) == [3, 4, 7]
-    assert store.versions("fashion") == [8]
+    assert store.versions("fashion") == [0, 8]
+
+
+def test_retention_with_fewer_versions_than_keep_last_deletes_nothing(store: ModelStore) -> None:
+    """Issue #9: 26 versions under keep_last 50 lost versions 0 and 1 (a negative slice start)."""
+    write(store, 0, None)
+    for v in range(1, 26):
+        write(store, v, v - 1)
+    assert store.apply_retention("fashion", keep_last=50, protect=[25, 24]) == []
+    assert store.versions("fashion") == list(range(26))
+
+
+def test_pins_survive_retention_and_bad_pins_are_refused(store: ModelStore) -> None:
+    write(store, 0, None)
+    for v in range(1, 6):
+        write(store, v, v - 1)
+    assert store.pin("fashion", 2) == [2] and store.pin("fashion", 2) == [2]  # idempotent
+    with pytest.raises(VersionNotFound):
+        store.pin("fashion", 9)
+    assert store.apply_retention("fashion", keep_last=1, pinned=[3]) == [1, 4]
+    assert store.versions("fashion") == [0, 2, 3, 5]
+    assert store.unpin("fashion", 2) == [] and store.unpin("fashion", 2) == []
+    with pytest.raises(VersionNotFound):
+        store.unpin("fashion", 4)  # deleted and not pinned
+    assert store.pins_path("fashion") == store.root / "fashion" / "pins.json"
+    assert [p.name for p in store.pins_path("fashion").parent.iterdir() if p.name.endswith(".tmp")] == []
+    store.pins_path("fashion").write_text('{"pinned": [3, -1]}')  # hand-edited: retention must not guess
+    with pytest.raises(IntegrityError, match="pins"):
+        store.apply_retention("fashion", keep_last=1)
+    assert store.versions("fashion") == [0, 2, 3, 5]
     with pytest.raises(ValueError):
         store.apply_retention("fashion", keep_last=-1, protect=[])
 

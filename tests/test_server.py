@@ -36,7 +36,7 @@ from mpserve.recordlog import RecordLog
 from mpserve.versions import load_version, write_next_version
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, ServerProcess, clean_env, numpy_mlp, start_redis, wait_until
+from tests.helpers import RedisProcess, ServerProcess, clean_env, metric, numpy_mlp, start_redis, wait_until
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -124,19 +124,6 @@ def serving(r: redis.Redis) -> int:
 
 def xlen(r: redis.Redis) -> int:
     return int(r.xlen(KEYS.feedback))
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text page (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        sample, value = line.rsplit(" ", 1)
-        got_name, _, raw_labels = sample.partition("{")
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', raw_labels))
-        if got_name == name and all(found.get(k) == v for k, v in labels.items()):
-            return float(value)
-    return 0.0
 
 
 def engine_batches(c: MPServeClient) -> float:

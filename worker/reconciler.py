@@ -574,15 +574,25 @@ class Reconciler:
         log.info("reconciled %s", " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def _retain(self, version: int, parent: int) -> None:
-        """Delete old versions, keeping the current one, its parent and every version a cohort may use."""
+        """Delete old versions, keeping the current one, its parent, every version a cohort may use and the pins.
+
+        The store adds lineage roots and its own pins (``POST /admin/versions/{n}/pin``); the count goes to
+        Redis, where ``GET /metrics`` of any API replica reads it.
+        """
         protect = {version, parent, *(self._window[1] if self._window else ())}
         try:
-            deleted = self.store.apply_retention(self.model, self.settings.keep_versions, protect)
+            deleted = self.store.apply_retention(self.model, self.settings.keep_versions, protect,
+                                                 self.settings.pin_versions)
         except Exception:
             log.exception("%s: retention failed (versions are kept)", self.model)
             return
-        if deleted:
-            log.info("%s: retention deleted versions %s", self.model, deleted)
+        if not deleted:
+            return
+        log.info("%s: retention deleted %d versions %s", self.model, len(deleted), deleted)
+        try:
+            self.records.record_retention(deleted)
+        except redis.RedisError:
+            log.exception("%s: could not count the %d deleted versions in Redis", self.model, len(deleted))
 
 
 def _fmt(x: float | None) -> str:

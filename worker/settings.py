@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from marketplace.reconcile import ReconcileConfig
 from marketplace.update import UpdateConfig
-from mpserve.settings_types import ClientNames, ModelNames
+from mpserve.settings_types import ClientNames, ModelNames, VersionNumbers
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -77,7 +77,10 @@ class WorkerSettings(BaseSettings):
     label_window_s: int = Field(86400, ge=1, description="a held-back record older than this is dropped")
     lease_ttl_ms: int = Field(10_000, ge=100, description="leader lease lifetime (renewed every third of it)")
     claim_idle_ms: int = Field(30_000, ge=0, description="reclaim entries idle this long from other consumers")
-    keep_versions: int = Field(50, ge=1, description="retention: keep the newest N versions (and current, parent)")
+    keep_versions: int = Field(50, ge=1, description="retention: keep the newest N versions (and serving, its parent, "
+                                                     "cohort sources, lineage roots, pins)")
+    pin_versions: VersionNumbers = Field(default_factory=list,
+                                         description="versions retention always keeps, every model (a,b or a list)")
     max_records_per_reconcile: int = Field(100_000, ge=1, description="most records one update uses (and buffers)")
     log_level: LogLevel = Field("info", description="logging level")
     disabled_clients: ClientNames = Field(default_factory=list,

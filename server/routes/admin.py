@@ -1,4 +1,4 @@
-"""Admin routes: reconcile now, roll back, the validation guard's holdout set.
+"""Admin routes: reconcile now, roll back, pin versions against retention, the validation guard's holdout set.
 
 Bearer token only; with no token configured they are closed (403).
 """
@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from model_store import Holdout, ModelStoreError
+from model_store import Holdout, IntegrityError, ModelStoreError, VersionNotFound
+from model_store.manifest import MAX_VERSION
 from mpserve.keys import MODEL_NAME_RE
 from mpserve.versions import load_version
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
@@ -25,6 +27,7 @@ from server.schemas import (
     HoldoutDeleted,
     HoldoutInfo,
     HoldoutUpload,
+    PinResponse,
     ReconcileRequest,
     ReconcileResponse,
     RollbackRequest,
@@ -122,9 +125,49 @@ async def rollback(body: RollbackRequest, state: StateDep) -> RollbackResponse:
     return RollbackResponse(model=ctx.name, version=body.version, previous=previous)
 
 
-# ---------------------------------------------------------------------------------- holdout set
 ModelQuery = Annotated[str | None, Query(pattern=MODEL_NAME_RE.pattern,
                                          description="model name; default: the server's")]
+
+
+# ---------------------------------------------------------------------------------- pins
+VersionPath = Annotated[int, Path(ge=0, lt=MAX_VERSION, description="a version of the model")]
+PIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {"model": ErrorResponse, "description": "the store's pin file is unreadable (fix or remove it)"}}
+
+
+async def _change_pins(change: Callable[[str, int], list[int]], ctx: ModelContext, version: int) -> PinResponse:
+    """Run a store pin change in a thread; an unknown version is a 404, an unreadable pin file a 409."""
+    try:
+        pins = await asyncio.to_thread(change, ctx.name, version)
+    except VersionNotFound as exc:
+        raise ApiError(404, f"model {ctx.name!r} has no stored version {version}") from exc
+    except IntegrityError as exc:
+        raise ApiError(409, str(exc)) from exc
+    return PinResponse(model=ctx.name, version=version, pinned=pins)
+
+
+@router.post("/versions/{version}/pin", response_model=PinResponse, responses=PIN_ERRORS)
+async def pin_version(version: VersionPath, state: StateDep, model: ModelQuery = None) -> PinResponse:
+    """Pin a stored version: retention keeps it however many versions follow (a known-good rollback target).
+
+    Idempotent; the pins live in the model store (``{store}/{model}/pins.json``), so every worker sees them.
+    """
+    ctx = state.model(model)
+    answer = await _change_pins(state.store.pin, ctx, version)
+    log.warning("admin: pinned %s version %d (pins now %s)", ctx.name, version, answer.pinned)
+    return answer
+
+
+@router.delete("/versions/{version}/pin", response_model=PinResponse, responses=PIN_ERRORS)
+async def unpin_version(version: VersionPath, state: StateDep, model: ModelQuery = None) -> PinResponse:
+    """Unpin a version: retention may delete it again once nothing else keeps it. Idempotent for a stored one."""
+    ctx = state.model(model)
+    answer = await _change_pins(state.store.unpin, ctx, version)
+    log.warning("admin: unpinned %s version %d (pins now %s)", ctx.name, version, answer.pinned)
+    return answer
+
+
+# ---------------------------------------------------------------------------------- holdout set
 
 
 def _describe(model: str, holdout: Holdout, num_classes: int | None) -> HoldoutInfo:

@@ -53,13 +53,17 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: StateDep) -> PlainTextResponse:
-    """Prometheus text format: requests, latency, batch sizes, versions, records, labels, backlog."""
+    """Prometheus text format: requests, latency, batch sizes, versions, records, labels, backlog, retention."""
     m = state.metrics
+    for name in state.models:
+        m.stored_versions.set(len(await asyncio.to_thread(state.store.versions, name)), name)
     try:
         async with asyncio.timeout(state.settings.redis_timeout_s):
             stats = {name: await ctx.records.stream_stats() for name, ctx in state.models.items()}
+            deleted = {name: await ctx.records.retention_deleted_total() for name, ctx in state.models.items()}
         for name, s in stats.items():
             m.backlog.set(s.backlog, name)
+            m.retention_deleted.set(deleted[name], name)
         m.redis_up.set(1)
     except REDIS_DOWN as exc:
         log.debug("metrics: Redis unavailable: %r", exc)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from importlib import resources
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse
 
+from model_store import IntegrityError
 from mpserve.keys import MODEL_NAME_RE
 from mpserve.version_metrics import DEFAULT_LIMIT, MAX_LIMIT, ManifestSummaryCache, refused_entries
 from server.errors import redis_op
 from server.schemas import ErrorResponse, ModelVersions
 from server.state import AppState, StateDep
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["models"])
 
 
@@ -44,13 +47,19 @@ async def model_versions(
         target = await ctx.records.current_version()
         history = await ctx.records.history()
     rows, stored = await asyncio.to_thread(summary_cache(request, state).rows, ctx.name, limit)
+    try:
+        pins = await asyncio.to_thread(state.store.pins, ctx.name)
+    except IntegrityError as exc:  # listed anyway: the pin file is the admin's to fix
+        log.warning("%s: %s", ctx.name, exc)
+        pins = []
     served = ctx.runtime.served
     return ModelVersions.model_validate({
         "model": ctx.name,
         "serving_version": target,
         "loaded_version": None if served is None else served.version,
         "stored": stored,
-        "versions": [{**row, "serving": row["version"] == target} for row in rows],
+        "versions": [{**row, "serving": row["version"] == target, "pinned": row["version"] in pins} for row in rows],
+        "pinned": pins,
         "refused": refused_entries(history, limit),
     })
 

@@ -52,9 +52,11 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("bench.continual")
 
-CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_online_acc", "old_loss", "new_loss")
+CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_online_acc", "old_loss", "new_loss",
+              "online_acc", "frozen_online_acc", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
-LEARNING_KEYS = ("learning_rate", "probe_scale", "attribution", "normalize", "class_weights", "baseline", "outlier",
+LEARNING_KEYS = ("learning_rate", "probe_scale", "attribution", "normalize", "class_weights", "baseline", "step",
+                 "max_step", "outlier",
                  "outlier_z", "outlier_quantile", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
                  "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal", "min_cohort")
 
@@ -65,15 +67,48 @@ class Protocol:
     """What is new, what the base model was trained on, and how a new input looks."""
 
     name: str
-    new_class: int
+    new_class: int | None  # None: no new data (N, C)
     exclude_class: int | None  # left out of the base model's training (A) or not (B)
     rotate: bool  # the new inputs are rotated by 90° (B)
+    drift_degrees: float = 0.0  # C: every input is rotated by an angle growing from 0 to this over the run
+    title: str = ""
 
     def new_inputs(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3))) if self.rotate else x
 
+    def drifted(self, x: np.ndarray, progress: float) -> np.ndarray:
+        """Inputs as the world shows them at ``progress`` (0..1) of the run: unchanged but under drift (C)."""
+        if not self.drift_degrees:
+            return x
+        return rotate_images(x, self.drift_degrees * progress)
 
-PROTOCOLS = {"A": Protocol("A", 9, 9, False), "B": Protocol("B", 3, None, True)}
+
+PROTOCOLS = {"A": Protocol("A", 9, 9, False, title="new class 9"),
+             "B": Protocol("B", 3, None, True, title="new domain: class 3 rotated 90°"),
+             "N": Protocol("N", None, None, False, title="no shift: correctly labelled in-distribution traffic"),
+             "C": Protocol("C", None, None, False, drift_degrees=40.0,
+                           title="gradual drift: every input rotated 0° → 40° over the run")}
+
+
+def rotate_images(x: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate (n, 1, H, W) images about their centre by bilinear resampling (zeros outside), as float32."""
+    if degrees == 0:
+        return x.astype(np.float32)
+    n, c, h, w = x.shape
+    t = np.deg2rad(degrees)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    sy = np.cos(t) * (yy - cy) - np.sin(t) * (xx - cx) + cy  # where each output pixel comes from
+    sx = np.sin(t) * (yy - cy) + np.cos(t) * (xx - cx) + cx
+    y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+    fy, fx = sy - y0, sx - x0
+    src = x.reshape(n * c, h, w).astype(np.float32)
+    out = np.zeros_like(src)
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        yi, xi = y0 + dy, x0 + dx
+        ok = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+        out += np.where(ok, src[:, np.clip(yi, 0, h - 1), np.clip(xi, 0, w - 1)], 0.0) * wgt.astype(np.float32)
+    return out.reshape(n, c, h, w)
 
 
 @dataclass(frozen=True)
@@ -95,12 +130,15 @@ def make_streams(protocol: Protocol, data: dict[str, Split], holdout_size: int =
     order = np.random.default_rng(seed).permutation(len(known_train.y))
     hold, rest = order[:holdout_size], np.sort(order[holdout_size:])
     old_train = Split(known_train.x[rest], known_train.y[rest])
-    new_src = train_split.only(protocol.new_class)
-    if not protocol.rotate:  # A: the new class is exactly the excluded one, so no known pool holds it
-        new_train = new_src
+    if protocol.new_class is None:  # N, C: nothing new, every input is known data
+        new_train = new_test_src = Split(train_split.x[:0], train_split.y[:0])
+    elif not protocol.rotate:  # A: the new class is exactly the excluded one, so no known pool holds it
+        new_train = train_split.only(protocol.new_class)
+        new_test_src = test.only(protocol.new_class)
     else:  # B: rotated copies of the class (the unrotated images stay known traffic)
+        new_src = train_split.only(protocol.new_class)
         new_train = Split(protocol.new_inputs(new_src.x), new_src.y)
-    new_test_src = test.only(protocol.new_class)
+        new_test_src = test.only(protocol.new_class)
     holdout = decode_holdout(encode_holdout(known_train.x[hold].astype(np.float32), known_train.y[hold]))
     return Streams(old_train, new_train, test.without(protocol.exclude_class),
                    Split(protocol.new_inputs(new_test_src.x), new_test_src.y), holdout, old_train)
@@ -110,7 +148,7 @@ def step_batch(streams: Streams, rng: np.random.Generator, old_n: int, new_n: in
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One step's traffic: inputs, labels, and which inputs are new, in a random order."""
     io = rng.integers(0, len(streams.old_train.y), old_n)
-    inew = rng.integers(0, len(streams.new_train.y), new_n)
+    inew = rng.integers(0, len(streams.new_train.y), new_n) if new_n else np.zeros(0, np.int64)
     x = np.concatenate([streams.old_train.x[io], streams.new_train.x[inew]]).astype(np.float32)
     y = np.concatenate([streams.old_train.y[io], streams.new_train.y[inew]])
     is_new = np.concatenate([np.zeros(old_n, bool), np.ones(new_n, bool)])
@@ -150,30 +188,43 @@ class Curve:
     _loss: list[np.ndarray] = field(default_factory=list)
     _correct: list[np.ndarray] = field(default_factory=list)
     _new: list[np.ndarray] = field(default_factory=list)
+    _frozen: list[np.ndarray] = field(default_factory=list)
 
-    def served(self, loss: np.ndarray, correct: np.ndarray, is_new: np.ndarray) -> None:
+    def served(self, loss: np.ndarray, correct: np.ndarray, is_new: np.ndarray,
+               frozen_correct: np.ndarray | None = None) -> None:
+        """What users got; ``frozen_correct``: what the same base, never learning, would have served them."""
         self._loss.append(loss)
         self._correct.append(correct)
         self._new.append(is_new)
+        if frozen_correct is not None:
+            self._frozen.append(frozen_correct)
 
-    def row(self, step: int, old_val: float | None, new_val: float | None) -> dict[str, Any]:
+    def row(self, step: int, old_val: float | None, new_val: float | None,
+            frozen_val: float | None = None) -> dict[str, Any]:
         """A curve point: validation now, online figures of what was served since the last row."""
-        point: dict[str, Any] = {"step": step, "old_val_acc": old_val, "new_val_acc": new_val}
+        point: dict[str, Any] = {"step": step, "old_val_acc": old_val, "new_val_acc": new_val,
+                                 "frozen_val_acc": frozen_val}
+        point.update({k: None for k in CURVE_KEYS[3:-1]})
         if self._loss:
             loss, correct, new = (np.concatenate(a) for a in (self._loss, self._correct, self._new))
             for tag, mask in (("old", ~new), ("new", new)):
                 m = online_metrics(loss[mask], correct[mask])
                 point[f"{tag}_online_acc"], point[f"{tag}_loss"] = m["online_accuracy"], m["online_loss"]
-        else:
-            point.update({k: None for k in CURVE_KEYS[3:]})
-        self._loss, self._correct, self._new = [], [], []
+            point["online_acc"] = float(correct.mean())
+            if self._frozen:
+                point["frozen_online_acc"] = float(np.concatenate(self._frozen).mean())
+        self._loss, self._correct, self._new, self._frozen = [], [], [], []
         self.rows.append(point)
         return point
 
 
-def validation(engine: Engine, params: dict[str, np.ndarray], streams: Streams) -> tuple[float, float]:
-    """Accuracy of the leader weights on the known and the new test data."""
-    old = leader_logits(engine, params, streams.old_test.x.astype(np.float32)).argmax(1) == streams.old_test.y
+def validation(engine: Engine, params: dict[str, np.ndarray], streams: Streams,
+               old_x: np.ndarray | None = None) -> tuple[float, float | None]:
+    """Accuracy of the leader weights on the known and the new test data (``old_x``: the known data as drifted)."""
+    x = streams.old_test.x.astype(np.float32) if old_x is None else old_x
+    old = leader_logits(engine, params, x).argmax(1) == streams.old_test.y
+    if not len(streams.new_test.y):
+        return float(old.mean()), None
     new = leader_logits(engine, params, streams.new_test.x.astype(np.float32)).argmax(1) == streams.new_test.y
     return float(old.mean()), float(new.mean())
 
@@ -197,6 +248,7 @@ class EngineRun:
     settings: WorkerSettings
     guard: bool
     holdout: Holdout
+    exploration: str = "paired"  # the server's setting: paired probes (users get the leader) or single path
     vendors: int = 4
     seed: int = 0
     eps: float = 0.05
@@ -218,6 +270,15 @@ class EngineRun:
         self.antithetic = self.settings.antithetic
         self.seeds = fresh_seeds(S, self.vendors, self.seed_rng, self.antithetic)
         self.rc, self.uc = self.settings.reconcile_config(), self.settings.update_config()
+        self.base_params = self.params
+        self.frozen_weights = self.engine.materialize(self.params, self.seeds, self.eps, 0, self.antithetic)
+        self.frozen_rng = np.random.default_rng([self.seed, 7])
+
+    def frozen_answer(self, x: np.ndarray) -> np.ndarray:
+        """What the base model, never learning, serves for ``x`` (same exploration, its own vendor paths)."""
+        if self.exploration == "paired":
+            return self.engine.forward_paired(self.frozen_weights, x, self.frozen_rng)[2]
+        return self.engine.forward(self.frozen_weights, x, self.frozen_rng)[0]
 
     def serve_and_learn(self, x: np.ndarray, y: np.ndarray, truth: np.ndarray | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
@@ -228,11 +289,17 @@ class EngineRun:
         losses and correctness. A refused candidate leaves the version (and its seeds) serving, as the worker does.
         """
         weights = self.engine.materialize(self.params, self.seeds, self.eps, self.version, self.antithetic)
-        logits, paths = self.engine.forward(weights, x, self.path_rng)
+        base = None
+        if self.exploration == "paired":  # as the API does: users get the leader's answer, the record both losses
+            logits, paths, answer = self.engine.forward_paired(weights, x, self.path_rng)
+            base = cross_entropy(answer, y)
+        else:
+            logits, paths = self.engine.forward(weights, x, self.path_rng)
+            answer = logits
         loss = cross_entropy(logits, y)
-        records = Records(np.full(len(y), self.version, np.int64), paths, loss, y)
-        served = (loss, logits.argmax(1) == y) if truth is None else \
-            (cross_entropy(logits, truth), logits.argmax(1) == truth)
+        records = Records(np.full(len(y), self.version, np.int64), paths, loss, y, base)
+        truth = y if truth is None else truth
+        served = (cross_entropy(answer, truth), answer.argmax(1) == truth)
         sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
         last = previous_step(self.params, self.grandparent) if self.uc.momentum else None
         result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last)
@@ -262,8 +329,13 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
                progress: bool = True, desc: str = "continual",
                on_row: Callable[[dict[str, Any]], None] | None = None,
                relabel: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-               extra_eval: Callable[[EngineRun], dict[str, Any]] | None = None) -> dict[str, Any]:
+               extra_eval: Callable[[EngineRun], dict[str, Any]] | None = None,
+               drift: Callable[[np.ndarray, float], np.ndarray] | None = None,
+               frozen: bool = True) -> dict[str, Any]:
     """The continual-learning loop in process; returns the curve and what the run did.
+
+    ``drift(x, progress)``: the inputs as the world shows them at that share of the run (protocol C).
+    ``frozen``: also serve every step's traffic with the base model kept frozen, and validate it, side by side.
 
     ``relabel(y, rng)`` gives the labels the clients send for true labels ``y`` (poisoned feedback, bench/poison.py);
     it draws from a generator of its own, so the traffic and the seeds stay those of the clean run.
@@ -271,7 +343,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
     """
     settings = worker_settings(options)
     run = EngineRun(spec, {k: v.copy() for k, v in base.items()}, settings, bool(options.get("guard")),
-                    streams.holdout, vendors, seed)
+                    streams.holdout, options.get("exploration", "paired"), vendors, seed)
     data_rng = np.random.default_rng([seed, 3])
     label_rng = np.random.default_rng([seed, 6])
     curve = Curve()
@@ -281,25 +353,34 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
     for step in bar:
         if step > 0:  # step t serves its batch with version t-1's weights, then reconciles
             x, y, is_new = step_batch(streams, data_rng, old_n, new_n)
+            if drift is not None:
+                x = drift(x, step / steps)
             sent = relabel(y, label_rng) if relabel else y
+            frozen_correct = run.frozen_answer(x).argmax(1) == y if frozen else None
             loss, correct = run.serve_and_learn(x, sent, truth=y if relabel else None)
-            curve.served(loss, correct, is_new)
+            curve.served(loss, correct, is_new, frozen_correct)
         if step in evals:
             if step == 0:  # the base model's own served figures: one batch served without learning from it
                 x, y, is_new = step_batch(streams, np.random.default_rng([seed, 4]), old_n, new_n)
                 w = run.engine.materialize(run.params, run.seeds, run.eps, 0, run.antithetic)
-                logits, _ = run.engine.forward(w, x, np.random.default_rng([seed, 5]))
-                curve.served(cross_entropy(logits, y), logits.argmax(1) == y, is_new)
-            old_val, new_val = validation(run.eval_engine, run.params, streams)
-            point = curve.row(step, old_val, new_val)
+                pair = run.engine.forward_paired(w, x, np.random.default_rng([seed, 5]))
+                logits = pair[2] if run.exploration == "paired" else pair[0]
+                curve.served(cross_entropy(logits, y), logits.argmax(1) == y, is_new,
+                             logits.argmax(1) == y if frozen else None)
+            old_x = None if drift is None else drift(streams.old_test.x, step / steps)
+            old_val, new_val = validation(run.eval_engine, run.params, streams, old_x)
+            frozen_val = validation(run.eval_engine, run.base_params, streams, old_x)[0] if frozen else None
+            point = curve.row(step, old_val, new_val, frozen_val)
             point["refused"] = run.refused
             if extra_eval:
                 point.update(extra_eval(run))
-            bar.set_postfix(old=f"{old_val:.3f}", new=f"{new_val:.3f}", refused=run.refused)
+            bar.set_postfix(old=f"{old_val:.3f}", new="-" if new_val is None else f"{new_val:.3f}",
+                            frozen="-" if frozen_val is None else f"{frozen_val:.3f}", refused=run.refused)
             if on_row:
                 on_row(point)
     return {"curve": curve.rows, "seconds": time.perf_counter() - start, "refused": run.refused,
-            "versions": run.version, "settings": {k: getattr(settings, k) for k in LEARNING_KEYS},
+            "versions": run.version, "settings": {**{k: getattr(settings, k) for k in LEARNING_KEYS},
+                                                  "exploration": run.exploration},
             "guard": bool(options.get("guard")), "holdout_size": len(streams.holdout)}
 
 
@@ -313,7 +394,9 @@ def print_curve(curve: list[dict[str, Any]]) -> None:
 
     rows = [{"step": r["step"], "known val": pct(r["old_val_acc"]), "new val": pct(r["new_val_acc"]),
              "known online": pct(r["old_online_acc"]), "new online": pct(r["new_online_acc"]),
-             "known loss": num(r["old_loss"]), "new loss": num(r["new_loss"])} for r in curve]
+             "known loss": num(r["old_loss"]), "new loss": num(r["new_loss"]),
+             "frozen val": pct(r.get("frozen_val_acc")), "served": pct(r.get("online_acc")),
+             "frozen served": pct(r.get("frozen_online_acc"))} for r in curve]
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "|".join("---:" for _ in cols) + "|")
@@ -333,13 +416,19 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
     for ax, (key, label) in zip(axes, (("val_acc", "validation accuracy (leader, test split)"),
                                        ("online_acc", "online accuracy (served, perturbed)"),
                                        ("loss", "online loss (served)")), strict=True):
-        for tag, color, name in (("old", "tab:blue", "known"), ("new", "tab:orange", "new")):
-            ys = [np.nan if r[f"{tag}_{key}"] is None else r[f"{tag}_{key}"] for r in curve]
-            ax.plot(steps, ys, color=color, marker="o" if len(steps) < 40 else None, label=name)
+        lines = [("old", "tab:blue", "known"), ("new", "tab:orange", "new")]
+        if key != "loss" and any(r.get(f"frozen_{key}") is not None for r in curve):
+            lines.append(("frozen", "tab:gray", "base kept frozen (known)"))
+        for tag, color, name in lines:
+            ys = [np.nan if r.get(f"{tag}_{key}") is None else r[f"{tag}_{key}"] for r in curve]
+            if all(np.isnan(ys)):
+                continue
+            ax.plot(steps, ys, color=color, marker="o" if len(steps) < 40 else None, label=name,
+                    linestyle="--" if tag == "frozen" else "-")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step (256 served inputs each)")
         if key != "loss":
-            ax.set_ylim(0, 1)
+            ax.set_ylim(0, 1) if any(r.get("new_val_acc") is not None for r in curve) else None
         else:  # the new data's loss starts tens of nats above the known data's
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -354,17 +443,22 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in LEARNING_KEYS if getattr(args, k, None) is not None}
     out["guard"] = args.guard
+    out["exploration"] = args.exploration
     return out
 
 
 def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     """The worker's learning options, same names as its flags (`mpserve worker --help`)."""
-    ap.add_argument("--learning-rate", type=float, default=0.5)
-    ap.add_argument("--probe-scale", type=float, default=0.05)
+    ap.add_argument("--exploration", choices=["paired", "single"], default="paired",
+                    help="the server's exploration: paired probes (default) or single path")
+    ap.add_argument("--learning-rate", type=float, help="default: the worker's")
+    ap.add_argument("--probe-scale", type=float, help="default: the worker's, else the base's 0.05")
+    ap.add_argument("--step", choices=["unit", "signal"])
+    ap.add_argument("--max-step", type=float)
     ap.add_argument("--attribution", choices=["zscore", "rank"])
     ap.add_argument("--normalize", choices=["model", "group"])
     ap.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--baseline", choices=["none", "class"])
+    ap.add_argument("--baseline", choices=["none", "class", "leader"])
     ap.add_argument("--outlier", choices=["none", "zscore", "quantile"])
     ap.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--momentum", type=float)
@@ -436,6 +530,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     protocol = PROTOCOLS[args.protocol]
+    if protocol.new_class is None:  # N, C: all the traffic is known data
+        args.old_per_step, args.new_per_step = args.old_per_step + args.new_per_step, 0
     streams = make_streams(protocol, load_fashion_mnist(), args.holdout_size, args.seed)
     spec, base, base_desc = base_model(args, protocol, streams)
     options = options_from_args(args)
@@ -450,8 +546,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.json:
             write_json(args.json, payload)
         if args.plot:
-            what = "new class 9" if protocol.name == "A" else "new domain: class 3 rotated 90°"
-            plot_curve(payload["curve"], f"Protocol {protocol.name} ({what}), {spec.name}, {mode} mode", args.plot)
+            plot_curve(payload["curve"], f"Protocol {protocol.name} ({protocol.title}), {spec.name}, {mode} mode, "
+                                         f"{options['exploration']} exploration", args.plot)
         return payload
 
     rows: list[dict[str, Any]] = []
@@ -464,7 +560,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.http is None:
         out = run_engine(spec, base, streams, options, args.steps, eval_every, args.old_per_step,
                          args.new_per_step, args.vendors, args.seed, not args.no_progress,
-                         desc=f"protocol {protocol.name}", on_row=on_row)
+                         desc=f"protocol {protocol.name}", on_row=on_row,
+                         drift=protocol.drifted if protocol.drift_degrees else None)
     else:
         from bench.continual_http import run_http
 

@@ -60,7 +60,8 @@ class VersionSeeds:
 class ReconcileConfig:
     """The algorithm's knobs. ``step``: "unit" moves η along the unit direction (upstream V2); "signal" is a
     zeroth-order gradient step (SPSA): raw loss differences, η an SGD rate, so the step shrinks with the signal
-    and vanishes when the credits are noise; ``max_step`` caps its norm as a share of ‖θ‖ (a trust region)."""
+    and vanishes when the credits are noise; ``max_step`` caps each group's step as a share of its weights' norm
+    (a layer-wise trust region)."""
 
     learning_rate: float = 0.5
     baseline: Literal["none", "class", "leader"] = "none"
@@ -297,7 +298,7 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
     if config.step == "signal":
         eps = float(np.sqrt(np.mean([sources[v].eps ** 2 for v in credit_by_version]))) if credit_by_version else 1.0
-        scales, step_norm = signal_scales(directions, eps, int(keep.sum()), params, eta, config.max_step)
+        scales, step_norm = signal_scales(directions, eps, int(keep.sum()), params, spec, eta, config.max_step)
     else:
         scales = [eta / (total_norm if config.normalize == "model" else norms[s]) if norms[s] else 0.0
                   for s in range(S)]
@@ -345,20 +346,23 @@ def baselined(co: Cohorts, loss: np.ndarray, keep: np.ndarray, records: Records,
 
 
 def signal_scales(directions: list[np.ndarray], eps: float, records: int, params: dict[str, np.ndarray],
-                  eta: float, max_step: float) -> tuple[list[float], float]:
-    """Per group, the factor that turns D_s = Σ A·δ into an SPSA step, and the step's norm.
+                  spec: ModelSpec, eta: float, max_step: float) -> tuple[list[float], float]:
+    """Per group, the factor that turns D_s = Σ A·δ into an SPSA step, and the whole step's norm.
 
     With δ uniform in [-ε, ε] per element, E[d·δ] = (ε²/3)·g for a loss difference d ≈ g·δ, so
     ĝ = 3/(ε²·n)·D over n records and the step is η·ĝ (D already points downhill: credits are minus the
-    loss differences). Its norm is capped at ``max_step``·‖θ‖: one batch of outliers cannot throw the model far.
+    loss differences). Each group's step is capped at ``max_step``·‖θ_s‖, a layer-wise trust region: one batch
+    of outliers cannot throw the model far, and the noise of a large group's estimate (it grows with the
+    group's size) does not eat the step of a small one, such as the head a new class mostly needs.
     """
     factor = eta * 3.0 / (eps * eps * max(records, 1))
-    norm = factor * float(np.sqrt(sum(float(d @ d) for d in directions)))
-    theta = float(np.sqrt(sum(float(np.square(p, dtype=np.float64).sum()) for p in params.values())))
-    if max_step > 0 and norm > max_step * theta:
-        factor *= max_step * theta / norm
-        norm = max_step * theta
-    return [factor] * len(directions), norm
+    scales = []
+    for s, d in enumerate(directions):
+        norm = factor * float(np.sqrt(d @ d))
+        theta = float(np.sqrt(sum(float(np.square(params[k], dtype=np.float64).sum()) for k in spec.group_shapes(s))))
+        scales.append(factor * min(1.0, max_step * theta / norm) if max_step > 0 and norm > 0 else factor)
+    step = float(np.sqrt(sum(float(d @ d) * c * c for d, c in zip(directions, scales, strict=True))))
+    return scales, step
 
 
 def fresh_seeds(S: int, V: int, rng: np.random.Generator, antithetic: bool = False) -> np.ndarray:

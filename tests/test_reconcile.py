@@ -307,3 +307,76 @@ def test_propose_update_schedules_the_step_and_adds_exactly_beta_times_the_last_
                                                    np.zeros(3, np.int64)), sources,
                              ReconcileConfig(min_cohort=8), UpdateConfig(momentum=0.6), last)
     assert all(np.array_equal(nothing.params[k], params[k]) for k in params)  # no records used: no momentum either
+
+
+# ------------------------------------------------------------------------ paired baseline and signal steps
+def _paired_setup(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    params = SPEC.init_params(seed)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    n = 64
+    path = rng.integers(0, V, size=(n, S))
+    label = rng.integers(0, 10, size=n)
+    diff = rng.normal(0.0, 0.01, size=n)  # loss on the probe path minus the leader's, per input
+    base = rng.gamma(2.0, 1.0, size=n)  # each input's own difficulty
+    return params, sources, path, label, diff, base
+
+
+def _step(before: dict, after: dict) -> np.ndarray:
+    return np.concatenate([(after[k].astype(np.float64) - before[k]).ravel() for k in before])
+
+
+def test_leader_baseline_removes_each_inputs_own_difficulty():
+    """With the leader's loss on the same input as baseline, only the difference matters, not the loss level."""
+    params, sources, path, label, diff, base = _paired_setup()
+    config = ReconcileConfig(learning_rate=0.01, min_cohort=1, baseline="leader", step="signal", max_step=0)
+    version = np.zeros(len(diff), np.int64)
+    a = reconcile(SPEC, params, Records(version, path, base + diff, label, base), sources, config)
+    b = reconcile(SPEC, params, Records(version, path, 5 * base + diff, label, 5 * base), sources, config)
+    np.testing.assert_allclose(_step(params, a.params), _step(params, b.params), atol=1e-7)
+    assert a.stats["paired"] == len(diff)
+    plain = reconcile(SPEC, params, Records(version, path, base + diff, label), sources, config)
+    assert plain.stats["paired"] == 0  # no leader losses: class means, a different step
+    assert np.abs(_step(params, plain.params) - _step(params, a.params)).max() > 1e-6
+
+
+def test_signal_step_follows_the_strength_of_the_signal_and_the_cap_holds_per_group():
+    params, sources, path, label, diff, base = _paired_setup()
+    version = np.zeros(len(diff), np.int64)
+    free = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0)
+    small = reconcile(SPEC, params, Records(version, path, base + diff, label, base), sources, free)
+    large = reconcile(SPEC, params, Records(version, path, base + 3 * diff, label, base), sources, free)
+    # three times the loss differences: three times the step (a unit step would not change at all)
+    np.testing.assert_allclose(_step(params, large.params), 3 * _step(params, small.params), rtol=1e-3, atol=1e-7)
+    assert large.stats["step_norm"] == pytest.approx(3 * small.stats["step_norm"], rel=1e-6)
+    capped = ReconcileConfig(learning_rate=10.0, min_cohort=1, baseline="leader", step="signal", max_step=0.002)
+    out = reconcile(SPEC, params, Records(version, path, base + diff, label, base), sources, capped)
+    for s in range(S):
+        keys = list(SPEC.group_shapes(s))
+        theta = np.sqrt(sum(np.square(params[k], dtype=np.float64).sum() for k in keys))
+        moved = np.sqrt(sum(np.square(out.params[k].astype(np.float64) - params[k]).sum() for k in keys))
+        assert moved == pytest.approx(0.002 * theta, rel=1e-3)  # each group at its own cap
+
+
+def test_signal_step_descends_a_known_gradient():
+    """Records whose loss difference is g·δ on their path: the step points along −g (SPSA is unbiased)."""
+    rng = np.random.default_rng(5)
+    params = {k: np.zeros(v, np.float32) for k, v in SPEC.param_shapes().items()}
+    g = {k: rng.normal(size=v) for k, v in SPEC.param_shapes().items()}
+    seeds = fresh_seeds(S, V, rng)
+    sources = {0: VersionSeeds(seeds, 0.05)}
+    n = 4000
+    path = rng.integers(0, V, size=(n, S))
+    deltas = [[group_delta(SPEC, s, int(seeds[s, v]), 0.05) for v in range(V)] for s in range(S)]
+    dot = np.array([[sum(float((g[k] * d).sum()) for k, d in deltas[s][v].items()) for v in range(V)]
+                    for s in range(S)])
+    diff = dot[np.arange(S)[None, :], path].sum(1)
+    records = Records(np.zeros(n, np.int64), path, diff, rng.integers(0, 10, n), np.zeros(n))
+    out = reconcile(SPEC, params, records, sources,
+                    ReconcileConfig(learning_rate=1.0, min_cohort=1, baseline="leader", step="signal", max_step=0))
+    step = _step(params, out.params)
+    grad = np.concatenate([g[k].ravel() for k in params])
+    # V-1 random directions per group only span a little of g, but what they span is descended
+    assert float(step @ grad) < 0
+    ghat_in_span = sum(dot[s, v] ** 2 for s in range(S) for v in range(1, V))
+    assert -float(step @ grad) == pytest.approx(3 / 0.05**2 * ghat_in_span / V, rel=0.25)

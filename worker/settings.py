@@ -55,8 +55,8 @@ class WorkerSettings(BaseSettings):
     step: Literal["unit", "signal"] = Field(
         "signal", description="unit: move η along the unit direction (upstream); signal: an SPSA gradient step, "
                               "η an SGD rate, that shrinks when the credits are noise")
-    max_step: float = Field(0.01, ge=0, description="signal steps: largest step, as a share of the weights' norm "
-                                                    "(0: no cap)")
+    max_step: float = Field(0.01, ge=0, description="signal steps: largest step of a group, as a share of its "
+                                                    "weights' norm (0: no cap)")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
     antithetic: bool = Field(False, description="new versions pair their vendors as +δ/−δ (antithetic probes)")
     momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball β: add β·(θ_n − θ_{n−1}) to each step")

@@ -78,6 +78,22 @@ def propose_update(spec: ModelSpec, params: dict[str, np.ndarray], records: Reco
     return result
 
 
+def exploration_metrics(paths: np.ndarray, correct: np.ndarray, probe_correct: np.ndarray | None
+                        ) -> dict[str, float | None]:
+    """What exploration cost users, from labelled records: accuracy of the leader's answers vs the probes'.
+
+    ``probe_correct`` (paired probes; NaN-free bool per record, None without pairing): every record then has
+    both, and ``correct`` is the leader's. Without pairing a record is the leader's when its path is all zero.
+    """
+    if probe_correct is not None:
+        leader, probe = correct, probe_correct
+    else:
+        on_leader = (paths == 0).all(axis=1) if len(paths) else np.zeros(0, bool)
+        leader, probe = correct[on_leader], correct[~on_leader]
+    return {"leader_accuracy": float(np.mean(leader)) if len(leader) else None,
+            "probe_accuracy": float(np.mean(probe)) if len(probe) else None}
+
+
 def online_metrics(loss: np.ndarray, correct: np.ndarray | None) -> dict[str, float | None]:
     """Mean loss and accuracy of the served (perturbed) predictions behind an update."""
     acc = None

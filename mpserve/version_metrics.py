@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 #: The figures plotted per version (all but ``records`` may be null).
 METRIC_FIELDS: tuple[str, ...] = ("online_loss", "online_accuracy", "validation_accuracy", "validation_loss",
-                                  "holdout_size", "records")
+                                  "holdout_size", "records", "leader_accuracy", "probe_accuracy")
 #: The curves drawn against version, in the order of their legend.
 CURVES: tuple[str, ...] = ("online_loss", "online_accuracy", "validation_accuracy")
 DEFAULT_LIMIT = 200
@@ -72,6 +72,8 @@ def metrics_of(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         "validation_loss": _first_number(evaluated, ("loss", "test_loss")),
         "holdout_size": None,
         "records": records,
+        "leader_accuracy": None,
+        "probe_accuracy": None,
     }, "legacy"
 
 

@@ -179,6 +179,10 @@ class ServerMetrics:
             "mpserve_retention_deleted_versions_total", "versions the worker's retention deleted (read from Redis)",
             ("model",)))
         self.stored_versions = r.add(Gauge("mpserve_stored_versions", "versions in the model store", ("model",)))
+        self.version_accuracy = r.add(Gauge(
+            "mpserve_version_accuracy", "accuracy of the labelled answers behind the serving version: what users got "
+            "(served), the leader's, the perturbed paths' (served - leader: the cost of exploration)",
+            ("model", "answers")))
         self.redis_up = r.add(Gauge("mpserve_redis_up", "whether Redis answered the last scrape"))
 
     def render(self) -> str:

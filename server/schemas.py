@@ -148,9 +148,13 @@ class ModelList(BaseModel):
 
 # ---------------------------------------------------------------------------------- version metrics
 class VersionMetrics(BaseModel):
-    online_loss: float | None = Field(description="mean loss of the served (perturbed) predictions whose labels "
-                                                  "went into this version")
-    online_accuracy: float | None = Field(description="accuracy of those served predictions")
+    online_loss: float | None = Field(description="mean loss of the answers users got (the leader's with paired "
+                                                  "probes) whose labels went into this version")
+    online_accuracy: float | None = Field(description="accuracy of those answers: what users were served")
+    leader_accuracy: float | None = Field(None, description="accuracy of the leader's answers among them (paired: "
+                                                            "all; single path: inputs on the all-leader path)")
+    probe_accuracy: float | None = Field(None, description="accuracy of the perturbed paths: leader − probe is "
+                                                           "what exploration costs when users get the probe")
     validation_accuracy: float | None = Field(description="accuracy on the holdout set (version 0: its offline "
                                                           "test accuracy); null without one")
     validation_loss: float | None = Field(description="mean loss on the holdout set; null without one")

@@ -50,7 +50,8 @@ def version_metrics(v: int) -> dict[str, Any]:
     return {"online_loss": round(1.2 - 0.1 * v, 4), "online_accuracy": round(0.5 + 0.05 * v, 4),
             "validation_accuracy": round(0.55 + 0.04 * v, 4) if holdout else None,
             "validation_loss": round(1.1 - 0.08 * v, 4) if holdout else None,
-            "holdout_size": 500 if holdout else None, "records": 32 * v}
+            "holdout_size": 500 if holdout else None, "records": 32 * v,
+            "leader_accuracy": round(0.6 + 0.01 * v, 4), "probe_accuracy": round(0.4 + 0.02 * v, 4) if v else None}
 
 
 def add_version(store: ModelStore, parent: int, metrics: dict[str, Any]) -> int:
@@ -331,7 +332,7 @@ def assert_page_matches_api(dom: DashboardDom, api: dict[str, Any]) -> None:
                 assert values[(name, r["version"])] == pytest.approx(r["metrics"][name])
     serving = api["serving_version"]
     assert dom.serving_rows[MODEL] == [serving]
-    assert dom.serving_lines[MODEL] == [serving, serving]  # one per chart
+    assert dom.serving_lines[MODEL] == [serving] * 3  # one per chart
     assert {v for _, v, _, is_serving in dom.points[MODEL] if is_serving} == {serving}
     assert dom.refused[MODEL] == {c["version"] for c in api["refused"]}
 

@@ -29,7 +29,7 @@ import numpy as np
 import redis
 
 from marketplace.reconcile import Records, VersionSeeds
-from marketplace.update import online_metrics, previous_step, propose_update
+from marketplace.update import exploration_metrics, online_metrics, previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionExistsError, VersionNotFound
 from mpserve.faults import fault_point
 from mpserve.keys import validate_model_name
@@ -400,9 +400,13 @@ class Reconciler:
         dropped_ids = sorted((e.entry_id for e in dropped), key=entry_order)
         inputs = {**describe_entries(used_ids), "dropped": describe_entries(dropped_ids)}
         correct = [e.correct for e in used]
+        hits = None if any(c is None for c in correct) else np.array(correct, dtype=bool)
+        probes = [e.probe_correct for e in used]
         metrics: dict[str, Any] = {
-            **online_metrics(np.array([e.loss for e in used]),
-                             None if any(c is None for c in correct) else np.array(correct, dtype=bool)),
+            **online_metrics(np.array([e.loss if e.base_loss is None else e.base_loss for e in used]), hits),
+            **(exploration_metrics(_records(used).path, hits, None if any(p is None for p in probes)
+                                   else np.array(probes, dtype=bool)) if hits is not None
+               else {"leader_accuracy": None, "probe_accuracy": None}),
             "validation_accuracy": None, "validation_loss": None, "holdout_size": None, "records": len(used)}
         if verdict is not None:
             metrics.update(validation_accuracy=verdict.validation["accuracy"],
@@ -502,7 +506,8 @@ class Reconciler:
         before = verdict.validation
         validation = {**before, "accuracy": before["parent_accuracy"], "loss": None, "accepted": True,
                       "reseed_of": parent.version}
-        meta = {"metrics": {"online_loss": None, "online_accuracy": None, "records": 0,
+        meta = {"metrics": {"online_loss": None, "online_accuracy": None, "records": 0, "leader_accuracy": None,
+                            "probe_accuracy": None,
                             "validation_accuracy": before["parent_accuracy"], "validation_loss": None,
                             "holdout_size": before["size"]},
                 "trigger": stats["trigger"], "stale_dropped": 0, "expired_dropped": 0, "invalid_dropped": 0,

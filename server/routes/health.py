@@ -8,6 +8,7 @@ import logging
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from mpserve.version_metrics import metrics_of
 from server.errors import REDIS_DOWN
 from server.schemas import Health, ModelReadiness, Readiness
 from server.state import StateDep
@@ -55,8 +56,16 @@ async def readyz(state: StateDep) -> JSONResponse:
 async def metrics(state: StateDep) -> PlainTextResponse:
     """Prometheus text format: requests, latency, batch sizes, versions, records, labels, backlog, retention."""
     m = state.metrics
-    for name in state.models:
+    for name, ctx in state.models.items():
         m.stored_versions.set(len(await asyncio.to_thread(state.store.versions, name)), name)
+        served = ctx.runtime.served
+        figures = metrics_of(served.loaded.manifest)[0] if served is not None else {}
+        for answers, key in (("served", "online_accuracy"), ("leader", "leader_accuracy"),
+                             ("probe", "probe_accuracy")):
+            if figures.get(key) is None:
+                m.version_accuracy.remove(name, answers)
+            else:
+                m.version_accuracy.set(figures[key], name, answers)
     try:
         async with asyncio.timeout(state.settings.redis_timeout_s):
             stats = {name: await ctx.records.stream_stats() for name, ctx in state.models.items()}

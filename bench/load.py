@@ -196,14 +196,16 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=ServerSettings().max_batch,
                     help="the replicas' MPSERVE_MAX_BATCH (default: the server's default)")
     ap.add_argument("--label-batch", type=int, default=8, help="labels per batch /label request")
-    ap.add_argument("--swap-seconds", type=float, default=10.0, help="each swap-stall phase (without, with swaps)")
+    ap.add_argument("--swap-seconds", type=float, default=None,
+                    help="each swap-stall phase, without and with swaps (default 10, 4 with --quick)")
     ap.add_argument("--swap-every", type=float, default=1.0, help="seconds between rollbacks in the swap phase")
     ap.add_argument("--quick", action="store_true", help="1 round of 1 s phases, max batch 32, 4 s swap phases")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.max_batch = 1.0, 1, min(args.max_batch, 32)
-        args.swap_seconds = min(args.swap_seconds, 4.0)
+        args.swap_seconds = args.swap_seconds or 4.0
+    args.swap_seconds = args.swap_seconds or 10.0
     raw_seconds = min(args.seconds / 2, 1.0)
     clients_list = [int(c) for c in args.clients.split(",")]
     inputs_list = [int(k) for k in args.inputs.split(",")]

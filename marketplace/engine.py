@@ -110,7 +110,10 @@ class Engine:
         outs = [_device_tensor((self.V, *self.spec.group_shapes(s)[key]), dtypes.float32, self.device)
                 for s, keys in enumerate(self._group_keys) for key in keys]
         if self._materialize_jit is None:
+            # TinyJit runs plainly on its 1st call and captures on its 2nd (slow, ~0.1 s): both on this engine's
+            # first version (start-up), so that even its first hot swap replays. Both write the same outputs.
             self._materialize_jit = TinyJit(self._perturb)
+            self._materialize_jit(*inputs, *outs)
         self._materialize_jit(*inputs, *outs)
         Device[self.device].synchronize()  # materialized means done: the stall of a hot swap is paid here
         return PerturbedWeights(version, seeds, float(eps), tuple(outs))

@@ -18,6 +18,7 @@ bench:
 	.venv/bin/python -m bench.inference --json results/inference.json
 	.venv/bin/python -m bench.reconcile --json results/reconcile.json
 	.venv/bin/python -m bench.versions --json results/versions.json
+	.venv/bin/python -m bench.materialize --json results/materialize.json
 	.venv/bin/python -m bench.fuzz --json results/fuzz.json
 	.venv/bin/python -m bench.load --quick --json results/load.json
 	.venv/bin/python -m bench.soak --quick --json results/soak.json --plot results/soak.png

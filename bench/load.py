@@ -11,7 +11,11 @@ MPSERVE_LEARNING=false (the leader only, V=1, nothing recorded). This process is
   replica without and with labels in the request, and on the static replica;
 - `POST /label`, single and batch, on ids the predict phases produced;
 - the raw engine in this process (marketplace.engine.Engine with the server's V and buckets, and V=1),
-  at the batch each load can offer at most: min(clients x inputs, max_batch).
+  at the batch each load can offer at most: min(clients x inputs, max_batch);
+- the stall of a hot swap: `POST /predict` latency on the learning replica (8 clients x 8 inputs) without and
+  with `POST /admin/rollback` toggling between version 0 and a version 1 (version 0's weights under fresh
+  seeds, written into the stack's store) every `--swap-every` s, so the replicas load, materialize and swap
+  a version while they serve (both replicas swap; the static one idles meanwhile).
 
 Ratios: `http_vs_raw` = HTTP inputs/s over the raw engine's at that batch (target >= 0.8 at 64 clients x 8
 inputs); `p99/p50` (target <= 3 at 8 clients); `learning_vs_static` = learning over static inputs/s
@@ -36,6 +40,7 @@ import os
 import resource
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,8 @@ from bench.common import LocalStack, print_table, proc_cpu_s, rate, write_json
 from bench.loadgen import PhaseResult, closed_loop
 from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine, leader_seeds
+from marketplace.reconcile import fresh_seeds
+from model_store import ModelStore
 from mpserve.versions import load_version, shipped_store
 from server.settings import ServerSettings
 
@@ -99,6 +106,49 @@ async def label_phase(url: str, clients: int, per_request: int, ids: deque[tuple
     return await closed_loop(url, clients, seconds, make)
 
 
+def add_swap_version(store: ModelStore) -> None:
+    """Version 1 of MODEL: version 0's weights under fresh seeds, a version for rollbacks to swap to and fro."""
+    params, manifest = store.load_version(MODEL, 0)
+    manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "version", "created")}
+    seeds = np.asarray(manifest["seeds"], dtype=np.uint64)
+    manifest.update(parent=0, seeds=fresh_seeds(*seeds.shape, np.random.default_rng(1),
+                                                bool(manifest.get("antithetic", False))).tolist())
+    store.write_version(MODEL, 1, params, manifest)
+
+
+def rollback(url: str, token: str, version: int) -> None:
+    req = urllib.request.Request(f"{url}/admin/rollback", data=json.dumps({"version": version}).encode(),
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as answer:
+        answer.read()
+
+
+async def swap_phase(url: str, token: str, bodies: list[bytes], seconds: float, every: float | None
+                     ) -> tuple[PhaseResult, int, int]:
+    """/predict at 8 clients x 8 inputs; with `every`, a rollback to the other version every `every` s.
+
+    Returns the phase, the rollbacks sent and the version changes the answers show (in answer order).
+    """
+    versions: list[int] = []
+    sent = 0
+
+    async def swapper() -> None:
+        nonlocal sent
+        target = 1
+        while True:
+            await asyncio.sleep(every)
+            await asyncio.to_thread(rollback, url, token, target)
+            sent, target = sent + 1, 1 - target
+
+    task = asyncio.create_task(swapper()) if every else None
+    res = await closed_loop(url, 8, seconds, lambda c, i: ("/predict", bodies[(c * 7 + i) % len(bodies)], 8),
+                            lambda c, payload: versions.append(json.loads(payload)["version"]))
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return res, sent, sum(a != b for a, b in zip(versions, versions[1:], strict=False))
+
+
 def raw_engines(max_batch: int, batches: list[int]) -> dict[str, tuple[Engine, Any]]:
     """The shipped version on the engine as each replica builds it: V vendors (learning) and V=1 (static).
 
@@ -146,11 +196,16 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=ServerSettings().max_batch,
                     help="the replicas' MPSERVE_MAX_BATCH (default: the server's default)")
     ap.add_argument("--label-batch", type=int, default=8, help="labels per batch /label request")
-    ap.add_argument("--quick", action="store_true", help="1 round of 1 s phases, max batch 32")
+    ap.add_argument("--swap-seconds", type=float, default=None,
+                    help="each swap-stall phase, without and with swaps (default 10, 4 with --quick)")
+    ap.add_argument("--swap-every", type=float, default=1.0, help="seconds between rollbacks in the swap phase")
+    ap.add_argument("--quick", action="store_true", help="1 round of 1 s phases, max batch 32, 4 s swap phases")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.max_batch = 1.0, 1, min(args.max_batch, 32)
+        args.swap_seconds = args.swap_seconds or 4.0
+    args.swap_seconds = args.swap_seconds or 10.0
     raw_seconds = min(args.seconds / 2, 1.0)
     clients_list = [int(c) for c in args.clients.split(",")]
     inputs_list = [int(k) for k in args.inputs.split(",")]
@@ -206,6 +261,14 @@ def main() -> None:
                 row = {"mode": "single" if per_request == 1 else f"batch of {per_request}", **res.row("labels"),
                        "api_cpu_ms_per_request": cpu * 1000 / max(res.requests, 1)}
                 best(label, per_request, row, "labels_per_s")
+        add_swap_version(ModelStore(Path(tmp) / "store"))
+        swap_bodies = predict_bodies(images, labels, 8, False, 99)
+        swap = []
+        for every in (None, args.swap_every):
+            res, sent, seen = asyncio.run(swap_phase(urls["learning"], stack.admin_token, swap_bodies,
+                                                     args.swap_seconds, every))
+            swap.append({"swaps": "none" if every is None else f"every {every:g} s", "rollbacks": sent,
+                         "version_changes_seen": seen, **res.row(), "max_ms": max(res.latencies_s, default=0) * 1e3})
         bench_s = time.perf_counter() - t0 - startup_s
 
     rows = list(predict.values())
@@ -238,6 +301,8 @@ def main() -> None:
     print_table(label_rows, list(label_rows[0]), markdown=True)
     print("\nRaw engine (this process)\n")
     print_table(raw_rows, list(raw_rows[0]), markdown=True)
+    print(f"\nThe stall of a hot swap: learning replica, 8 clients x 8 inputs, {args.swap_seconds:g} s each\n")
+    print_table(swap, list(swap[0]), markdown=True)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"\nstartup {startup_s:.1f} s, phases {bench_s:.1f} s, total {time.perf_counter() - t0:.1f} s; this process "
           f"(client + raw engine) used {usage.ru_utime + usage.ru_stime:.1f} s CPU; {os.cpu_count()} cores, "
@@ -245,7 +310,7 @@ def main() -> None:
     write_json(args.json, {
         "benchmark": "load", "model": MODEL, "max_batch": max_batch, "seconds_per_phase": args.seconds,
         "rounds": args.rounds, "predict": rows, "learning_cost": cost, "label": label_rows, "raw_engine": raw_rows,
-        "startup_s": startup_s, "cpus": os.cpu_count(), "load_average": os.getloadavg()})
+        "swap_stall": swap, "startup_s": startup_s, "cpus": os.cpu_count(), "load_average": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from tinygrad import Device, Tensor, TinyJit, dtypes
 
 from marketplace.deltas import vendor_signs
 from marketplace.models import ModelSpec
-from marketplace.threefry import uniform_delta_tg
+from marketplace.threefry import delta_keys, uniform_delta_keyed_tg
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +85,78 @@ class Engine:
         self.max_batch = self.buckets[-1]
         self._group_keys = [list(spec.group_shapes(s)) for s in range(len(spec.groups))]
         self._jits: dict[tuple[int, bool], TinyJit] = {}
+        self._group_sizes = [sum(int(np.prod(shape)) for shape in spec.group_shapes(s).values())
+                             for s in range(len(spec.groups))]
+        self._materialize_jit: TinyJit | None = None
+        self._mat_inputs: list[Tensor] | None = None
 
     # ------------------------------------------------------------------------------ weights
     def materialize(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float, version: int = 0,
                     antithetic: bool = False) -> PerturbedWeights:
-        """θ ± δ(σ_v) for every vendor, generated on the device from the seeds, realized once."""
+        """θ ± δ(σ_v) for every vendor, generated on the device from the seeds, in buffers of this version's own.
+
+        One TinyJit per engine serves every version: the parameters (one flat buffer per group), the seeds'
+        key words, the scale and the live and sign masks are copied into its fixed input buffers, and its
+        kernels write into fresh output buffers that are inputs too. A JIT reuses its own outputs on every
+        replay, but batches still in flight on the previous version must keep reading that version's weights.
+        """
         seeds = np.asarray(seeds, dtype=np.uint64)
         S = len(self.spec.groups)
         if seeds.shape != (S, self.V):
             raise ValueError(f"seeds must have shape {(S, self.V)}, got {seeds.shape}")
-        tensors: list[Tensor] = []
+        inputs = self._materialize_inputs()
+        for t, a in zip(inputs, self._materialize_data(params, seeds, eps, antithetic), strict=True):
+            _copy_into(t, a)
+        outs = [_device_tensor((self.V, *self.spec.group_shapes(s)[key]), dtypes.float32, self.device)
+                for s, keys in enumerate(self._group_keys) for key in keys]
+        if self._materialize_jit is None:
+            # TinyJit runs plainly on its 1st call and captures on its 2nd (slow, ~0.1 s): both on this engine's
+            # first version (start-up), so that even its first hot swap replays. Both write the same outputs.
+            self._materialize_jit = TinyJit(self._perturb)
+            self._materialize_jit(*inputs, *outs)
+        self._materialize_jit(*inputs, *outs)
+        Device[self.device].synchronize()  # materialized means done: the stall of a hot swap is paid here
+        return PerturbedWeights(version, seeds, float(eps), tuple(outs))
+
+    def _materialize_inputs(self) -> list[Tensor]:
+        """The JIT's fixed inputs: key words, scale, live and sign (S, V, 1) each, then θ (1, n_s) per group."""
+        if self._mat_inputs is None:
+            S, V, dev = len(self.spec.groups), self.V, self.device
+            self._mat_inputs = [_device_tensor((S, V, 1), dt, dev) for dt in
+                                (dtypes.uint32, dtypes.uint32, dtypes.float32, dtypes.bool, dtypes.float32)]
+            self._mat_inputs += [_device_tensor((1, n), dtypes.float32, dev) for n in self._group_sizes if n]
+        return self._mat_inputs
+
+    def _materialize_data(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float,
+                          antithetic: bool) -> list[np.ndarray]:
+        """Host arrays for `_materialize_inputs`, in its order."""
+        k0, k1, scale, live = (a[..., None] for a in delta_keys(seeds, eps))
+        sign = np.broadcast_to(vendor_signs(self.V, antithetic).astype(np.float32)[None, :, None], seeds.shape + (1,))
+        thetas = []
         for s, keys in enumerate(self._group_keys):
-            shapes = self.spec.group_shapes(s)
-            total = sum(int(np.prod(shapes[k])) for k in keys)
-            delta = uniform_delta_tg(seeds[s], 0, total, eps, device=self.device) if total else None
-            if antithetic and delta is not None:
-                delta = delta * Tensor(vendor_signs(self.V, True).astype(np.float32)[:, None], device=self.device)
-            offset = 0
+            if self._group_sizes[s]:  # reshape to its size: a wrong-sized parameter is refused, not spliced
+                shapes = self.spec.group_shapes(s)
+                thetas.append(np.concatenate([np.asarray(params[k], dtype=np.float32).reshape(int(np.prod(shapes[k])))
+                                              for k in keys]))
+        return [k0, k1, scale, live, sign, *thetas]
+
+    def _perturb(self, k0: Tensor, k1: Tensor, scale: Tensor, live: Tensor, sign: Tensor, *rest: Tensor) -> None:
+        """The JIT'd body: outs[i] = θ + sign·δ, stacked (V, *shape) per tensor in group order."""
+        n_theta = sum(1 for n in self._group_sizes if n)
+        thetas, outs = iter(rest[:n_theta]), iter(rest[n_theta:])
+        written = []
+        for s, keys in enumerate(self._group_keys):
+            if not self._group_sizes[s]:
+                continue
+            theta = next(thetas)
+            delta = uniform_delta_keyed_tg(k0[s], k1[s], scale[s], live[s], 0, self._group_sizes[s]) * sign[s]
+            shapes, offset = self.spec.group_shapes(s), 0
             for key in keys:
                 size = int(np.prod(shapes[key]))
-                theta = Tensor(np.ascontiguousarray(params[key], dtype=np.float32).reshape(1, size),
-                               device=self.device)
-                stacked = (theta + delta[:, offset:offset + size]).reshape(self.V, *shapes[key])
-                tensors.append(stacked.contiguous())
+                stacked = theta[:, offset:offset + size] + delta[:, offset:offset + size]
+                written.append(next(outs).assign(stacked.reshape(self.V, *shapes[key])))
                 offset += size
-        Tensor.realize(*tensors)
-        return PerturbedWeights(version, seeds, float(eps), tuple(tensors))
+        Tensor.realize(*written)
 
     # ------------------------------------------------------------------------------ forward
     def graph(self, x: Tensor, perms: list[Tensor], weights: list[Tensor] | tuple[Tensor, ...],
@@ -216,6 +262,25 @@ class Engine:
         for b in buckets or self.buckets:
             for _ in range(3):
                 self._run(weights, np.zeros((b, *self.spec.input_shape), np.float32), rng, paired)
+
+
+def _device_tensor(shape: tuple[int, ...], dtype, device: str) -> Tensor:
+    """A realized tensor on a buffer of its own, contents undefined until a copy or a kernel writes it."""
+    t = Tensor.empty(*shape, dtype=dtype, device=device)
+    t.uop.buffer.allocate()
+    return t
+
+
+def _copy_into(t: Tensor, a: np.ndarray) -> None:
+    """Host array → an allocated device buffer, in place: a memcpy, no scheduled copy (tinygrad's own host path)."""
+    buf = t.uop.buffer
+    data = np.ascontiguousarray(a, dtype=_NP_DTYPES[t.dtype])
+    if data.nbytes != buf.nbytes:
+        raise ValueError(f"{data.nbytes} bytes for a buffer of {buf.nbytes}")
+    buf.allocator._copyin(buf._buf, memoryview(data).cast("B"))
+
+
+_NP_DTYPES = {dtypes.float32: np.float32, dtypes.uint32: np.uint32, dtypes.bool: np.bool_}
 
 
 def leader_logits(engine: Engine, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

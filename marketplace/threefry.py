@@ -97,20 +97,33 @@ def threefry2x32_tg(key: tuple[int, int] | tuple[Tensor, Tensor], c0: Tensor, c1
     return x0, x1
 
 
-def uniform_delta_tg(seeds: np.ndarray | int, counter: int, n: int, eps: float, device: str | None = None
-                     ) -> Tensor:
-    """Delta elements counter..counter+n-1 for a vector of seeds: a lazy (len(seeds), n) tensor on `device`.
+def delta_keys(seeds: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The data a delta is generated from, one entry per seed: key words, scale and the live mask (seed != 0).
+
+    Host arrays (uint32, uint32, float32, bool) of the seeds' shape: what `uniform_delta_keyed_tg` takes as
+    tensors, so a caller can keep them in device buffers of its own (a TinyJit's fixed inputs).
+    """
+    seeds = np.asarray(seeds, dtype=np.uint64)
+    return ((seeds & np.uint64(MASK32)).astype(np.uint32), (seeds >> np.uint64(32)).astype(np.uint32),
+            np.full(seeds.shape, delta_scale(eps), dtype=np.float32), seeds != 0)
+
+
+def uniform_delta_keyed_tg(k0: Tensor, k1: Tensor, scale: Tensor, live: Tensor, counter: int, n: int) -> Tensor:
+    """Delta elements counter..counter+n-1 from per-seed tensors of shape (m, 1) (see `delta_keys`): lazy (m, n).
 
     Seeds and the scale enter as data, not as constants, so one compiled kernel serves every version.
     """
-    seeds = np.atleast_1d(np.asarray(seeds, dtype=np.uint64))
     if counter < 0 or n < 0 or counter + n > 2**32:
         raise ValueError("the tinygrad twin supports counters below 2^32 (4G parameters per group)")
-    k0 = Tensor((seeds & np.uint64(MASK32)).astype(np.uint32)[:, None], device=device)
-    k1 = Tensor((seeds >> np.uint64(32)).astype(np.uint32)[:, None], device=device)
-    scale = Tensor(np.full((len(seeds), 1), delta_scale(eps), dtype=np.float32), device=device)
-    live = Tensor((seeds != 0)[:, None], device=device)
-    idx = Tensor.arange(n, dtype=dtypes.uint32).to(device).reshape(1, n) + counter
+    idx = Tensor.arange(n, dtype=dtypes.uint32).to(k0.device).reshape(1, n) + counter
     x0, _ = threefry2x32_tg((k0, k1), idx, idx.zeros_like())
     signed = (x0 >> 8).cast(dtypes.int32) - 2**23
     return live.where(signed.cast(dtypes.float32) * scale, 0.0)
+
+
+def uniform_delta_tg(seeds: np.ndarray | int, counter: int, n: int, eps: float, device: str | None = None
+                     ) -> Tensor:
+    """Delta elements counter..counter+n-1 for a vector of seeds: a lazy (len(seeds), n) tensor on `device`."""
+    seeds = np.atleast_1d(np.asarray(seeds, dtype=np.uint64))
+    k0, k1, scale, live = (Tensor(a[:, None], device=device) for a in delta_keys(seeds, eps))
+    return uniform_delta_keyed_tg(k0, k1, scale, live, counter, n)

@@ -90,6 +90,9 @@ PROTOCOLS = {"A": Protocol("A", 9, 9, False, title="new class 9"),
                            title="gradual drift: every input rotated 0° → 40° over the run")}
 
 
+Drift = Callable[[np.ndarray, float], np.ndarray]
+
+
 def rotate_images(x: np.ndarray, degrees: float) -> np.ndarray:
     """Rotate (n, 1, H, W) images about their centre by bilinear resampling (zeros outside), as float32."""
     if degrees == 0:
@@ -522,6 +525,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
+                    help="also serve each step's traffic with the base kept frozen, side by side (engine mode)")
     add_learning_flags(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -561,11 +566,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = run_engine(spec, base, streams, options, args.steps, eval_every, args.old_per_step,
                          args.new_per_step, args.vendors, args.seed, not args.no_progress,
                          desc=f"protocol {protocol.name}", on_row=on_row,
-                         drift=protocol.drifted if protocol.drift_degrees else None)
+                         drift=protocol.drifted if protocol.drift_degrees else None, frozen=args.frozen)
     else:
         from bench.continual_http import run_http
 
-        out = run_http(args, spec, base, streams, options, eval_every)
+        out = run_http(args, spec, base, streams, options, eval_every,
+                       drift=protocol.drifted if protocol.drift_degrees else None)
     payload = output(out.pop("curve"), out)
     print_curve(payload["curve"])
     return payload

@@ -24,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.common import LocalStack
-from bench.continual import Curve, Streams, eval_steps, step_batch, validation
+from bench.continual import Curve, Drift, Streams, eval_steps, step_batch, validation
 from bench.serve import TOKEN
-from marketplace.engine import Engine
+from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
 from marketplace.reconcile import fresh_seeds
 from model_store import ModelStore, make_manifest
@@ -99,16 +99,22 @@ def wait_for_version(client: MPServeClient, model: str, after: int, timeout_s: f
 
 
 def run_http(args: argparse.Namespace, spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams,
-             options: dict[str, Any], eval_every: int) -> dict[str, Any]:
+             options: dict[str, Any], eval_every: int, drift: Drift | None = None) -> dict[str, Any]:
     if args.http == "local":
         with own_stack(spec, base, streams, options, args) as (url, store_dir):
-            return drive(url, TOKEN, store_dir, spec, streams, options, eval_every, args)
-    return drive(args.http, args.admin_token, args.store_dir, spec, streams, options, eval_every, args)
+            return drive(url, TOKEN, store_dir, spec, streams, options, eval_every, args, base, drift)
+    return drive(args.http, args.admin_token, args.store_dir, spec, streams, options, eval_every, args, base, drift)
 
 
 def drive(url: str, token: str | None, store_dir: Path | None, spec: ModelSpec, streams: Streams,
-          options: dict[str, Any], eval_every: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Serve, label and reconcile `args.steps` times; a row of figures every `eval_every` steps."""
+          options: dict[str, Any], eval_every: int, args: argparse.Namespace,
+          base: dict[str, np.ndarray] | None = None, drift: Drift | None = None) -> dict[str, Any]:
+    """Serve, label and reconcile `args.steps` times; a row of figures every `eval_every` steps.
+
+    ``base``: the weights the stack started from; the client then also answers every input with them, the base
+    kept frozen (its leader: what paired exploration would serve), so each row compares learning with not.
+    ``drift(x, progress)``: the inputs as the world shows them at that share of the run (protocol C).
+    """
     model = args.http_model
     client = MPServeClient(url, admin_token=token, timeout=600)
     store = ModelStore(store_dir) if store_dir else None
@@ -123,19 +129,24 @@ def drive(url: str, token: str | None, store_dir: Path | None, spec: ModelSpec, 
         ids, probs, by = asyncio.run(serve_batch(url, x, model, args.request_size, args.clients))
         served_by.update(by)
         loss = -np.log(np.maximum(probs[np.arange(len(y)), y], 1e-45))
-        curve.served(loss, probs.argmax(1) == y, is_new)
+        frozen = None if base is None else leader_logits(engine, base, x).argmax(1) == y
+        curve.served(loss, probs.argmax(1) == y, is_new, frozen)
         return ids
 
-    def figures() -> tuple[float | None, float | None]:
+    def figures(step: int) -> tuple[float | None, float | None, float | None]:
+        old_x = None if drift is None else drift(streams.old_test.x, step / args.steps)
+        frozen = None if base is None else validation(engine, base, streams, old_x)[0]
         if store is None:
-            return None, None
+            return None, None, frozen
         loaded = load_version(store, model, version)
-        return validation(engine, loaded.params, streams)
+        return (*validation(engine, loaded.params, streams, old_x), frozen)
 
     bar = tqdm(range(args.steps + 1), desc=f"http {url}", disable=args.no_progress, mininterval=2.0)
     for step in bar:
         if step > 0:
             x, y, is_new = step_batch(streams, data_rng, args.old_per_step, args.new_per_step)
+            if drift is not None:
+                x = drift(x, step / args.steps)
             ids = serve(x, y, is_new)
             if args.label_delay_s:
                 time.sleep(args.label_delay_s)  # the outcome becomes known this long after the answer
@@ -167,8 +178,8 @@ def drive(url: str, token: str | None, store_dir: Path | None, spec: ModelSpec, 
                 x, y, is_new = step_batch(streams, np.random.default_rng([args.seed, 4]), args.old_per_step,
                                           args.new_per_step)
                 serve(x, y, is_new)
-            old_val, new_val = figures()
-            point = curve.row(step, old_val, new_val)
+            old_val, new_val, frozen_val = figures(step)
+            point = curve.row(step, old_val, new_val, frozen_val)
             point["version"], point["refused"] = version, refused
             bar.set_postfix(version=version, old=old_val, new=new_val)
     client.close()

@@ -30,26 +30,31 @@ def delta_scale(eps: float) -> np.float32:
 # ----------------------------------------------------------------------------------------- NumPy
 
 
-def _rotl_np(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
-
-
 def threefry2x32_np(key: tuple[int, int] | tuple[np.ndarray, np.ndarray], c0: np.ndarray, c1: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Threefry-2x32 with 20 rounds; key words and counters broadcast against each other."""
+    """Threefry-2x32 with 20 rounds; key words and counters broadcast against each other.
+
+    In place on two state arrays and one scratch array: the reconciler regenerates every vendor's delta each
+    update, and fresh temporaries per operation made this the largest cost of a step.
+    """
     k0 = np.asarray(key[0], dtype=np.uint32)
     k1 = np.asarray(key[1], dtype=np.uint32)
     ks = (k0, k1, k0 ^ k1 ^ np.uint32(PARITY))
     with np.errstate(over="ignore"):
-        x0 = np.asarray(c0, dtype=np.uint32) + ks[0]
-        x1 = np.asarray(c1, dtype=np.uint32) + ks[1]
+        x0, x1 = (np.array(a) for a in np.broadcast_arrays(np.asarray(c0, dtype=np.uint32) + ks[0],
+                                                            np.asarray(c1, dtype=np.uint32) + ks[1]))
+        tmp = np.empty_like(x1)
         for r in range(20):
-            x0 = x0 + x1
-            x1 = _rotl_np(x1, ROTATIONS[r % 8]) ^ x0
+            x0 += x1
+            rot = ROTATIONS[r % 8]
+            np.left_shift(x1, np.uint32(rot), out=tmp)
+            x1 >>= np.uint32(32 - rot)
+            x1 |= tmp
+            x1 ^= x0
             if r % 4 == 3:
                 i = r // 4 + 1
-                x0 = x0 + ks[i % 3]
-                x1 = x1 + ks[(i + 1) % 3] + np.uint32(i)
+                x0 += ks[i % 3]
+                x1 += ks[(i + 1) % 3] + np.uint32(i)
     return x0, x1
 
 

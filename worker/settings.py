@@ -41,7 +41,8 @@ class WorkerSettings(BaseSettings):
     min_records: int = Field(256, ge=1, description="reconcile as soon as this many usable records are ready")
     interval_s: float = Field(30.0, gt=0, description="timer: reconcile whatever is usable this long after the last")
     poll_ms: int = Field(200, ge=1, le=60_000, description="longest a stream read blocks (also the request poll)")
-    learning_rate: float = Field(0.5, ge=0, description="step size η")
+    learning_rate: float = Field(0.001, ge=0, description="step size η: an SGD rate for signal steps, the step's "
+                                                          "length for unit steps")
     outlier: Literal["none", "zscore", "quantile"] = Field("none", description="outlier filter on loss per cohort")
     outlier_z: float = Field(3.0, gt=0, description="z-score filter: drop |loss - mean| > z·std")
     outlier_quantile: float = Field(0.02, ge=0, lt=0.5, description="quantile filter: share trimmed from each tail")
@@ -55,7 +56,7 @@ class WorkerSettings(BaseSettings):
     step: Literal["unit", "signal"] = Field(
         "signal", description="unit: move η along the unit direction (upstream); signal: an SPSA gradient step, "
                               "η an SGD rate, that shrinks when the credits are noise")
-    max_step: float = Field(0.01, ge=0, description="signal steps: largest step of a group, as a share of its "
+    max_step: float = Field(0.003, ge=0, description="signal steps: largest step of a group, as a share of its "
                                                     "weights' norm (0: no cap)")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
     antithetic: bool = Field(False, description="new versions pair their vendors as +δ/−δ (antithetic probes)")

@@ -55,10 +55,10 @@ log = logging.getLogger("bench.continual")
 CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_online_acc", "old_loss", "new_loss",
               "online_acc", "frozen_online_acc", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
-LEARNING_KEYS = ("learning_rate", "probe_scale", "attribution", "normalize", "class_weights", "baseline", "step",
-                 "max_step", "outlier",
-                 "outlier_z", "outlier_quantile", "antithetic", "momentum", "lr_schedule", "lr_min_ratio",
-                 "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal", "min_cohort")
+LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
+                 "step", "max_step", "outlier", "outlier_z", "outlier_quantile", "antithetic", "momentum",
+                 "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal",
+                 "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -252,7 +252,7 @@ class EngineRun:
     guard: bool
     holdout: Holdout
     exploration: str = "paired"  # the server's setting: paired probes (users get the leader) or single path
-    vendors: int = 4
+    vendors: int | None = None  # None: the worker's setting, else the shipped model's 4
     seed: int = 0
     eps: float = 0.05
     version: int = 0
@@ -265,6 +265,7 @@ class EngineRun:
 
     def __post_init__(self) -> None:
         S = len(self.spec.groups)
+        self.vendors = self.vendors or self.settings.vendors or 4
         self.engine = Engine(self.spec, self.vendors, buckets=[256])
         self.eval_engine = Engine(self.spec, 1, buckets=[1000])
         self.seed_rng = np.random.default_rng([self.seed, 1])
@@ -328,7 +329,8 @@ class EngineRun:
 
 
 def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, options: dict[str, Any],
-               steps: int, eval_every: int, old_n: int = 240, new_n: int = 16, vendors: int = 4, seed: int = 0,
+               steps: int, eval_every: int, old_n: int = 240, new_n: int = 16, vendors: int | None = None,
+               seed: int = 0,
                progress: bool = True, desc: str = "continual",
                on_row: Callable[[dict[str, Any]], None] | None = None,
                relabel: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
@@ -383,6 +385,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
                 on_row(point)
     return {"curve": curve.rows, "seconds": time.perf_counter() - start, "refused": run.refused,
             "versions": run.version, "settings": {**{k: getattr(settings, k) for k in LEARNING_KEYS},
+                                                  "vendors": run.vendors,
                                                   "exploration": run.exploration},
             "guard": bool(options.get("guard")), "holdout_size": len(streams.holdout)}
 
@@ -417,8 +420,8 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
     steps = [r["step"] for r in curve]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, label) in zip(axes, (("val_acc", "validation accuracy (leader, test split)"),
-                                       ("online_acc", "online accuracy (served, perturbed)"),
-                                       ("loss", "online loss (served)")), strict=True):
+                                       ("online_acc", "online accuracy (what users were served)"),
+                                       ("loss", "online loss (what users were served)")), strict=True):
         lines = [("old", "tab:blue", "known"), ("new", "tab:orange", "new")]
         if key != "loss" and any(r.get(f"frozen_{key}") is not None for r in curve):
             lines.append(("frozen", "tab:gray", "base kept frozen (known)"))
@@ -430,8 +433,8 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
                     linestyle="--" if tag == "frozen" else "-")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step (256 served inputs each)")
-        if key != "loss":
-            ax.set_ylim(0, 1) if any(r.get("new_val_acc") is not None for r in curve) else None
+        if key != "loss" and any(r.get("new_val_acc") is not None for r in curve):
+            ax.set_ylim(0, 1)
         else:  # the new data's loss starts tens of nats above the known data's
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -518,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--old-per-step", type=int, default=240)
     ap.add_argument("--new-per-step", type=int, default=16)
-    ap.add_argument("--vendors", type=int, default=4)
+    ap.add_argument("--vendors", type=int, default=None, help="vendors per group (default: the worker's, else 4)")
     ap.add_argument("--holdout-size", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="mlp, 300 steps, base of 300 backprop steps")
@@ -541,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec, base, base_desc = base_model(args, protocol, streams)
     options = options_from_args(args)
     mode = "engine" if args.http is None else "http"
-    config = {"guard": options["guard"], "vendors": args.vendors, "old_per_step": args.old_per_step,
+    config = {"guard": options["guard"], "old_per_step": args.old_per_step,
               "new_per_step": args.new_per_step, "seed": args.seed, "eval_every": eval_every}
 
     def output(curve: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:

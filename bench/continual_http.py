@@ -50,7 +50,7 @@ def own_stack(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, op
     """`mpserve up` on a temporary data dir whose store holds the base model as version 0."""
     with tempfile.TemporaryDirectory(prefix="mpserve-continual-") as tmp:
         root = Path(tmp)
-        seeds = fresh_seeds(len(spec.groups), args.vendors, np.random.default_rng([args.seed, 1]),
+        seeds = fresh_seeds(len(spec.groups), args.vendors or 4, np.random.default_rng([args.seed, 1]),
                             bool(options.get("antithetic")))
         extra = {"antithetic": True} if options.get("antithetic") else {}
         manifest = make_manifest(version=0, parent=None, model=args.http_model, architecture=spec.architecture,

@@ -560,6 +560,7 @@ class Reconciler:
             try:
                 manifest = write_next_version(self.store, parent, version, params, stats,
                                               stats["learning_rate"], self._rng, eps=self.settings.probe_scale,
+                                              vendors=self.settings.vendors,
                                               antithetic=self.settings.antithetic, **extra)
                 return version, manifest
             except VersionExistsError:

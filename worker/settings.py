@@ -59,6 +59,9 @@ class WorkerSettings(BaseSettings):
     max_step: float = Field(0.003, ge=0, description="signal steps: largest step of a group, as a share of its "
                                                     "weights' norm (0: no cap)")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
+    vendors: int | None = Field(None, ge=1, le=64, description="vendors per group of new versions (unset: the "
+                                                               "parent's): more probe directions per update at the "
+                                                               "same FLOPs, V copies of the weights on each replica")
     antithetic: bool = Field(False, description="new versions pair their vendors as +δ/−δ (antithetic probes)")
     momentum: float = Field(0.0, ge=0, lt=1, description="heavy-ball β: add β·(θ_n − θ_{n−1}) to each step")
     lr_schedule: Literal["constant", "loss_gap"] = Field(
@@ -115,7 +118,7 @@ class WorkerSettings(BaseSettings):
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "baseline", "step", "max_step", "probe_scale", "antithetic", "momentum",
+                "class_weights", "baseline", "step", "max_step", "probe_scale", "vendors", "antithetic", "momentum",
                 "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal",
                 "min_cohort", "max_cohort_age", "min_records", "interval_s", "max_records_per_reconcile",
                 "label_window_s", "consumer", "disabled_clients")

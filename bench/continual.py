@@ -422,9 +422,10 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
     for ax, (key, label) in zip(axes, (("val_acc", "validation accuracy (leader, test split)"),
                                        ("online_acc", "online accuracy (what users were served)"),
                                        ("loss", "online loss (what users were served)")), strict=True):
-        lines = [("old", "tab:blue", "known"), ("new", "tab:orange", "new")]
+        something_new = any(r.get("new_val_acc") is not None for r in curve)
+        lines = [("old", "tab:blue", "known" if something_new else "learning"), ("new", "tab:orange", "new")]
         if key != "loss" and any(r.get(f"frozen_{key}") is not None for r in curve):
-            lines.append(("frozen", "tab:gray", "base kept frozen (known)"))
+            lines.append(("frozen", "tab:gray", "base kept frozen" + (" (known)" if something_new else "")))
         for tag, color, name in lines:
             ys = [np.nan if r.get(f"{tag}_{key}") is None else r[f"{tag}_{key}"] for r in curve]
             if all(np.isnan(ys)):
@@ -433,10 +434,10 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
                     linestyle="--" if tag == "frozen" else "-")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step (256 served inputs each)")
-        if key != "loss" and any(r.get("new_val_acc") is not None for r in curve):
-            ax.set_ylim(0, 1)
-        else:  # the new data's loss starts tens of nats above the known data's
+        if key == "loss":  # the new data's loss starts tens of nats above the known data's
             ax.set_yscale("log")
+        elif any(r.get("new_val_acc") is not None for r in curve):
+            ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

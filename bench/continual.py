@@ -56,7 +56,7 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
               "online_acc", "frozen_online_acc", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
-                 "step", "max_step", "outlier", "outlier_z", "outlier_quantile", "antithetic", "momentum",
+                 "step", "shrink", "max_step", "outlier", "outlier_z", "outlier_quantile", "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal",
                  "min_cohort")
 
@@ -462,6 +462,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--probe-scale", type=float, help="default: the worker's, else the base's 0.05")
     ap.add_argument("--step", choices=["unit", "signal"])
     ap.add_argument("--max-step", type=float)
+    ap.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attribution", choices=["zscore", "rank"])
     ap.add_argument("--normalize", choices=["model", "group"])
     ap.add_argument("--class-weights", action=argparse.BooleanOptionalAction, default=None)

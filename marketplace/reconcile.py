@@ -60,13 +60,14 @@ class VersionSeeds:
 class ReconcileConfig:
     """The algorithm's knobs. ``step``: "unit" moves η along the unit direction (upstream V2); "signal" is a
     zeroth-order gradient step (SPSA): raw loss differences, η an SGD rate, so the step shrinks with the signal
-    and vanishes when the credits are noise; ``max_step`` caps each group's step as a share of its weights' norm
-    (a layer-wise trust region)."""
+    and vanishes when the credits are noise (``shrink``: each vendor's credit weighed by its own evidence);
+    ``max_step`` caps each group's step as a share of its weights' norm (a layer-wise trust region)."""
 
     learning_rate: float = 0.5
     baseline: Literal["none", "class", "leader"] = "none"
     step: Literal["unit", "signal"] = "unit"
     max_step: float = 0.01
+    shrink: bool = True
     outlier: Literal["none", "zscore", "quantile"] = "none"
     outlier_z: float = 3.0
     outlier_quantile: float = 0.02  # trimmed from each tail
@@ -289,6 +290,9 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     Vmax = int(max((sources[int(v)].seeds.shape[1] for v in versions[live]), default=1))
     counted = path if used.all() else np.where(used[:, None], path, 0)  # held-back paths may name any vendor
     A = np.stack([co.sums(counted[:, s], credit, Vmax) for s in range(S)], axis=1)  # (cohorts, S, Vmax)
+    kept_shrink = None
+    if config.step == "signal" and config.shrink:
+        A, kept_shrink = shrunk(A, co, counted, credit, keep, S, Vmax)
     credit_by_version = {int(versions[c]): A[c, :, :sources[int(versions[c])].seeds.shape[1]]
                          for c in np.flatnonzero(live)}
 
@@ -316,6 +320,7 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     stats = {"records": int(used.sum()), "held_back": int((~used).sum()), "cohorts": cohorts,
              "outliers_dropped": int(used.sum() - keep.sum()), "direction_norm": total_norm,
              "step_norm": step_norm, "paired": int((paired & used).sum()),
+             "shrink": kept_shrink,
              "learning_rate": float(eta),
              "loss_mean": float(kept_loss.mean()) if len(kept_loss) else None,
              "loss_std": float(kept_loss.std()) if len(kept_loss) else None}
@@ -343,6 +348,27 @@ def baselined(co: Cohorts, loss: np.ndarray, keep: np.ndarray, records: Records,
         single = keep & ~paired
         out[~paired] = (loss - class_means(co, np.asarray(records.label, np.int64), loss, single, C))[~paired]
     return out, paired
+
+
+def shrunk(A: np.ndarray, co: Cohorts, counted: np.ndarray, credit: np.ndarray, keep: np.ndarray, S: int,
+           Vmax: int) -> tuple[np.ndarray, float | None]:
+    """Each vendor's credit times max(0, 1 − 1/t²), t its mean credit over the standard error of that mean.
+
+    A vendor's mean credit estimates g·δ_v plus noise (other inputs, other groups' probes); where noise could
+    explain it (|t| ≤ 1) it moves nothing, and the step shrinks smoothly as the evidence weakens. Without this
+    a zeroth-order step is noise-dominated at serving batch sizes: it random-walks a well-trained model at
+    the full cap even when the traffic has nothing new to teach. Returns the shrunk credits and the mean factor.
+    """
+    w = keep.astype(np.float64)
+    n = np.stack([co.sums(counted[:, s], w, Vmax) for s in range(S)], axis=1)
+    sq = np.stack([co.sums(counted[:, s], credit * credit, Vmax) for s in range(S)], axis=1)
+    safe = np.maximum(n, 2)
+    mean = A / safe
+    var_of_mean = np.maximum(sq - n * mean * mean, 0.0) / (safe - 1) / safe
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where((n >= 2) & (mean != 0), np.clip(1.0 - var_of_mean / (mean * mean), 0.0, 1.0), 0.0)
+    live = n >= 2
+    return A * factor, float(factor[live].mean()) if live.any() else None
 
 
 def signal_scales(directions: list[np.ndarray], eps: float, records: int, params: dict[str, np.ndarray],

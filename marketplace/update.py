@@ -8,6 +8,7 @@ it survives worker restarts and follows a rollback (the step that led to the rol
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,6 +68,8 @@ def propose_update(spec: ModelSpec, params: dict[str, np.ndarray], records: Reco
     gap = class_loss_gap(np.asarray(records.loss, np.float64), np.asarray(used_label, np.int64),
                          spec.num_classes) if used_label is not None else 0.0
     eta = scheduled_lr(rc.learning_rate, gap, uc)
+    if rc.learning_rate > 0 and eta != rc.learning_rate:  # a signal step's cap follows the schedule too
+        rc = dataclasses.replace(rc, max_step=rc.max_step * eta / rc.learning_rate)
     result = reconcile(spec, params, records, sources, rc, learning_rate=eta)
     result.stats["loss_gap"] = gap
     result.stats["momentum"] = uc.momentum

@@ -343,13 +343,15 @@ def test_leader_baseline_removes_each_inputs_own_difficulty():
 def test_signal_step_follows_the_strength_of_the_signal_and_the_cap_holds_per_group():
     params, sources, path, label, diff, base = _paired_setup()
     version = np.zeros(len(diff), np.int64)
-    free = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0)
+    free = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0,
+                           shrink=False)
     small = reconcile(SPEC, params, Records(version, path, base + diff, label, base), sources, free)
     large = reconcile(SPEC, params, Records(version, path, base + 3 * diff, label, base), sources, free)
     # three times the loss differences: three times the step (a unit step would not change at all)
     np.testing.assert_allclose(_step(params, large.params), 3 * _step(params, small.params), rtol=1e-3, atol=1e-7)
     assert large.stats["step_norm"] == pytest.approx(3 * small.stats["step_norm"], rel=1e-6)
-    capped = ReconcileConfig(learning_rate=10.0, min_cohort=1, baseline="leader", step="signal", max_step=0.002)
+    capped = ReconcileConfig(learning_rate=10.0, min_cohort=1, baseline="leader", step="signal", max_step=0.002,
+                             shrink=False)
     out = reconcile(SPEC, params, Records(version, path, base + diff, label, base), sources, capped)
     for s in range(S):
         keys = list(SPEC.group_shapes(s))
@@ -380,3 +382,20 @@ def test_signal_step_descends_a_known_gradient():
     assert float(step @ grad) < 0
     ghat_in_span = sum(dot[s, v] ** 2 for s in range(S) for v in range(1, V))
     assert -float(step @ grad) == pytest.approx(3 / 0.05**2 * ghat_in_span / V, rel=0.25)
+
+
+def test_shrinkage_stills_noise_and_keeps_evidence():
+    """Credits that noise explains move (almost) nothing; a consistent signal keeps (almost) all of its step."""
+    params, sources, path, label, diff, base = _paired_setup()
+    version = np.zeros(len(diff), np.int64)
+    noise = Records(version, path, base + diff, label, base)  # loss differences unrelated to the paths
+    on = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0)
+    off = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0,
+                          shrink=False)
+    quiet, loud = reconcile(SPEC, params, noise, sources, on), reconcile(SPEC, params, noise, sources, off)
+    assert quiet.stats["step_norm"] < 0.5 * loud.stats["step_norm"] and quiet.stats["shrink"] < 0.5
+    # the same records plus a per-vendor effect ten times the noise: evidence, kept
+    effect = np.array([0.0, 0.1, -0.1, 0.05])[path].sum(1)
+    signal = Records(version, path, base + diff + effect, label, base)
+    kept, full = reconcile(SPEC, params, signal, sources, on), reconcile(SPEC, params, signal, sources, off)
+    assert kept.stats["step_norm"] > 0.8 * full.stats["step_norm"] and kept.stats["shrink"] > quiet.stats["shrink"]

@@ -56,6 +56,8 @@ class WorkerSettings(BaseSettings):
     step: Literal["unit", "signal"] = Field(
         "signal", description="unit: move η along the unit direction (upstream); signal: an SPSA gradient step, "
                               "η an SGD rate, that shrinks when the credits are noise")
+    shrink: bool = Field(True, description="signal steps: weigh each vendor's credit by its evidence, "
+                                           "max(0, 1 - 1/t^2), so credits that noise could explain move nothing")
     max_step: float = Field(0.003, ge=0, description="signal steps: largest step of a group, as a share of its "
                                                     "weights' norm (0: no cap)")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
@@ -108,7 +110,7 @@ class WorkerSettings(BaseSettings):
             learning_rate=self.learning_rate, outlier=self.outlier, outlier_z=self.outlier_z,
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
             min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
-            max_step=self.max_step)
+            max_step=self.max_step, shrink=self.shrink)
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -118,8 +120,8 @@ class WorkerSettings(BaseSettings):
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "baseline", "step", "max_step", "probe_scale", "vendors", "antithetic", "momentum",
-                "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal",
-                "min_cohort", "max_cohort_age", "min_records", "interval_s", "max_records_per_reconcile",
-                "label_window_s", "consumer", "disabled_clients")
+                "class_weights", "baseline", "step", "shrink", "max_step", "probe_scale", "vendors", "antithetic",
+                "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference",
+                "reseed_on_refusal", "min_cohort", "max_cohort_age", "min_records", "interval_s",
+                "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

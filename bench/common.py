@@ -40,6 +40,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], markdown: bool =
         print(edge + sep.join(v.rjust(w) for v, w in zip(row, widths, strict=True)) + end)
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Lay out a matplotlib figure, write it as a PNG (making its folder), and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path:
         payload = {**payload, "device": Device.DEFAULT, "machine": platform.machine(), "time": time.time()}

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.common import write_json
+from bench.common import save_figure, write_json
 from marketplace.data import Split, load_fashion_mnist
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec, get_model
@@ -441,10 +441,7 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.common import print_table, write_json
+from bench.common import print_table, save_figure, write_json
 from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine
 from marketplace.reconcile import fresh_seeds
@@ -101,10 +101,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     axes[1].set_ylabel("served accuracy (%)")
     axes[1].set_title("served accuracy by perturbed groups", fontsize=10)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import write_json
+from bench.common import save_figure, write_json
 
 log = logging.getLogger("bench.poison")
 
@@ -251,10 +251,7 @@ def plot(results: list[dict[str, Any]], source: int, title: str, path: Path) -> 
     axes[1, 0].set_ylabel(f"test accuracy, class {source} (%)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -126,7 +126,8 @@ def test_run_once_publishes_records_inputs_and_acks_exactly_them(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="worker.reconciler")
     ids = feed(redis_client, 40)
-    rec = Reconciler(make_settings(redis_server, store), store, redis_client, MODEL)
+    # the fed losses are random, unrelated to the paths: shrinkage would (rightly) find no evidence and move nothing
+    rec = Reconciler(make_settings(redis_server, store, shrink=False), store, redis_client, MODEL)
     out = rec.run_once()
     later = feed(redis_client, 5)  # written after the reconciliation: not part of it
     rec.close()
@@ -357,7 +358,7 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
     configured = tmp_path / "configured.npz"  # an operator's file: the upload takes precedence over it
     np.savez(configured, inputs=holdout_images(50, 3), labels=np.zeros(50, np.int64))
     settings = make_settings(redis_server, store, momentum=0.5, guard_tolerance=0.5, holdout_path=configured,
-                             step="unit")  # unit steps: the momentum term is then as large as the step
+                             step="unit", learning_rate=0.5)  # unit steps: the momentum term is as large as a step
     rec = Reconciler(settings, store, redis_client, MODEL)
 
     fed = feed_served(redis_client, 40, 0, seed=10)
@@ -424,7 +425,7 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
     configured = tmp_path / "holdout.npz"
     np.savez(configured, inputs=x, labels=y)
     settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0,
-                             reseed_on_refusal=False)
+                             reseed_on_refusal=False, step="unit")  # a unit step of 50: harmful by construction
     rec = Reconciler(settings, store, redis_client, MODEL)
     fed = feed_served(redis_client, 40, 0, seed=20)
     out = rec.run_once()
@@ -459,7 +460,8 @@ def test_a_refusal_reseeds_the_same_weights_so_the_next_candidate_probes_new_dir
     y = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x).argmax(1)
     configured = tmp_path / "holdout.npz"
     np.savez(configured, inputs=x, labels=y)
-    settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0)
+    settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0,
+                             step="unit")
     assert settings.reseed_on_refusal  # the default
     rec = Reconciler(settings, store, redis_client, MODEL)
     feed_served(redis_client, 40, 0, seed=20)

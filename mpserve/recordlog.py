@@ -25,6 +25,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import ResponseError
 
+from marketplace.reconcile import cross_entropy
 from mpserve.keys import ModelKeys, validate_client_name
 from mpserve.scripts import Call, Prelude, Scripts, eval_many, eval_many_async
 
@@ -102,8 +103,6 @@ def label_item(record_id: str, label: int, logits: np.ndarray, leader_logits: np
 
     The user was answered with the leader's logits when there are any (paired probes), else with the probe's.
     """
-    from marketplace.reconcile import cross_entropy  # the one loss; imported here: the API never trains
-
     y = np.array([label])
     loss = float(cross_entropy(np.asarray(logits)[None, :], y)[0])
     probe_hit = bool(int(np.argmax(logits)) == label)

@@ -86,8 +86,7 @@ class Engine:
         self._group_keys = [list(spec.group_shapes(s)) for s in range(len(spec.groups))]
         self._jits: dict[tuple[int, bool], TinyJit] = {}
         self._fwd_inputs: dict[int, tuple[Tensor, Tensor, list[Tensor]]] = {}
-        self._group_sizes = [sum(int(np.prod(shape)) for shape in spec.group_shapes(s).values())
-                             for s in range(len(spec.groups))]
+        self._group_sizes = spec.group_sizes()
         self._materialize_jit: TinyJit | None = None
         self._mat_inputs: list[Tensor] | None = None
 

@@ -1,4 +1,4 @@
-"""Reconciliation: turn (version, path, loss) records into one update of the weights (DESIGN §1).
+"""Reconciliation: turn (version, path, loss) records into one update of the weights (docs/DESIGN.md §1).
 
 Records are split into cohorts by the version that served them, because attribution is only
 meaningful among records measured at the same weights. Per cohort: an optional outlier filter, then

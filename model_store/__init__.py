@@ -1,4 +1,4 @@
-"""Model store: immutable, hash-checked model versions in safetensors + JSON (DESIGN §3). No pickle."""
+"""Model store: immutable, hash-checked model versions in safetensors + JSON (docs/DESIGN.md §3). No pickle."""
 
 from .errors import (
     ArchitectureMismatch,

@@ -1,4 +1,4 @@
-"""Manifest of a model version (DESIGN §3): a plain JSON object, validated and normalized here.
+"""Manifest of a model version (docs/DESIGN.md §3): a plain JSON object, validated and normalized here.
 
 A manifest is a plain dict so that fields added later (by a newer worker) survive a round trip through
 an older reader: unknown keys are kept untouched. `validate_manifest` checks the known fields, turns

@@ -1,4 +1,4 @@
-"""Immutable, hash-checked model versions on a filesystem (DESIGN §3).
+"""Immutable, hash-checked model versions on a filesystem (docs/DESIGN.md §3).
 
 Layout: `{root}/{model}/versions/{n:08d}.safetensors` (weights) and `{n:08d}.json` (manifest). A version
 exists once its manifest exists: the weights are published first, the manifest (carrying the weights'

@@ -1,4 +1,4 @@
-"""Redis key names of one model (DESIGN §2).
+"""Redis key names of one model (docs/DESIGN.md §2).
 
 Every key of a model carries the hash tag ``{m}`` so that all of them live in one Redis Cluster
 slot and a Lua script may touch any of them.

@@ -1,4 +1,4 @@
-"""The Redis data layer shared by the API replicas and the reconciler worker (DESIGN §2).
+"""The Redis data layer shared by the API replicas and the reconciler worker (docs/DESIGN.md §2).
 
 This module is the only place that knows how records, labels, versions and leases are laid out in
 Redis. Commands are built and replies parsed by private module-level functions, so that the sync

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP contract (DESIGN §5), with the OpenAPI schema they imply.
+"""Request and response bodies of the HTTP contract (docs/DESIGN.md §5), with the OpenAPI schema they imply.
 
 Requests forbid unknown fields, so a misspelt key is a 422 rather than silently ignored. The exact
 shape of ``inputs`` depends on the model, so the schema says "nested arrays of numbers" and

@@ -1,6 +1,6 @@
 """The reconciler of one model: read labelled records, turn them into the next version, publish it once.
 
-Exactly-once use of every feedback entry rests on three rules (DESIGN §2):
+Exactly-once use of every feedback entry rests on three rules (docs/DESIGN.md §2):
 
 1. an entry stays pending in the consumer group until the publish script acknowledges it, in the same
    atomic step that makes the version current; the worker's in-memory buffer is only a cache of

@@ -169,9 +169,9 @@ class MicroBatcher:
             _fail(items, ApiError(500, f"inference failed: {type(exc).__name__}"))
             return
         name = self.runtime.name
-        self.metrics.engine_seconds.observe(time.perf_counter() - started, name)
-        self.metrics.batch_inputs.observe(len(x), name)
-        self.metrics.batch_requests.observe(len(items), name)
+        self.metrics.engine_seconds.labels(name).observe(time.perf_counter() - started)
+        self.metrics.batch_inputs.labels(name).observe(len(x))
+        self.metrics.batch_requests.labels(name).observe(len(items))
         task = asyncio.create_task(self._finish(served, items, logits, paths, leader))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
@@ -231,10 +231,10 @@ class MicroBatcher:
             log.exception("model %s: writing %d records failed", self.runtime.name, len(records))
             _fail([it for it, _ in answers], ApiError(500, f"recording the predictions failed: {type(exc).__name__}"))
             return
-        self.metrics.records.inc(self.runtime.name, amount=len(records))
+        self.metrics.records.labels(self.runtime.name).inc(len(records))
         labelled = sum(1 for r in records if r.label is not None)
         if labelled:
-            self.metrics.labels.inc(self.runtime.name, "with_prediction", amount=labelled)
+            self.metrics.labels.labels(self.runtime.name, "with_prediction").inc(labelled)
         for item, answer in answers:
             if not item.future.done():
                 item.future.set_result(answer)

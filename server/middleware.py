@@ -101,5 +101,5 @@ class MetricsMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             labels = (scope["method"], path, str(status))
-            self.metrics.requests.inc(*labels)
-            self.metrics.latency.observe(time.perf_counter() - started, *labels)
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)

@@ -129,7 +129,7 @@ class ModelRuntime:
                 self._failed[target] = (reason, time.monotonic())
                 self.error = self._still_serving(reason)
                 log.error("model %s: %s", self.name, self.error)
-                self.metrics.swaps.inc(self.name, "failed")
+                self.metrics.swaps.labels(self.name, "failed").inc()
                 if self.served is None:  # nothing to keep serving (a replica that starts now): fall back
                     await self._serve_ancestor(target, reason)
                     if self.served is None:  # the reason, until the next try, says no ancestor loads either
@@ -141,8 +141,8 @@ class ModelRuntime:
             self.served = served  # the swap: new batches take this one, running batches keep theirs
             self.error, self._ancestor_of = None, None
             self._failed.pop(target, None)
-            self.metrics.version.set(target, self.name)
-            self.metrics.swaps.inc(self.name, "ok")
+            self.metrics.version.labels(self.name).set(target)
+            self.metrics.swaps.labels(self.name, "ok").inc()
             log.info("model %s: serving version %d (was %s), ready in %.2fs", self.name, target,
                      None if previous is None else previous.version, time.perf_counter() - started)
 
@@ -165,8 +165,8 @@ class ModelRuntime:
                 continue
             self.served, self._ancestor_of = served, target
             self.error = self._still_serving(reason)
-            self.metrics.version.set(version, self.name)
-            self.metrics.swaps.inc(self.name, "ok")
+            self.metrics.version.labels(self.name).set(version)
+            self.metrics.swaps.labels(self.name, "ok").inc()
             log.warning("model %s: %s", self.name, self.error)
             return
         self.error = f"{reason}; no ancestor of it can be served either (tried {tried or 'none'})"

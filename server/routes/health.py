@@ -57,7 +57,7 @@ async def metrics(state: StateDep) -> PlainTextResponse:
     """Prometheus text format: requests, latency, batch sizes, versions, records, labels, backlog, retention."""
     m = state.metrics
     for name, ctx in state.models.items():
-        m.stored_versions.set(len(await asyncio.to_thread(state.store.versions, name)), name)
+        m.stored_versions.labels(name).set(len(await asyncio.to_thread(state.store.versions, name)))
         served = ctx.runtime.served
         figures = metrics_of(served.loaded.manifest)[0] if served is not None else {}
         for answers, key in (("served", "online_accuracy"), ("leader", "leader_accuracy"),
@@ -65,13 +65,13 @@ async def metrics(state: StateDep) -> PlainTextResponse:
             if figures.get(key) is None:
                 m.version_accuracy.remove(name, answers)
             else:
-                m.version_accuracy.set(figures[key], name, answers)
+                m.version_accuracy.labels(name, answers).set(figures[key])
     try:
         async with asyncio.timeout(state.settings.redis_timeout_s):
             stats = {name: await ctx.records.stream_stats() for name, ctx in state.models.items()}
             deleted = {name: await ctx.records.retention_deleted_total() for name, ctx in state.models.items()}
         for name, s in stats.items():
-            m.backlog.set(s.backlog, name)
+            m.backlog.labels(name).set(s.backlog)
             m.retention_deleted.set(deleted[name], name)
         m.redis_up.set(1)
     except REDIS_DOWN as exc:

@@ -76,7 +76,7 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
             results[i] = _result(rid, res.status, res.existing_label, detail)
     final = [r for r in results if r is not None]
     for r in final:
-        state.metrics.labels.inc(ctx.name, r.status)
+        state.metrics.labels.labels(ctx.name, r.status).inc()
     return final
 
 

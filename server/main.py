@@ -7,8 +7,10 @@ code here; a flag given overrides the environment, an omitted one leaves it alon
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
+from mpserve.device import DeviceError, use_device
 from mpserve.flags import build_parser as _build_parser
 from mpserve.flags import settings_from_argv
 from mpserve.logs import configure_logging
@@ -34,6 +36,11 @@ def run(settings: ServerSettings) -> None:
     from server.app import create_app
 
     configure_logging(settings.log_level)
+    try:
+        device = use_device(settings.device)
+    except DeviceError as exc:
+        raise SystemExit(f"mpserve serve: {exc}") from None
+    logging.getLogger(__name__).info("tinygrad device %s", device)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 workers=1, lifespan="on", timeout_graceful_shutdown=30)
 

@@ -40,7 +40,8 @@ class ServerSettings(BaseSettings):
     redis_timeout_s: float = Field(2.0, gt=0, description="longest a request waits on Redis before a 503")
     reconcile_timeout_s: float = Field(300.0, gt=0, description="longest POST /admin/reconcile waits")
     log_level: LogLevel = Field("info", description="logging level")
-    device: str | None = Field(None, description="tinygrad device (unset: tinygrad's default)")
+    device: str | None = Field(None, description="tinygrad device in its DEV syntax, e.g. CUDA or CUDA:PTX (unset: "
+                                                 "tinygrad's default); checked with a kernel at start")
     seed_default: bool = Field(False, description="copy the shipped default model into an empty store at start")
     # API clients (server/access.py): unset api_keys leaves /predict and /label open
     api_keys: ApiKeys = Field(default_factory=dict, description="client API keys, 'client-a:secret1,client-b:secret2' "

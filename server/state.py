@@ -14,6 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from model_store import ModelStore
+from mpserve.device import select_device
 from mpserve.recordlog import AsyncRecordLog
 from mpserve.versions import seed_default_model
 from server.access import ClientAccess
@@ -79,6 +80,7 @@ class AppState:
         store = ModelStore(settings.store_dir)
         if settings.seed_default:
             await asyncio.to_thread(seed_default_model, store, settings.default_model)
+        device = select_device(settings.device)  # CUDA:PTX -> CUDA, with the PTX renderer chosen
         engine_thread = EngineThread()
         metrics = metrics or ServerMetrics()
         models: dict[str, ModelContext] = {}
@@ -86,7 +88,7 @@ class AppState:
             records = AsyncRecordLog(client, name, settings.label_window_s)
             paired = settings.learning and settings.exploration == "paired"
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
-                                   settings.device, t, settings.learning, paired)
+                                   device, t, settings.learning, paired)
             batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
                                    settings.max_wait_ms, t, settings.learning, paired)
             models[name] = ModelContext(name, records, runtime, batcher)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import redis
 
 from model_store import ModelStore
+from mpserve.device import DeviceError, use_device
 from mpserve.flags import settings_from_argv
 from mpserve.logs import configure_logging
 from worker.reconciler import Reconciler
@@ -59,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse settings, stop on SIGTERM/SIGINT, run until stopped."""
     settings = build_settings(argv)
     configure_logging(settings.log_level)
+    try:
+        device = use_device(settings.device)  # the guard's engines run on it
+    except DeviceError as exc:
+        raise SystemExit(f"mpserve worker: {exc}") from None
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         def _on_signal(signum: int, _frame: object) -> None:
@@ -67,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
-    log.info("worker %s: models %s, store %s", settings.consumer, settings.models, settings.store_dir)
+    log.info("worker %s: models %s, store %s, device %s", settings.consumer, settings.models, settings.store_dir,
+             device)
     run(settings, stop)
     log.info("worker %s stopped", settings.consumer)
     return 0

@@ -89,6 +89,8 @@ class WorkerSettings(BaseSettings):
                                          description="versions retention always keeps, every model (a,b or a list)")
     max_records_per_reconcile: int = Field(100_000, ge=1, description="most records one update uses (and buffers)")
     log_level: LogLevel = Field("info", description="logging level")
+    device: str | None = Field(None, description="tinygrad device of the validation guard, in its DEV syntax, e.g. "
+                                                 "CUDA (unset: tinygrad's default); checked with a kernel at start")
     disabled_clients: ClientNames = Field(default_factory=list,
                                           description="API clients whose feedback entries are dropped as invalid")
 

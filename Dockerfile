@@ -7,6 +7,7 @@ RUN python -m venv /opt/mpserve
 COPY pyproject.toml README.md ./
 COPY marketplace ./marketplace
 COPY model_store ./model_store
+COPY common ./common
 COPY server ./server
 COPY worker ./worker
 COPY mpserve ./mpserve

@@ -25,9 +25,9 @@ import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.loading import seed_default_model
+from common.logs import configure_logging
 from model_store import ModelStore
-from mpserve.logs import configure_logging
-from mpserve.versions import seed_default_model
 
 log = logging.getLogger("mpserve.up")
 
@@ -187,6 +187,6 @@ def run(settings: StackSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpserve.flags import settings_from_argv
+    from common.flags import settings_from_argv
 
     return run(settings_from_argv(StackSettings, argv, "mpserve up", "Run Redis, the API and the worker here."))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from mpserve.flags import build_parser as _build_parser
-from mpserve.flags import settings_from_argv
-from mpserve.logs import configure_logging
+from common.flags import build_parser as _build_parser
+from common.flags import settings_from_argv
+from common.logs import configure_logging
 from server.settings import ServerSettings
 
 PROG, DESCRIPTION = "python -m server", "mpserve API replica (FastAPI on uvicorn)"

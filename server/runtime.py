@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import redis.asyncio
 
+from common.faults import fault_point
+from common.loading import LoadedVersion, fallback_base, load_version
 from marketplace.engine import Engine, PerturbedWeights, leader_seeds
 from model_store import ModelStore
-from mpserve.faults import fault_point
 from mpserve.recordlog import AsyncRecordLog
-from mpserve.versions import LoadedVersion, fallback_base, load_version
 from server.engine_thread import EngineThread
 from server.errors import ApiError, redis_op
 from server.metrics import ServerMetrics

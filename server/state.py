@@ -13,9 +13,9 @@ from fastapi import Depends, Request
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from common.loading import seed_default_model
 from model_store import ModelStore
 from mpserve.recordlog import AsyncRecordLog
-from mpserve.versions import seed_default_model
 from server.access import ClientAccess
 from server.batcher import MicroBatcher
 from server.engine_thread import EngineThread

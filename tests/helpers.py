@@ -314,7 +314,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 class ChildProcess:
     """A ``python -m <module>`` child with its output in a log file, and fault-injection helpers.
 
-    ``fault`` is ``MPSERVE_FAULT`` (see mpserve.faults); with a ``<point>:pause`` fault the child
+    ``fault`` is ``MPSERVE_FAULT`` (see common.faults); with a ``<point>:pause`` fault the child
     writes :attr:`marker` when it reaches the point, and :meth:`wait_paused` waits for that.
     """
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import redis
 from redis.exceptions import WatchError
 
-from mpserve.faults import fault_point
+from common.faults import fault_point
 from mpserve.keys import ModelKeys
 from mpserve.recordlog import StaleLeaderError
 

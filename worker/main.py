@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import redis
 
+from common.flags import settings_from_argv
+from common.logs import configure_logging
 from model_store import ModelStore
-from mpserve.flags import settings_from_argv
-from mpserve.logs import configure_logging
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 

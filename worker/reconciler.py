@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import redis
 
+from common.faults import fault_point
+from common.loading import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from marketplace.reconcile import Records, VersionSeeds
 from marketplace.update import exploration_metrics, online_metrics, previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionExistsError, VersionNotFound
-from mpserve.faults import fault_point
 from mpserve.keys import validate_model_name
 from mpserve.recordlog import EntryNotPendingError, FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
-from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
 from worker.admin_queue import pop_requests, send_reply
 from worker.fenced import fenced_ack
 from worker.guard import ValidationGuard, Verdict

@@ -15,10 +15,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from common.loading import load_version
 from model_store import Holdout, IntegrityError, ModelStoreError, VersionNotFound
 from model_store.manifest import MAX_VERSION
 from mpserve.keys import MODEL_NAME_RE
-from mpserve.versions import load_version
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
 from server.jsonbody import StrictJSONRoute
 from server.schemas import (

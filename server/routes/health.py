@@ -8,7 +8,7 @@ import logging
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from mpserve.version_metrics import metrics_of
+from common.version_metrics import metrics_of
 from server.errors import REDIS_DOWN
 from server.schemas import Health, ModelReadiness, Readiness
 from server.state import StateDep

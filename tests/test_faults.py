@@ -27,8 +27,8 @@ import redis
 
 from common.loading import load_version, write_next_version
 from model_store import ModelStore
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import RecordLog
+from redis_io.keys import ModelKeys
+from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ApiProcess,
     ChildProcess,

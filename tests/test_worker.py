@@ -25,8 +25,10 @@ from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_
 from marketplace.update import UpdateConfig, class_loss_gap, propose_update
 from model_store import ModelStore
 from model_store.holdout import encode_holdout
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import PredictionRecord, RecordLog, StaleLeaderError
+from redis_io.fenced import fenced_ack
+from redis_io.keys import ModelKeys
+from redis_io.protocol import PredictionRecord, StaleLeaderError
+from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ChildProcess,
     RedisProcess,
@@ -37,7 +39,6 @@ from tests.helpers import (
     wait_until,
     worker_args,
 )
-from worker.fenced import fenced_ack
 from worker.main import build_settings
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings

@@ -26,17 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis
 
 from common.faults import fault_point
 from common.loading import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
+from common.names import validate_model_name
 from marketplace.reconcile import Records, VersionSeeds
 from marketplace.update import exploration_metrics, online_metrics, previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionExistsError, VersionNotFound
-from mpserve.keys import validate_model_name
-from mpserve.recordlog import EntryNotPendingError, FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
-from worker.admin_queue import pop_requests, send_reply
-from worker.fenced import fenced_ack
+from redis_io.admin_queue import pop_requests, send_reply
+from redis_io.connect import CONNECTION_ERRORS, RedisError, SyncClient
+from redis_io.fenced import fenced_ack
+from redis_io.protocol import EntryNotPendingError, FeedbackEntry, StaleLeaderError, VersionMovedError
+from redis_io.recordlog import RecordLog
 from worker.guard import ValidationGuard, Verdict
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
@@ -92,7 +93,7 @@ def _records(entries: Sequence[FeedbackEntry]) -> Records:
 class Reconciler:
     """Reconciles one model while it holds the model's leader lease; see the module docstring."""
 
-    def __init__(self, settings: WorkerSettings, store: ModelStore, client: redis.Redis, model: str,
+    def __init__(self, settings: WorkerSettings, store: ModelStore, client: SyncClient, model: str,
                  owner: str | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -141,7 +142,7 @@ class Reconciler:
             while not stop.is_set():
                 try:
                     self.step(stop)
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except CONNECTION_ERRORS as exc:
                     log.warning("%s: Redis unavailable (%s); retrying", self.model, exc)
                     if self.lease.held:  # Redis may come back without its last writes: rebuild from it
                         self._lost("Redis connection lost; the buffer is rebuilt from Redis once it answers")
@@ -154,7 +155,7 @@ class Reconciler:
         finally:
             try:
                 self.close()
-            except redis.RedisError as exc:
+            except RedisError as exc:
                 log.warning("%s: could not release the lease (%s); it expires by itself", self.model, exc)
 
     def step(self, stop: threading.Event) -> None:
@@ -597,7 +598,7 @@ class Reconciler:
         log.info("%s: retention deleted %d versions %s", self.model, len(deleted), deleted)
         try:
             self.records.record_retention(deleted)
-        except redis.RedisError:
+        except RedisError:
             log.exception("%s: could not count the %d deleted versions in Redis", self.model, len(deleted))
 
 

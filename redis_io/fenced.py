@@ -17,8 +17,8 @@ import redis
 from redis.exceptions import WatchError
 
 from common.faults import fault_point
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import StaleLeaderError
+from redis_io.keys import ModelKeys
+from redis_io.protocol import StaleLeaderError
 
 log = logging.getLogger(__name__)
 

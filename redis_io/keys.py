@@ -8,18 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# the name rules are the project's (common.names); the model name rule is the store's (a directory name)
-from common.names import (
-    CLIENT_NAME_RE,
-    MODEL_NAME_RE,
-    RECORD_ID_RE,
-    validate_client_name,
-    validate_model_name,
-    validate_record_id,
-)
-
-__all__ = ["CLIENT_NAME_RE", "MODEL_NAME_RE", "RECORD_ID_RE", "ModelKeys", "validate_client_name",
-           "validate_model_name", "validate_record_id"]
+from common.names import validate_model_name, validate_record_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ RUN python -m venv /opt/mpserve
 COPY pyproject.toml README.md ./
 COPY marketplace ./marketplace
 COPY model_store ./model_store
+COPY common ./common
+COPY redis_io ./redis_io
 COPY server ./server
 COPY worker ./worker
 COPY mpserve ./mpserve

@@ -80,9 +80,9 @@ class LocalStack:
         self._redis: Any = None
 
     def start_redis(self) -> str:
+        from common.loading import seed_default_model
         from model_store import ModelStore
         from mpserve.stack import start_redis
-        from mpserve.versions import seed_default_model
 
         seed_default_model(ModelStore(self.data_dir / "store"), self.settings.default_model)  # once, before any API
         self._redis, self.redis_url = start_redis(self.settings, self.logs)

@@ -171,8 +171,8 @@ def train_base(spec: ModelSpec, streams: Streams, protocol: Protocol, steps: int
 
 def load_base(store_dir: Path, model: str, version: int | None = None) -> tuple[ModelSpec, dict[str, np.ndarray]]:
     """A stored base model (e.g. from `mpserve train --exclude-class 9 --store-dir DIR`)."""
+    from common.loading import load_version
     from model_store import ModelStore
-    from mpserve.versions import load_version
 
     store = ModelStore(store_dir)
     v = store.latest(model) if version is None else version

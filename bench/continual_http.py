@@ -26,12 +26,12 @@ from tqdm import tqdm
 from bench.common import LocalStack
 from bench.continual import Curve, Drift, Streams, eval_steps, step_batch, validation
 from bench.serve import TOKEN
+from common.loading import load_version
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
 from marketplace.reconcile import fresh_seeds
 from model_store import ModelStore, make_manifest
 from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
-from mpserve.versions import load_version
 
 
 def stack_env(options: dict[str, Any], reconcile: str, per_step: int, holdout: Path | None) -> dict[str, str]:

@@ -25,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.common import print_table, save_figure, write_json
+from common.loading import DEFAULT_ASSET, load_version, shipped_store
 from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine
 from marketplace.reconcile import fresh_seeds
-from mpserve.versions import DEFAULT_ASSET, load_version, shipped_store
 
 log = logging.getLogger("bench.exploration")
 

@@ -8,7 +8,7 @@
 Steps, in order, each a child process with a time limit inside ``--budget-s`` (a step that fails or runs out
 of time is recorded and the next one runs; if the device itself is unusable the rest are skipped):
 
-  device       mpserve.device opens DEV and runs a kernel; tinygrad's renderer and compiler; nvidia-smi
+  device       common.device opens DEV and runs a kernel; tinygrad's renderer and compiler; nvidia-smi
   threefry     tests/test_threefry.py on DEV: known answers, the NumPy and tinygrad delta twins bit for bit
   engine       tests/test_engine.py on DEV: each input gets its own path's logits; materialize equals the
                NumPy twin bit for bit in every version
@@ -237,8 +237,8 @@ def dry_run(steps: list[Step]) -> int:
 
 
 def device_info(path: Path) -> None:
-    """The `device` step: DEV opened and checked with a kernel (mpserve.device), and what tinygrad uses there."""
-    from mpserve.device import use_device
+    """The `device` step: DEV opened and checked with a kernel (common.device), and what tinygrad uses there."""
+    from common.device import use_device
 
     device = use_device(os.environ.get("DEV") or None)
     import tinygrad

@@ -49,11 +49,11 @@ import numpy as np
 
 from bench.common import LocalStack, print_table, proc_cpu_s, rate, write_json
 from bench.loadgen import PhaseResult, closed_loop
+from common.loading import load_version, shipped_store
 from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine, leader_seeds
 from marketplace.reconcile import fresh_seeds
 from model_store import ModelStore
-from mpserve.versions import load_version, shipped_store
 from server.settings import ServerSettings
 
 MODEL = "fashion"
@@ -108,7 +108,7 @@ async def label_phase(url: str, clients: int, per_request: int, ids: deque[tuple
 
 def add_swap_version(store: ModelStore) -> None:
     """Version 1 of MODEL: version 0's weights under fresh seeds, a version for rollbacks to swap to and fro."""
-    params, manifest = store.load_version(MODEL, 0)
+    params, manifest = store.read_version(MODEL, 0)
     manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "version", "created")}
     seeds = np.asarray(manifest["seeds"], dtype=np.uint64)
     manifest.update(parent=0, seeds=fresh_seeds(*seeds.shape, np.random.default_rng(1),

@@ -38,7 +38,7 @@ import redis
 from bench.common import LocalStack, print_table, rss_bytes, write_json
 from bench.loadgen import Connection
 from marketplace.data import load_fashion_mnist
-from mpserve.keys import ModelKeys
+from redis_io.keys import ModelKeys
 
 MODEL = "fashion"
 MEMORY = ("api_rss_mb", "worker_rss_mb", "redis_rss_mb", "redis_used_mb")  # judged: must be flat

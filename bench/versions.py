@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import print_table, write_json
+from common.version_metrics import ManifestSummaryCache
 from marketplace.models import get_model
 from marketplace.reconcile import fresh_seeds
 from model_store import ModelStore, make_manifest
-from mpserve.version_metrics import ManifestSummaryCache
 
 MODEL = "bench"
 

@@ -128,14 +128,16 @@ class ModelStore:
             )
         return manifest
 
-    def load_version(
+    def read_version(
         self,
         model: str,
         version: int,
         expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
         expected_architecture: str | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Load (params, manifest), refusing weights whose sha256 or architecture does not match.
+        """Read (params, manifest), refusing weights whose sha256 or architecture does not match.
+
+        The files only: ``common.loading.load_version`` makes a servable version of them.
 
         Nothing in the weights file is trusted before its hash matches the manifest and its safetensors
         header has been bounds-checked.

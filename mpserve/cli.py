@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from mpserve.logs import configure_logging
+from common.logs import configure_logging
 
 app = typer.Typer(help="mpserve: a continual-learning inference server (Marketplace algorithm).",
                   no_args_is_help=True, add_completion=False)

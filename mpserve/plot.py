@@ -2,7 +2,7 @@
 
 The figures come from a store directory (manifests only, no Redis: no serving marker) or from a running
 server's ``GET /models/{m}/versions`` (which also says which version serves and lists refused candidates).
-Gathering (:func:`from_store`, :func:`from_url`, :func:`mpserve.version_metrics.series`) is separate from
+Gathering (:func:`from_store`, :func:`from_url`, :func:`common.version_metrics.series`) is separate from
 drawing (:func:`render_png`) so that what gets plotted can be checked without looking at pixels.
 """
 
@@ -18,12 +18,12 @@ import httpx
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.flags import build_parser
+from common.logs import configure_logging
+from common.names import validate_model_name
+from common.version_metrics import DEFAULT_LIMIT, MAX_LIMIT, ManifestSummaryCache, series
 from model_store import ModelStore
 from mpserve.client import MPServeClient, MPServeError
-from mpserve.flags import build_parser
-from mpserve.keys import validate_model_name
-from mpserve.logs import configure_logging
-from mpserve.version_metrics import DEFAULT_LIMIT, MAX_LIMIT, ManifestSummaryCache, series
 
 log = logging.getLogger(__name__)
 

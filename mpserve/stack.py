@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import redis
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.loading import seed_default_model
+from common.logs import configure_logging
 from model_store import ModelStore
-from mpserve.logs import configure_logging
-from mpserve.versions import seed_default_model
+from redis_io.connect import wait_until_up
 
 log = logging.getLogger("mpserve.up")
 
@@ -94,17 +94,9 @@ def start_redis(settings: StackSettings, logs: Path) -> tuple[subprocess.Popen, 
     proc = subprocess.Popen(cmd, stdout=(logs / "redis.log").open("ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=1)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if client.ping():
-                return proc, url
-        except redis.ConnectionError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"redis-server did not start (see {logs / 'redis.log'})")
-        time.sleep(0.05)
+    if not wait_until_up(url, 20, alive=lambda: proc.poll() is None):
+        raise SystemExit(f"redis-server did not start (see {logs / 'redis.log'})")
+    return proc, url
 
 
 def spawn(name: str, spec: ProcessSpec, logs: Path) -> subprocess.Popen:
@@ -187,6 +179,6 @@ def run(settings: StackSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mpserve.flags import settings_from_argv
+    from common.flags import settings_from_argv
 
     return run(settings_from_argv(StackSettings, argv, "mpserve up", "Run Redis, the API and the worker here."))

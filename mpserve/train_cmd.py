@@ -60,7 +60,7 @@ def run_train(arch: str, model_name: str, store_dir: Path | None, export_dir: Pa
         latest = src.latest(model_name)
         if latest is None:
             raise FileNotFoundError(f"no version of {model_name!r} in {init_from}")
-        params, prior = src.load_version(model_name, latest, expected_shapes=spec.param_shapes(),
+        params, prior = src.read_version(model_name, latest, expected_shapes=spec.param_shapes(),
                                          expected_architecture=spec.name)
         prior_training = prior.get("training") or {}
         earlier = [*prior_training.get("earlier_stages", []),

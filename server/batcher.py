@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from marketplace.reconcile import cross_entropy
-from mpserve.recordlog import AsyncRecordLog, PredictionRecord
+from redis_io.protocol import PredictionRecord
+from redis_io.recordlog import AsyncRecordLog
 from server.engine_thread import EngineThread
 from server.errors import ApiError, redis_op
 from server.metrics import ServerMetrics

@@ -13,16 +13,16 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from redis_io.connect import CONNECTION_ERRORS, REDIS_DOWN
+
 log = logging.getLogger(__name__)
 
 MAX_ERRORS = 20
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError)
 
 
 class ApiError(Exception):
@@ -98,5 +98,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_handler)
-    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_handler)
+    for exc_type in CONNECTION_ERRORS:
+        app.add_exception_handler(exc_type, _redis_handler)

@@ -10,10 +10,10 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from mpserve.device import DeviceError, use_device
-from mpserve.flags import build_parser as _build_parser
-from mpserve.flags import settings_from_argv
-from mpserve.logs import configure_logging
+from common.device import DeviceError, use_device
+from common.flags import build_parser as _build_parser
+from common.flags import settings_from_argv
+from common.logs import configure_logging
 from server.settings import ServerSettings
 
 PROG, DESCRIPTION = "python -m server", "mpserve API replica (FastAPI on uvicorn)"

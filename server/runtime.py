@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import redis.asyncio
 
+from common.faults import fault_point
+from common.loading import LoadedVersion, fallback_base, load_version
 from marketplace.engine import Engine, PerturbedWeights, leader_seeds
 from model_store import ModelStore
-from mpserve.faults import fault_point
-from mpserve.recordlog import AsyncRecordLog
-from mpserve.versions import LoadedVersion, fallback_base, load_version
+from redis_io.connect import AsyncClient
+from redis_io.events import EventSubscription
+from redis_io.recordlog import AsyncRecordLog
 from server.engine_thread import EngineThread
 from server.errors import ApiError, redis_op
 from server.metrics import ServerMetrics
@@ -71,6 +72,7 @@ class ModelRuntime:
         self.target: int | None = None  # what Redis said last
         self.error: str | None = None  # why the target is not what this replica serves, if it is not
         self._ancestor_of: int | None = None  # serving a fallback ancestor of this version (see _serve_ancestor)
+        self._unset = False  # Redis named no serving version at the last look (see _target_version)
         self._failed: dict[int, tuple[str, float]] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -197,28 +199,39 @@ class ModelRuntime:
         return f"{reason}; still serving version {self.served.version}"
 
     async def _target_version(self) -> int:
-        """``mp:{m}:version``; when unset, propose one with SET NX (the first replica to ask wins).
+        """``mp:{m}:version``. When it is unset, a replica never writes it once it serves: only one that
+        serves nothing yet (a deployment's first start) seeds it, through :meth:`_seed_version`.
 
-        The proposal is what this replica already serves (Redis lost its data: keep serving), else the
-        store's latest version (a fresh deployment).
+        A serving replica that finds it unset (Redis lost its data) keeps serving its version: the worker's
+        next publish, a rollback, or a replica that starts sets it again.
         """
         async with redis_op("read the serving version", self.redis_timeout_s):
             current = await self.records.current_version()
         if current is not None:
+            self._unset = False
             return current
         if self.served is not None:
-            proposal: int | None = self.served.version
-        else:
-            async with redis_op("read the version history", self.redis_timeout_s):
-                history = await self.records.history()
-            published = {h.get("version") for h in history if h.get("type") == "publish"}
-            # the newest version that was really published (or trained): never a crashed worker's leftover
-            proposal = await asyncio.to_thread(fallback_base, self.store, self.name, published)
+            if not self._unset:  # once, not once per poll
+                self._unset = True
+                log.warning("model %s: Redis names no serving version; still serving version %d", self.name,
+                            self.served.version)
+            return self.served.version
+        return await self._seed_version()
+
+    async def _seed_version(self) -> int:
+        """Seed ``mp:{m}:version`` with the store's newest published (or trained) version, if still unset.
+
+        SET NX (``AsyncRecordLog.seed_version``): the first replica to ask wins, and nothing set is ever
+        overwritten. Never a crashed worker's leftover, which was never published.
+        """
+        async with redis_op("read the version history", self.redis_timeout_s):
+            history = await self.records.history()
+        published = {h.get("version") for h in history if h.get("type") == "publish"}
+        proposal = await asyncio.to_thread(fallback_base, self.store, self.name, published)
         if proposal is None:
             raise ApiError(503, f"the model store has no version of {self.name!r}")
         async with redis_op("initialize the serving version", self.redis_timeout_s):
-            await self.records.client.set(self.records.keys.version, proposal, nx=True)
-            current = await self.records.current_version()
+            current = await self.records.seed_version(proposal)
         log.info("model %s: no serving version in Redis; proposed %d, Redis says %s", self.name, proposal, current)
         if current is None:
             raise ApiError(503, "the serving version vanished while it was being initialized")
@@ -248,8 +261,7 @@ class ModelRuntime:
 class VersionWatcher:
     """Nudges the runtimes: on every event of their channel, and every ``poll_interval_s`` regardless."""
 
-    def __init__(self, runtimes: dict[str, ModelRuntime], client: redis.asyncio.Redis, poll_interval_s: float
-                 ) -> None:
+    def __init__(self, runtimes: dict[str, ModelRuntime], client: AsyncClient, poll_interval_s: float) -> None:
         self.runtimes, self.client, self.poll_interval_s = runtimes, client, poll_interval_s
         self.channels = {rt.records.keys.events: name for name, rt in runtimes.items()}
         self.subscribed = False
@@ -277,21 +289,20 @@ class VersionWatcher:
     async def _listen(self) -> None:
         backoff = 0.2
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(*self.channels)
-                self.subscribed = True
-                backoff = 0.2
-                self._nudge_all()  # anything published while we were not listening
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is None or msg.get("type") != "message":
-                        continue
-                    channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
-                    model = self.channels.get(channel)
-                    if model is not None:
-                        log.debug("event on %s: %s", channel, _describe(msg.get("data")))
-                        self.runtimes[model].nudge()
+                async with EventSubscription(self.client, self.channels) as events:
+                    self.subscribed = True
+                    backoff = 0.2
+                    self._nudge_all()  # anything published while we were not listening
+                    while True:
+                        got = await events.next_message(timeout_s=1.0)
+                        if got is None:
+                            continue
+                        channel, data = got
+                        model = self.channels.get(channel)
+                        if model is not None:
+                            log.debug("event on %s: %s", channel, _describe(data))
+                            self.runtimes[model].nudge()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -301,10 +312,6 @@ class VersionWatcher:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 self.subscribed = False
-                try:
-                    await pubsub.aclose()
-                except Exception:  # the connection is gone already
-                    pass
 
 
 def _describe(data: object) -> str:

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, WithJsonSchema
 
+from common.names import MODEL_NAME_RE, RECORD_ID_RE
 from model_store.manifest import MAX_VERSION
-from mpserve.keys import MODEL_NAME_RE, RECORD_ID_RE
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_RE.pattern, description="model name; default: the server's",
                                  examples=["fashion"])]

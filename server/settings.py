@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mpserve.keys import validate_model_name
-from mpserve.settings_types import ApiKeys, ClientNames, ModelNames
+from common.names import validate_model_name
+from common.settings_types import ApiKeys, ClientNames, ModelNames
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 

@@ -7,16 +7,13 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated
 
-import redis
-import redis.asyncio
 from fastapi import Depends, Request
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from common.device import select_device
+from common.loading import seed_default_model
 from model_store import ModelStore
-from mpserve.device import select_device
-from mpserve.recordlog import AsyncRecordLog
-from mpserve.versions import seed_default_model
+from redis_io.connect import AsyncClient, SyncClient, api_client, blocking_client, events_client
+from redis_io.recordlog import AsyncRecordLog
 from server.access import ClientAccess
 from server.batcher import MicroBatcher
 from server.engine_thread import EngineThread
@@ -50,9 +47,9 @@ class ModelContext:
 class AppState:
     settings: ServerSettings
     store: ModelStore
-    redis: redis.asyncio.Redis  # requests: every call bounded by redis_timeout_s
-    events_redis: redis.asyncio.Redis  # pub/sub: a long-lived read without a socket timeout
-    sync_redis: redis.Redis  # the worker's trigger runs on a thread with a blocking client
+    redis: AsyncClient  # requests: every call bounded by redis_timeout_s
+    events_redis: AsyncClient  # pub/sub: a long-lived read without a socket timeout
+    sync_redis: SyncClient  # the worker's trigger runs on a thread with a blocking client
     engine_thread: EngineThread
     metrics: ServerMetrics
     models: dict[str, ModelContext]
@@ -71,12 +68,9 @@ class AppState:
     async def start(cls, settings: ServerSettings, metrics: ServerMetrics | None = None) -> AppState:
         """Connect, load every model's serving version (failures leave it not ready), start the loops."""
         t = settings.redis_timeout_s
-        client = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False, socket_timeout=t,
-                                              socket_connect_timeout=t, retry=Retry(NoBackoff(), 1))
-        events = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=t,
-                                              socket_keepalive=True, health_check_interval=30)
-        sync_client = redis.Redis.from_url(settings.redis_url, decode_responses=False, socket_connect_timeout=t,
-                                           socket_timeout=settings.reconcile_timeout_s + 10)
+        client = api_client(settings.redis_url, t)
+        events = events_client(settings.redis_url, t)
+        sync_client = blocking_client(settings.redis_url, t, settings.reconcile_timeout_s + 10)
         store = ModelStore(settings.store_dir)
         if settings.seed_default:
             await asyncio.to_thread(seed_default_model, store, settings.default_model)

@@ -274,7 +274,8 @@ def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_m
     """
     import numpy as np
 
-    from mpserve.recordlog import PredictionRecord, RecordLog
+    from redis_io.protocol import PredictionRecord
+    from redis_io.recordlog import RecordLog
 
     rng = rng if rng is not None else np.random.default_rng()
     records = [
@@ -293,7 +294,7 @@ _record_ids = itertools.count()
 
 def pending_ids(client: redis.Redis, model: str, group: str = "reconciler") -> list[str]:
     """Entry ids delivered to the consumer group and not acknowledged (none while the group is missing)."""
-    from mpserve.keys import ModelKeys
+    from redis_io.keys import ModelKeys
 
     try:
         rows = client.xpending_range(ModelKeys(model).feedback, group, "-", "+", 100_000)
@@ -314,7 +315,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 class ChildProcess:
     """A ``python -m <module>`` child with its output in a log file, and fault-injection helpers.
 
-    ``fault`` is ``MPSERVE_FAULT`` (see mpserve.faults); with a ``<point>:pause`` fault the child
+    ``fault`` is ``MPSERVE_FAULT`` (see common.faults); with a ``<point>:pause`` fault the child
     writes :attr:`marker` when it reaches the point, and :meth:`wait_paused` waits for that.
     """
 

@@ -24,15 +24,15 @@ import numpy as np
 import pytest
 import redis
 
+from common.loading import load_version, write_next_version
+from common.version_metrics import METRIC_FIELDS, ManifestSummaryCache, metrics_of, refused_entries, series
 from marketplace.models import mlp
 from marketplace.reconcile import fresh_seeds
 from model_store import ModelStore, make_manifest
-from mpserve.keys import ModelKeys
 from mpserve.plot import from_store, from_url, render_png
 from mpserve.plot import main as plot_main
-from mpserve.recordlog import RecordLog
-from mpserve.version_metrics import METRIC_FIELDS, ManifestSummaryCache, metrics_of, refused_entries, series
-from mpserve.versions import load_version, write_next_version
+from redis_io.keys import ModelKeys
+from redis_io.recordlog import RecordLog
 from tests.helpers import RedisProcess, ServerProcess, clean_env
 
 MODEL = "fashion"

@@ -11,7 +11,7 @@ import pytest
 from tinygrad import Device
 from tinygrad.helpers import DEV
 
-from mpserve.device import DeviceError, use_device
+from common.device import DeviceError, use_device
 from tests.helpers import REPO, clean_env
 
 

@@ -1,7 +1,7 @@
 """Fault tests against real processes: a worker SIGKILLed at each step of a reconciliation, Redis restarted
 under load, an API replica killed during a hot swap, a corrupt version in the store.
 
-Processes stop at a step through ``MPSERVE_FAULT=<point>:pause`` (mpserve.faults): the child writes a
+Processes stop at a step through ``MPSERVE_FAULT=<point>:pause`` (common.faults): the child writes a
 marker file when it gets there and blocks; the test checks what Redis and the store hold at that moment,
 then sends a real SIGKILL. Everything is checked from Redis and the store alone, as an operator would.
 """
@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import redis
 
+from common.loading import load_version, write_next_version
 from model_store import ModelStore
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import RecordLog
-from mpserve.versions import load_version, write_next_version
+from redis_io.keys import ModelKeys
+from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ApiProcess,
     ChildProcess,

@@ -19,7 +19,7 @@ import redis
 from bench.fuzz import fuzz_api, summary
 from model_store import ModelStore
 from mpserve.client import MPServeClient
-from mpserve.keys import ModelKeys
+from redis_io.keys import ModelKeys
 from server.access import TokenBucket
 from server.main import settings_from_args
 from server.settings import ServerSettings

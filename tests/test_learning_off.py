@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import redis
 
+from common.loading import load_version
 from marketplace.engine import Engine, leader_seeds
 from model_store import ModelStore
-from mpserve.keys import ModelKeys
-from mpserve.versions import load_version
+from redis_io.keys import ModelKeys
 from server.main import settings_from_args
 from tests.helpers import RedisProcess, ServerProcess, clean_env
 

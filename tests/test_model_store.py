@@ -300,7 +300,7 @@ def test_write_and_load_round_trip(store: ModelStore) -> None:
     assert final["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert final["note"] == "kept"
 
-    loaded, manifest = store.load_version("fashion", 0, expected_shapes=SHAPES, expected_architecture="mlp")
+    loaded, manifest = store.read_version("fashion", 0, expected_shapes=SHAPES, expected_architecture="mlp")
     assert manifest == final == store.read_manifest("fashion", 0)
     assert sorted(loaded) == sorted(params)
     for name, arr in params.items():
@@ -332,7 +332,7 @@ def test_refuses_to_overwrite(store: ModelStore) -> None:
     with pytest.raises(VersionExistsError, match="immutable"):
         write(store, 0, None, seed=99)
     assert weights.read_bytes() == before
-    store.load_version("fashion", 0)  # still intact
+    store.read_version("fashion", 0)  # still intact
 
 
 def test_flipped_byte_fails_the_hash(store: ModelStore) -> None:
@@ -342,7 +342,7 @@ def test_flipped_byte_fails_the_hash(store: ModelStore) -> None:
     data[-3] ^= 0x01  # one bit of one weight
     weights.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="sha256"):
-        store.load_version("fashion", 0)
+        store.read_version("fashion", 0)
 
 
 def test_truncated_weights_fail_the_hash(store: ModelStore) -> None:
@@ -350,10 +350,10 @@ def test_truncated_weights_fail_the_hash(store: ModelStore) -> None:
     weights = store.root / "fashion" / "versions" / "00000000.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(IntegrityError, match="sha256"):
-        store.load_version("fashion", 0)
+        store.read_version("fashion", 0)
     weights.unlink()
     with pytest.raises(IntegrityError, match="missing"):
-        store.load_version("fashion", 0)
+        store.read_version("fashion", 0)
 
 
 def test_tampered_manifest_is_refused(store: ModelStore) -> None:
@@ -365,26 +365,26 @@ def test_tampered_manifest_is_refused(store: ModelStore) -> None:
         store.read_manifest("fashion", 0)
     path.write_text("{not json")
     with pytest.raises(IntegrityError, match="invalid"):
-        store.load_version("fashion", 0)
+        store.read_version("fashion", 0)
 
 
 def test_shape_mismatch_names_the_tensor(store: ModelStore) -> None:
     write(store, 0, None)
     wrong = {**SHAPES, "l2.weight": (8, 3)}
     with pytest.raises(ArchitectureMismatch, match=r"'l2\.weight'.*\(3, 8\).*\(8, 3\)"):
-        store.load_version("fashion", 0, expected_shapes=wrong)
+        store.read_version("fashion", 0, expected_shapes=wrong)
     missing = {**SHAPES, "l3.weight": (2, 2)}
     with pytest.raises(ArchitectureMismatch, match=r"missing tensors \['l3\.weight'\]"):
-        store.load_version("fashion", 0, expected_shapes=missing)
+        store.read_version("fashion", 0, expected_shapes=missing)
     extra = {k: v for k, v in SHAPES.items() if k != "l1.bias"}
     with pytest.raises(ArchitectureMismatch, match=r"unexpected tensors \['l1\.bias'\]"):
-        store.load_version("fashion", 0, expected_shapes=extra)
+        store.read_version("fashion", 0, expected_shapes=extra)
 
 
 def test_architecture_mismatch_names_both(store: ModelStore) -> None:
     write(store, 0, None)
     with pytest.raises(ArchitectureMismatch, match=r"'mlp'.*expected 'resnet'"):
-        store.load_version("fashion", 0, expected_architecture="resnet")
+        store.read_version("fashion", 0, expected_architecture="resnet")
 
 
 def test_lineage_across_four_versions(store: ModelStore) -> None:
@@ -489,12 +489,12 @@ def test_version_without_manifest_is_not_listed(store: ModelStore) -> None:
     assert store.latest("fashion") == 0
     assert not store.has_version("fashion", 1)
     with pytest.raises(VersionNotFound):
-        store.load_version("fashion", 1)
+        store.read_version("fashion", 1)
     # The version can still be written properly; the orphan is replaced.
     final = write(store, 1, 0, seed=42)
     assert store.versions("fashion") == [0, 1]
     assert final["weights_sha256"] == hashlib.sha256(orphan.read_bytes()).hexdigest()
-    loaded, _ = store.load_version("fashion", 1)
+    loaded, _ = store.read_version("fashion", 1)
     assert loaded["l1.weight"].tobytes() == sample_params(42)["l1.weight"].tobytes()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpserve.recordlog import FeedbackEntry
+from redis_io.protocol import FeedbackEntry
 from worker.plan import plan_batch
 
 NOW_MS = 1_000_000_000

@@ -11,17 +11,16 @@ import redis
 import redis.asyncio
 
 from marketplace.reconcile import cross_entropy
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import (
-    AsyncRecordLog,
+from redis_io.keys import ModelKeys
+from redis_io.protocol import (
     EntryNotPendingError,
     FeedbackEntry,
     PredictionRecord,
-    RecordLog,
     StaleLeaderError,
     VersionMovedError,
     label_item,
 )
+from redis_io.recordlog import AsyncRecordLog, RecordLog
 from tests.helpers import start_redis, wait_until
 
 MODEL = "fashion"

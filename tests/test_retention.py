@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from model_store import ModelStore, make_manifest
 from mpserve.cli import app
 from mpserve.client import MPServeClient, MPServeError
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import RecordLog
+from redis_io.keys import ModelKeys
+from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ApiProcess,
     ChildProcess,

@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 import redis
 
+from common.loading import load_version, write_next_version
 from marketplace.deltas import path_params
 from marketplace.engine import Engine, leader_logits
 from marketplace.reconcile import cross_entropy
 from model_store import ModelStore
 from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import RecordLog
-from mpserve.versions import load_version, write_next_version
+from redis_io.keys import ModelKeys
+from redis_io.recordlog import RecordLog
 from server.main import settings_from_args
 from server.settings import ServerSettings
 from tests.helpers import RedisProcess, ServerProcess, clean_env, metric, numpy_mlp, start_redis, wait_until

@@ -15,11 +15,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from common.loading import shipped_store
 from model_store import ModelStore
 from mpserve.cli import app
 from mpserve.client import MPServeClient
 from mpserve.stack import StackSettings, process_specs
-from mpserve.versions import shipped_store
 from tests.helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_dockerfile_is_multi_stage_and_non_root():
 
 def test_the_shipped_default_model_loads_and_says_how_it_was_trained():
     store = shipped_store()
-    params, manifest = store.load_version("fashion", 0)
+    params, manifest = store.read_version("fashion", 0)
     assert manifest["architecture"]["name"] == "beautiful_mnist"
     assert manifest["validation"]["test_accuracy"] >= 0.90
     assert "backprop" in manifest["training"]["method"] or "marketplace" in manifest["training"]["method"]

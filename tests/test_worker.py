@@ -20,13 +20,15 @@ import pydantic
 import pytest
 import redis
 
+from common.loading import load_version, version_sources
 from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy
 from marketplace.update import UpdateConfig, class_loss_gap, propose_update
 from model_store import ModelStore
 from model_store.holdout import encode_holdout
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import PredictionRecord, RecordLog, StaleLeaderError
-from mpserve.versions import load_version, version_sources
+from redis_io.fenced import fenced_ack
+from redis_io.keys import ModelKeys
+from redis_io.protocol import PredictionRecord, StaleLeaderError
+from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ChildProcess,
     RedisProcess,
@@ -37,7 +39,6 @@ from tests.helpers import (
     wait_until,
     worker_args,
 )
-from worker.fenced import fenced_ack
 from worker.main import build_settings
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
@@ -147,8 +148,8 @@ def test_run_once_publishes_records_inputs_and_acks_exactly_them(
     assert set(later).isdisjoint(ids)
     hist = RecordLog(redis_client, MODEL).history()[-1]
     assert (hist["version"], hist["parent"], hist["entries"]) == (1, 0, 40)
-    p0, _ = store.load_version(MODEL, 0)
-    p1, _ = store.load_version(MODEL, 1)
+    p0, _ = store.read_version(MODEL, 0)
+    p1, _ = store.read_version(MODEL, 1)
     assert any(not np.array_equal(p0[k], p1[k]) for k in p0)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("reconciled "))
     assert "model=fashion version=1 parent=0 records=40 cohorts=1" in line and "loss_mean=" in line
@@ -352,7 +353,7 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
     spec = load_version(store, MODEL, 0).spec
     x1 = holdout_images(200, 1)
-    base_pred = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x1).argmax(1)
+    base_pred = numpy_mlp(spec, store.read_version(MODEL, 0)[0], x1).argmax(1)
     y1 = np.where(np.arange(200) % 2 == 0, base_pred, np.random.default_rng(2).integers(0, CLASSES, 200))
     h1 = store.write_holdout(MODEL, x1, y1)
     configured = tmp_path / "configured.npz"  # an operator's file: the upload takes precedence over it
@@ -388,7 +389,7 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
     assert (out.published, out.version) == (True, 2), out.reason
     m2 = store.read_manifest(MODEL, 2)
     used = [fed[i] for i in m2["inputs"]["entry_ids"]]
-    p0, p1, p2 = (store.load_version(MODEL, n)[0] for n in (0, 1, 2))
+    p0, p1, p2 = (store.read_version(MODEL, n)[0] for n in (0, 1, 2))
     records = Records(np.array([r.version for r in used]), np.array([r.path for r in used]),
                       np.array([r.loss for r in used]), np.array([r.label for r in used]))
     plain = propose_update(spec, p1, records, version_sources(store, MODEL, [1]), settings.reconcile_config(),
@@ -421,7 +422,7 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
     spec = load_version(store, MODEL, 0).spec
     x = holdout_images(200, 6)
-    y = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x).argmax(1)  # what v0 says: it scores (about) 1.0
+    y = numpy_mlp(spec, store.read_version(MODEL, 0)[0], x).argmax(1)  # what v0 says: it scores (about) 1.0
     configured = tmp_path / "holdout.npz"
     np.savez(configured, inputs=x, labels=y)
     settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0,
@@ -457,7 +458,7 @@ def test_a_refusal_reseeds_the_same_weights_so_the_next_candidate_probes_new_dir
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
     spec = load_version(store, MODEL, 0).spec
     x = holdout_images(200, 6)
-    y = numpy_mlp(spec, store.load_version(MODEL, 0)[0], x).argmax(1)
+    y = numpy_mlp(spec, store.read_version(MODEL, 0)[0], x).argmax(1)
     configured = tmp_path / "holdout.npz"
     np.savez(configured, inputs=x, labels=y)
     settings = make_settings(redis_server, store, holdout_path=configured, learning_rate=50.0, guard_tolerance=0.0,
@@ -501,7 +502,7 @@ def test_learning_options_reach_the_published_versions(
     used = [fed[i] for i in m2["inputs"]["entry_ids"]]
     records = Records(np.array([r.version for r in used]), np.array([r.path for r in used]),
                       np.array([r.loss for r in used]), np.array([r.label for r in used]))
-    p1, p2 = store.load_version(MODEL, 1)[0], store.load_version(MODEL, 2)[0]
+    p1, p2 = store.read_version(MODEL, 1)[0], store.read_version(MODEL, 2)[0]
     spec = load_version(store, MODEL, 1).spec
     sources = {1: VersionSeeds(seeds, 0.02, antithetic=True)}  # built from the manifest, not by the worker's code
     rc = ReconcileConfig(learning_rate=settings.learning_rate, min_cohort=8, baseline="class", step="unit")

@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from common.loading import LoadedVersion
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
 from marketplace.reconcile import cross_entropy
 from model_store import Holdout, ModelStore, ModelStoreError, read_holdout_file
-from mpserve.versions import LoadedVersion
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from mpserve.recordlog import RecordLog
+from redis_io.recordlog import RecordLog
 
 log = logging.getLogger(__name__)
 
@@ -104,5 +104,4 @@ class Lease:
 
     def holder(self) -> str | None:
         """Who holds the lease now, as Redis says (None: nobody)."""
-        raw = self.records.client.get(self.records.keys.lock)
-        return None if raw is None else raw.decode(errors="replace")
+        return self.records.lease_holder()

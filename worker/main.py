@@ -11,12 +11,11 @@ import signal
 import threading
 from collections.abc import Sequence
 
-import redis
-
+from common.device import DeviceError, use_device
+from common.flags import settings_from_argv
+from common.logs import configure_logging
 from model_store import ModelStore
-from mpserve.device import DeviceError, use_device
-from mpserve.flags import settings_from_argv
-from mpserve.logs import configure_logging
+from redis_io.connect import worker_client
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -33,11 +32,7 @@ def build_settings(argv: Sequence[str] | None = None) -> WorkerSettings:
 def run(settings: WorkerSettings, stop: threading.Event) -> None:
     """Reconcile every configured model until ``stop`` is set (embeddable: no signals, no logging setup)."""
     store = ModelStore(settings.store_dir)
-    # a half-open connection must not block a reconciler forever: reads block at most poll_ms, so a few
-    # seconds more than that is a dead socket
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=False,
-                                  socket_timeout=settings.poll_ms / 1000 + 5, socket_connect_timeout=5,
-                                  socket_keepalive=True, health_check_interval=30)
+    client = worker_client(settings.redis_url, settings.poll_ms)
     threads = [
         threading.Thread(target=Reconciler(settings, store, client, model).serve_forever, args=(stop,),
                          name=f"reconciler-{model}", daemon=True)

@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
-from mpserve.recordlog import FeedbackEntry
+from redis_io.protocol import FeedbackEntry
 
 
 def entry_order(entry_id: str) -> tuple[int, int]:

@@ -1,5 +1,9 @@
 """The reconciler of one model: read labelled records, turn them into the next version, publish it once.
 
+This module is the loop (lease, reading, deciding, building a candidate, reacting to the publish script's
+answer); the publish protocol's steps are :mod:`worker.publisher`, and the statistics with every record made of
+them (outcome, manifest, history, log line) are :mod:`worker.summary`.
+
 Exactly-once use of every feedback entry rests on three rules (docs/DESIGN.md §2):
 
 1. an entry stays pending in the consumer group until the publish script acknowledges it, in the same
@@ -16,7 +20,6 @@ Exactly-once use of every feedback entry rests on three rules (docs/DESIGN.md §
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 import threading
@@ -26,26 +29,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import redis
 
-from marketplace.reconcile import Records, VersionSeeds
-from marketplace.update import exploration_metrics, online_metrics, previous_step, propose_update
-from model_store import ModelStore, ModelStoreError, VersionExistsError, VersionNotFound
-from mpserve.faults import fault_point
-from mpserve.keys import validate_model_name
-from mpserve.recordlog import EntryNotPendingError, FeedbackEntry, RecordLog, StaleLeaderError, VersionMovedError
-from mpserve.versions import LoadedVersion, fallback_base, load_version, version_sources, write_next_version
-from worker.admin_queue import pop_requests, send_reply
-from worker.fenced import fenced_ack
+from common.faults import fault_point
+from common.loading import LoadedVersion, fallback_base, load_version, version_sources
+from common.names import validate_model_name
+from marketplace.reconcile import VersionSeeds
+from marketplace.update import previous_step, propose_update
+from model_store import ModelStore, ModelStoreError, VersionNotFound
+from redis_io.admin_queue import pop_requests, send_reply
+from redis_io.connect import CONNECTION_ERRORS, RedisError, SyncClient
+from redis_io.fenced import fenced_ack
+from redis_io.protocol import EntryNotPendingError, FeedbackEntry, StaleLeaderError, VersionMovedError
+from redis_io.recordlog import RecordLog
 from worker.guard import ValidationGuard, Verdict
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
+from worker.publisher import Publisher
 from worker.settings import WorkerSettings
+from worker.summary import ReconcileStats, describe_entries, feedback_records, served_metrics
 
 log = logging.getLogger(__name__)
 
 NOT_LEADER = "not leader"
-ENTRY_IDS_IN_MANIFEST = 4096  # above this, a manifest lists the entries by count, bounds and hash only
 READ_CHUNK = 10_000
 
 
@@ -66,33 +71,10 @@ class ReconcileOutcome:
                 "stats": self.stats, "reason": self.reason}
 
 
-def describe_entries(ids: Sequence[str]) -> dict[str, Any]:
-    """Count, bounds and sha256 of entry ids (stream order, joined by newlines); the ids when few."""
-    out: dict[str, Any] = {
-        "entries": len(ids),
-        "first_entry": ids[0] if ids else None,
-        "last_entry": ids[-1] if ids else None,
-        "entry_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-    }
-    if len(ids) <= ENTRY_IDS_IN_MANIFEST:
-        out["entry_ids"] = list(ids)
-    return out
-
-
-def _records(entries: Sequence[FeedbackEntry]) -> Records:
-    return Records(
-        version=np.array([e.version for e in entries], dtype=np.int64),
-        path=np.array([e.path for e in entries], dtype=np.int64).reshape(len(entries), -1),
-        loss=np.array([e.loss for e in entries], dtype=np.float64),
-        label=np.array([e.label for e in entries], dtype=np.int64),
-        base=np.array([np.nan if e.base_loss is None else e.base_loss for e in entries], dtype=np.float64),
-    )
-
-
 class Reconciler:
     """Reconciles one model while it holds the model's leader lease; see the module docstring."""
 
-    def __init__(self, settings: WorkerSettings, store: ModelStore, client: redis.Redis, model: str,
+    def __init__(self, settings: WorkerSettings, store: ModelStore, client: SyncClient, model: str,
                  owner: str | None = None) -> None:
         self.settings = settings
         self.store = store
@@ -104,8 +86,8 @@ class Reconciler:
         # The owner is unique per instance even if two processes were given the same consumer name.
         self.lease = Lease(self.records, owner or f"{settings.consumer}:{secrets.token_hex(4)}",
                            settings.lease_ttl_ms)
+        self.publisher = Publisher(settings, store, self.records, self.model, self.consumer, self.lease.owner)
         self.buffer: dict[str, FeedbackEntry] = {}
-        self._rng = np.random.default_rng()
         self._generation = 0  # bumped whenever the buffer gains entries
         self._last_attempt: tuple[Any, ...] | None = None
         self._last_publish = time.monotonic()
@@ -141,7 +123,7 @@ class Reconciler:
             while not stop.is_set():
                 try:
                     self.step(stop)
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except CONNECTION_ERRORS as exc:
                     log.warning("%s: Redis unavailable (%s); retrying", self.model, exc)
                     if self.lease.held:  # Redis may come back without its last writes: rebuild from it
                         self._lost("Redis connection lost; the buffer is rebuilt from Redis once it answers")
@@ -154,7 +136,7 @@ class Reconciler:
         finally:
             try:
                 self.close()
-            except redis.RedisError as exc:
+            except RedisError as exc:
                 log.warning("%s: could not release the lease (%s); it expires by itself", self.model, exc)
 
     def step(self, stop: threading.Event) -> None:
@@ -382,7 +364,7 @@ class Reconciler:
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
         with self.lease.renewing():  # the update and its validation may outlast the lease's TTL
-            result = propose_update(parent.spec, parent.params, _records(batch.usable),
+            result = propose_update(parent.spec, parent.params, feedback_records(batch.usable),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
                                     self.settings.update_config(), self._last_step(parent))
             verdict = self.guard.judge(parent, result.params)
@@ -391,45 +373,23 @@ class Reconciler:
             return ReconcileOutcome(False, None, parent.version, {}, "lost leadership: the lease expired while "
                                     "the candidate was built and validated", time.monotonic() - t0)
         used = [e for e, u in zip(batch.usable, result.used, strict=True) if u]
-        dropped = batch.dropped
-        counts = batch.counts()
-        stats = {**result.stats, **counts, "held_back": counts["held_back"] + len(batch.usable) - len(used),
-                 "trigger": trigger}
-        stats.pop("usable", None)
+        validation = None if verdict is None else verdict.validation
+        stats = ReconcileStats.of_update(result.stats, batch.counts(), len(batch.usable) - len(used), trigger,
+                                         served_metrics(used, validation))
         used_ids = [e.entry_id for e in used]
-        dropped_ids = sorted((e.entry_id for e in dropped), key=entry_order)
+        dropped_ids = sorted((e.entry_id for e in batch.dropped), key=entry_order)
         inputs = {**describe_entries(used_ids), "dropped": describe_entries(dropped_ids)}
-        correct = [e.correct for e in used]
-        hits = None if any(c is None for c in correct) else np.array(correct, dtype=bool)
-        probes = [e.probe_correct for e in used]
-        metrics: dict[str, Any] = {
-            **online_metrics(np.array([e.loss if e.base_loss is None else e.base_loss for e in used]), hits),
-            **(exploration_metrics(_records(used).path, hits, None if any(p is None for p in probes)
-                                   else np.array(probes, dtype=bool)) if hits is not None
-               else {"leader_accuracy": None, "probe_accuracy": None}),
-            "validation_accuracy": None, "validation_loss": None, "holdout_size": None, "records": len(used)}
-        if verdict is not None:
-            metrics.update(validation_accuracy=verdict.validation["accuracy"],
-                           validation_loss=verdict.validation["loss"], holdout_size=verdict.validation["size"])
-        stats["metrics"] = metrics
         if verdict is not None and not verdict.accepted:
             return self._refuse(parent, verdict, stats, used_ids + dropped_ids, expected, t0)
 
-        version, manifest = self._write(parent, result.params, stats, inputs,
-                                        None if verdict is None else verdict.validation)
+        version, manifest = self.publisher.write(parent, result.params, stats, inputs, validation)
         fault_point("after_store_write")
-        history = {"parent": parent.version, "records": stats["records"], "cohorts": len(stats["cohorts"]),
-                   "outliers_dropped": stats["outliers_dropped"], "stale_dropped": counts["stale_dropped"],
-                   "expired_dropped": counts["expired_dropped"], "invalid_dropped": counts["invalid_dropped"],
-                   "loss_mean": stats["loss_mean"], "loss_std": stats["loss_std"], "entries": len(used_ids),
-                   "entry_ids_sha256": inputs["entry_ids_sha256"], "weights_sha256": manifest["weights_sha256"],
-                   "consumer": self.consumer, "owner": self.lease.owner, "token": self.lease.token,
-                   "trigger": trigger, "metrics": stats["metrics"]}
         token = self.lease.token
         assert token is not None
         acked, failed = self._fenced(f"publish of version {version}", parent.version, stats, t0, version,
-                                     lambda: self.records.publish(token, version, history, used_ids + dropped_ids,
-                                                                  expected_version=expected))
+                                     lambda: self.publisher.publish(token, version, parent.version, stats, inputs,
+                                                                    manifest["weights_sha256"],
+                                                                    used_ids + dropped_ids, expected))
         if failed is not None:
             return failed
         fault_point("after_publish")
@@ -440,15 +400,19 @@ class Reconciler:
             self.buffer.pop(i, None)
         self._last_publish = time.monotonic()
         seconds = time.monotonic() - t0
-        stats["seconds"] = round(seconds, 6)
-        self._log_publish(version, parent.version, stats)
-        self._retain(version, parent.version)
-        return ReconcileOutcome(True, version, parent.version, stats, None, seconds)
+        stats.seconds = round(seconds, 6)
+        log.info("reconciled %s", stats.log_line(self.model, version, parent.version))
+        self.publisher.retain(version, parent.version, self._window[1] if self._window else ())
+        return ReconcileOutcome(True, version, parent.version, stats.as_dict(), None, seconds)
 
-    def _fenced(self, what: str, base: int, stats: dict[str, Any], t0: float, garbage: int | None,
+    def _fenced(self, what: str, base: int, stats: ReconcileStats, t0: float, garbage: int | None,
                 call: Callable[[], int]) -> tuple[int, ReconcileOutcome | None]:
         """Run a fenced publish-script call; on a refusal, the outcome that says why (and what it leaves)."""
         left = "" if garbage is None else f"; version {garbage} stays unpublished garbage in the store"
+
+        def refused(reason: str) -> tuple[int, ReconcileOutcome]:
+            return 0, ReconcileOutcome(False, None, base, stats.as_dict(), reason, time.monotonic() - t0)
+
         try:
             return call(), None
         except VersionMovedError as exc:
@@ -456,32 +420,30 @@ class Reconciler:
             # The entries stay pending and buffered; the next iteration plans from the new version.
             self._last_attempt = None
             log.warning("%s: %s refused: %s; its entries stay pending, planning again%s", self.model, what, exc, left)
-            return 0, ReconcileOutcome(False, None, base, stats, f"version moved: {exc}", time.monotonic() - t0)
+            return refused(f"version moved: {exc}")
         except StaleLeaderError as exc:
             self._lost(f"{what} refused: {exc}")
             log.warning("%s: lost leadership%s", self.model, left)
-            return 0, ReconcileOutcome(False, None, base, stats, f"lost leadership: {exc}", time.monotonic() - t0)
+            return refused(f"lost leadership: {exc}")
         except EntryNotPendingError as exc:
             # Our buffer disagrees with Redis (another leader with our token, or Redis lost writes): stop
             # leading; whoever takes the lease next rebuilds its buffer from what is really pending.
             self._lost(f"{what} refused: {exc}")
             log.warning("%s: entries no longer pending%s", self.model, left)
-            return 0, ReconcileOutcome(False, None, base, stats, f"{what} refused: {exc}", time.monotonic() - t0)
+            return refused(f"{what} refused: {exc}")
         except BaseException:
             # The script may or may not have run: only Redis knows which entries are acknowledged now.
             self._lost(f"{what} failed; its outcome is unknown")
             raise
 
-    def _refuse(self, parent: LoadedVersion, verdict: Verdict, stats: dict[str, Any], entry_ids: list[str],
+    def _refuse(self, parent: LoadedVersion, verdict: Verdict, stats: ReconcileStats, entry_ids: list[str],
                 expected: int | None, t0: float) -> ReconcileOutcome:
         """Record a candidate the guard refused and acknowledge its entries; serving stays on ``parent``."""
-        history = {"parent": parent.version, "records": stats["records"], "metrics": stats["metrics"],
-                   "validation": verdict.validation, "consumer": self.consumer, "owner": self.lease.owner,
-                   "token": self.lease.token, "trigger": stats["trigger"]}
         token = self.lease.token
         assert token is not None
         _, failed = self._fenced("recording a refused candidate", parent.version, stats, t0, None,
-                                 lambda: self.records.refuse(token, parent.version, history, entry_ids, expected))
+                                 lambda: self.publisher.refuse(token, parent.version, stats, verdict.validation,
+                                                               entry_ids, expected))
         if failed is not None:
             return failed
         for i in entry_ids:
@@ -493,10 +455,10 @@ class Reconciler:
         if self.settings.reseed_on_refusal:
             self._reseed(parent, verdict, stats, expected)
         seconds = time.monotonic() - t0
-        stats["seconds"] = round(seconds, 6)
-        return ReconcileOutcome(False, None, parent.version, stats, reason, seconds)
+        stats.seconds = round(seconds, 6)
+        return ReconcileOutcome(False, None, parent.version, stats.as_dict(), reason, seconds)
 
-    def _reseed(self, parent: LoadedVersion, verdict: Verdict, stats: dict[str, Any], expected: int | None) -> None:
+    def _reseed(self, parent: LoadedVersion, verdict: Verdict, stats: ReconcileStats, expected: int | None) -> None:
         """Publish the parent's weights again under fresh seeds (no entries), so serving probes new directions.
 
         Without it a refused candidate leaves the same seeds serving, the next records measure the same
@@ -506,31 +468,23 @@ class Reconciler:
         before = verdict.validation
         validation = {**before, "accuracy": before["parent_accuracy"], "loss": None, "accepted": True,
                       "reseed_of": parent.version}
-        meta = {"metrics": {"online_loss": None, "online_accuracy": None, "records": 0, "leader_accuracy": None,
-                            "probe_accuracy": None,
-                            "validation_accuracy": before["parent_accuracy"], "validation_loss": None,
-                            "holdout_size": before["size"]},
-                "trigger": stats["trigger"], "stale_dropped": 0, "expired_dropped": 0, "invalid_dropped": 0,
-                "held_back": 0, "records": 0, "cohorts": [], "outliers_dropped": 0, "loss_mean": None,
-                "loss_std": None, "direction_norm": 0.0, "loss_gap": None, "learning_rate": 0.0}
         try:
-            version, manifest = self._write(parent, parent.params, meta, describe_entries([]), validation,
-                                            kind="reseed after a refused candidate")
+            reseed = ReconcileStats.of_reseed(stats.trigger, before)
+            version, manifest = self.publisher.write(parent, parent.params, reseed, describe_entries([]), validation,
+                                                     kind="reseed after a refused candidate")
             token = self.lease.token
             assert token is not None
             _, failed = self._fenced(f"publish of reseeded version {version}", parent.version, stats,
                                      time.monotonic(), version,
-                                     lambda: self.records.publish(token, version, {
-                                         "parent": parent.version, "records": 0, "reseed": True,
-                                         "weights_sha256": manifest["weights_sha256"], "owner": self.lease.owner,
-                                         "token": token, "trigger": "reseed"}, [], expected_version=expected))
+                                     lambda: self.publisher.publish_reseed(token, version, parent.version,
+                                                                           manifest["weights_sha256"], expected))
         except Exception:
             log.exception("%s: re-seeding after a refusal failed; the parent's seeds keep serving", self.model)
             return
         if failed is None:
             log.info("%s: version %d re-seeds version %d after a refused candidate", self.model, version,
                      parent.version)
-            stats["reseeded_as"] = version
+            stats.reseeded_as = version
 
     def _last_step(self, parent: LoadedVersion) -> dict[str, np.ndarray] | None:
         """θ_n − θ_{n−1} for momentum: only when the parent is itself a reconciliation of a stored version."""
@@ -544,62 +498,3 @@ class Reconciler:
                 log.info("%s: no momentum from version %s (%s)", self.model, grand, exc)
                 return None
         return previous_step(parent.params, self._grandparent.params)
-
-    def _write(self, parent: LoadedVersion, params: dict[str, np.ndarray], stats: dict[str, Any],
-               inputs: dict[str, Any], validation: dict[str, Any] | None = None,
-               kind: str = "marketplace reconciliation") -> tuple[int, dict[str, Any]]:
-        """Store the update under the next free number (a stale leader may have taken one: skip it)."""
-        extra = {"metrics": stats["metrics"], "validation": validation, "stale_dropped": stats["stale_dropped"],
-                 "expired_dropped": stats["expired_dropped"], "invalid_dropped": stats["invalid_dropped"],
-                 "held_back": stats["held_back"], "inputs": inputs,
-                 "reconciler": {**self.settings.manifest_record(), "trigger": stats["trigger"]},
-                 "training": {"kind": kind, "direction_norm": stats["direction_norm"],
-                              "loss_gap": stats["loss_gap"]}}
-        for attempt in range(3):
-            version = max([*self.store.versions(self.model), parent.version]) + 1
-            try:
-                manifest = write_next_version(self.store, parent, version, params, stats,
-                                              stats["learning_rate"], self._rng, eps=self.settings.probe_scale,
-                                              vendors=self.settings.vendors,
-                                              antithetic=self.settings.antithetic, **extra)
-                return version, manifest
-            except VersionExistsError:
-                if attempt == 2:
-                    raise
-                log.warning("%s: version %d was written by someone else; taking the next number", self.model,
-                            version)
-        raise AssertionError("unreachable")
-
-    def _log_publish(self, version: int, parent: int, stats: dict[str, Any]) -> None:
-        fields = {"model": self.model, "version": version, "parent": parent, "records": stats["records"],
-                  "cohorts": len(stats["cohorts"]), "outliers_dropped": stats["outliers_dropped"],
-                  "stale_dropped": stats["stale_dropped"], "expired_dropped": stats["expired_dropped"],
-                  "invalid_dropped": stats["invalid_dropped"], "held_back": stats["held_back"],
-                  "loss_mean": _fmt(stats["loss_mean"]), "loss_std": _fmt(stats["loss_std"]),
-                  "trigger": stats["trigger"], "seconds": f"{stats['seconds']:.3f}"}
-        log.info("reconciled %s", " ".join(f"{k}={v}" for k, v in fields.items()))
-
-    def _retain(self, version: int, parent: int) -> None:
-        """Delete old versions, keeping the current one, its parent, every version a cohort may use and the pins.
-
-        The store adds lineage roots and its own pins (``POST /admin/versions/{n}/pin``); the count goes to
-        Redis, where ``GET /metrics`` of any API replica reads it.
-        """
-        protect = {version, parent, *(self._window[1] if self._window else ())}
-        try:
-            deleted = self.store.apply_retention(self.model, self.settings.keep_versions, protect,
-                                                 self.settings.pin_versions)
-        except Exception:
-            log.exception("%s: retention failed (versions are kept)", self.model)
-            return
-        if not deleted:
-            return
-        log.info("%s: retention deleted %d versions %s", self.model, len(deleted), deleted)
-        try:
-            self.records.record_retention(deleted)
-        except redis.RedisError:
-            log.exception("%s: could not count the %d deleted versions in Redis", self.model, len(deleted))
-
-
-def _fmt(x: float | None) -> str:
-    return "none" if x is None else f"{x:.6g}"

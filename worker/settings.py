@@ -1,6 +1,6 @@
 """Settings of the reconciler worker: one pydantic-settings class, from MPSERVE_* variables and CLI flags.
 
-Every field is also a command-line flag (``--min-records`` for ``min_records``, see :mod:`mpserve.flags`);
+Every field is also a command-line flag (``--min-records`` for ``min_records``, see :mod:`common.flags`);
 flags override the environment, which overrides the defaults.
 """
 
@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.settings_types import ClientNames, ModelNames, VersionNumbers
 from marketplace.reconcile import ReconcileConfig
 from marketplace.update import UpdateConfig
-from mpserve.settings_types import ClientNames, ModelNames, VersionNumbers
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -33,7 +33,7 @@ class WorkerSettings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared with the API replicas")
     store_dir: Path = Field(Path("./data/store"), description="root of the model store")
-    # MPSERVE_MODELS=a,b or a JSON list (see mpserve.settings_types)
+    # MPSERVE_MODELS=a,b or a JSON list (see common.settings_types)
     models: ModelNames = Field(default_factory=lambda: ["fashion"],
                                                    description="models to reconcile (a,b or a list)")
     consumer: str = Field(default_factory=default_consumer, min_length=1, max_length=200,

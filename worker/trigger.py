@@ -14,11 +14,11 @@ import time
 import uuid
 from typing import Any
 
-import redis
-
 from model_store import ModelStore
-from mpserve.keys import ModelKeys
-from worker.admin_queue import push_request, wait_reply
+from redis_io.admin_queue import push_request, wait_reply
+from redis_io.connect import SyncClient
+from redis_io.keys import ModelKeys
+from redis_io.recordlog import RecordLog
 from worker.reconciler import NOT_LEADER, Reconciler
 from worker.settings import WorkerSettings
 
@@ -32,7 +32,7 @@ class ReconcileTimeout(TimeoutError):
     """No answer within the timeout; the worker may still run (or have run) the reconciliation."""
 
 
-def _in_process(client: redis.Redis, store: ModelStore, settings: WorkerSettings, model: str) -> dict[str, Any] | None:
+def _in_process(client: SyncClient, store: ModelStore, settings: WorkerSettings, model: str) -> dict[str, Any] | None:
     """Reconcile here under an admin lease; None if someone took the lease first."""
     owner = f"{ADMIN_OWNER_PREFIX}{settings.consumer}:{secrets.token_hex(4)}"
     rec = Reconciler(settings, store, client, model, owner=owner)
@@ -45,7 +45,7 @@ def _in_process(client: redis.Redis, store: ModelStore, settings: WorkerSettings
     return outcome.as_dict()
 
 
-def request_reconcile(client: redis.Redis, store: ModelStore, settings: WorkerSettings, model: str,
+def request_reconcile(client: SyncClient, store: ModelStore, settings: WorkerSettings, model: str,
                       timeout_s: float = 30.0) -> dict[str, Any]:
     """Run a forced reconciliation of ``model`` and return its outcome dict.
 
@@ -53,11 +53,11 @@ def request_reconcile(client: redis.Redis, store: ModelStore, settings: WorkerSe
     the worker holding the lease does not answer within ``timeout_s`` (or another admin run holds the
     lease that long).
     """
-    keys = ModelKeys(model)
+    records = RecordLog(client, model)
+    keys = records.keys
     deadline = time.monotonic() + timeout_s
     while True:
-        raw = client.get(keys.lock)
-        holder = None if raw is None else raw.decode(errors="replace")
+        holder = records.lease_holder()
         if holder is None:
             outcome = _in_process(client, store, settings, model)
             if outcome is not None:
@@ -70,7 +70,7 @@ def request_reconcile(client: redis.Redis, store: ModelStore, settings: WorkerSe
         time.sleep(_RETRY_S)
 
 
-def _ask_worker(client: redis.Redis, keys: ModelKeys, holder: str, deadline: float,
+def _ask_worker(client: SyncClient, keys: ModelKeys, holder: str, deadline: float,
                 timeout_s: float) -> dict[str, Any]:
     rid = uuid.uuid4().hex
     remaining = max(deadline - time.monotonic(), 0.01)

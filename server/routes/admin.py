@@ -15,10 +15,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from common.loading import load_version
+from common.names import MODEL_NAME_RE
 from model_store import Holdout, IntegrityError, ModelStoreError, VersionNotFound
 from model_store.manifest import MAX_VERSION
-from mpserve.keys import MODEL_NAME_RE
-from mpserve.versions import load_version
+from redis_io.connect import ping
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
 from server.jsonbody import StrictJSONRoute
 from server.schemas import (
@@ -88,7 +89,7 @@ async def reconcile(body: ReconcileRequest, state: StateDep) -> ReconcileRespons
         raise ApiError(501, f"the reconciler is not installed: {exc}") from exc
     settings = state.settings
     async with redis_op("reconcile", settings.redis_timeout_s):  # fail fast: the worker's client waits long
-        await state.redis.ping()
+        await ping(state.redis)
     try:
         outcome = await asyncio.to_thread(request_reconcile, state.sync_redis, state.store,
                                           worker_settings(settings), ctx.name, settings.reconcile_timeout_s)

@@ -8,7 +8,8 @@ import logging
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from mpserve.version_metrics import metrics_of
+from common.version_metrics import metrics_of
+from redis_io.connect import ping
 from server.errors import REDIS_DOWN
 from server.schemas import Health, ModelReadiness, Readiness
 from server.state import StateDep
@@ -35,7 +36,7 @@ async def readyz(state: StateDep) -> JSONResponse:
     reasons = []
     try:
         async with asyncio.timeout(state.settings.redis_timeout_s):
-            await state.redis.ping()
+            await ping(state.redis)
         redis_status = "ok"
     except REDIS_DOWN as exc:
         redis_status = f"unreachable: {type(exc).__name__}: {exc}"

@@ -1,7 +1,7 @@
 """POST /label: attach late labels to served predictions.
 
 The loss is computed here from the logits that were served (one round trip to fetch them; with paired probes
-the leader's loss on the same input too, see `mpserve.recordlog.label_item`), then every
+the leader's loss on the same input too, see `redis_io.protocol.label_item`), then every
 label is attached atomically by the Lua script (one round trip for the whole request).
 """
 
@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body
 
-from mpserve.recordlog import LabelItem, label_item
+from redis_io.protocol import LabelItem, label_item
 from server.access import ACCESS_ERRORS, ClientDep
 from server.errors import ApiError, learning_off, redis_op
 from server.jsonbody import StrictJSONRoute

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from mpserve.keys import MODEL_NAME_RE
+from common.names import MODEL_NAME_RE
 from server.errors import redis_op
 from server.schemas import ErrorResponse, ModelInfo, ModelList
 from server.state import AppState, ModelContext, StateDep

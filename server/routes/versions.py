@@ -10,9 +10,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse
 
+from common.names import MODEL_NAME_RE
+from common.version_metrics import DEFAULT_LIMIT, MAX_LIMIT, ManifestSummaryCache, refused_entries
 from model_store import IntegrityError
-from mpserve.keys import MODEL_NAME_RE
-from mpserve.version_metrics import DEFAULT_LIMIT, MAX_LIMIT, ManifestSummaryCache, refused_entries
 from server.errors import redis_op
 from server.schemas import ErrorResponse, ModelVersions
 from server.state import AppState, StateDep

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import redis
 from redis.exceptions import WatchError
 
-from mpserve.faults import fault_point
-from mpserve.keys import ModelKeys
-from mpserve.recordlog import StaleLeaderError
+from common.faults import fault_point
+from redis_io.keys import ModelKeys
+from redis_io.protocol import StaleLeaderError
 
 log = logging.getLogger(__name__)
 

@@ -6,31 +6,9 @@ slot and a Lua script may touch any of them.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-# one rule: a model name is also a directory name in the store
-from model_store.store import MODEL_NAME_RE, validate_model_name
-
-__all__ = ["CLIENT_NAME_RE", "MODEL_NAME_RE", "RECORD_ID_RE", "ModelKeys", "validate_client_name",
-           "validate_model_name", "validate_record_id"]
-
-RECORD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CLIENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def validate_client_name(name: str) -> str:
-    """An API client's name goes into Redis records and logs: a short plain token, never free text."""
-    if not isinstance(name, str) or not CLIENT_NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid client name {name!r}: must match {CLIENT_NAME_RE.pattern}")
-    return name
-
-
-def validate_record_id(record_id: str) -> str:
-    """Return ``record_id`` if it is a valid prediction id, else raise ValueError."""
-    if not isinstance(record_id, str) or not RECORD_ID_RE.fullmatch(record_id):
-        raise ValueError(f"invalid record id {record_id!r}: must match {RECORD_ID_RE.pattern}")
-    return record_id
+from common.names import validate_model_name, validate_record_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from mpserve.keys import RECORD_ID_RE, ModelKeys
+from common.names import RECORD_ID_RE
+from redis_io.keys import ModelKeys
+from redis_io.protocol import clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +28,20 @@ MAX_REQUESTS_PER_POP = 64
 
 
 @dataclass(frozen=True)
-class ReconcileRequest:
+class QueuedRequest:
+    """A reconcile request as the worker pops it (the HTTP body is ``server.schemas.ReconcileRequest``)."""
+
     id: str
     deadline_ms: int
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def push_request(client: redis.Redis, keys: ModelKeys, request_id: str, timeout_s: float) -> None:
     """Queue a request that its caller will wait ``timeout_s`` for."""
-    body = {"id": request_id, "deadline_ms": _now_ms() + int(timeout_s * 1000)}
+    body = {"id": request_id, "deadline_ms": clock_ms() + int(timeout_s * 1000)}
     client.rpush(keys.requests, json.dumps(body))
 
 
-def _parse(raw: bytes | str) -> ReconcileRequest | None:
+def _parse(raw: bytes | str) -> QueuedRequest | None:
     try:
         body = json.loads(raw)
         rid, deadline = body["id"], int(body["deadline_ms"])
@@ -50,15 +49,15 @@ def _parse(raw: bytes | str) -> ReconcileRequest | None:
         return None
     if not isinstance(rid, str) or not RECORD_ID_RE.fullmatch(rid):
         return None
-    return ReconcileRequest(rid, deadline)
+    return QueuedRequest(rid, deadline)
 
 
-def pop_requests(client: redis.Redis, keys: ModelKeys) -> list[ReconcileRequest]:
+def pop_requests(client: redis.Redis, keys: ModelKeys) -> list[QueuedRequest]:
     """Take the queued requests whose callers still wait; malformed or expired ones are discarded."""
     raw = client.lpop(keys.requests, MAX_REQUESTS_PER_POP)
     if not raw:
         return []
-    now, out = _now_ms(), []
+    now, out = clock_ms(), []
     for item in raw:
         req = _parse(item)
         if req is None:

@@ -1,4 +1,4 @@
-"""Lua scripts of the Redis layer, loaded from package files and registered with redis-py.
+"""The Lua scripts of the Redis layer (``redis_io/lua/*.lua``), loaded from package files, registered with redis-py.
 
 Single calls go through redis-py's ``Script`` (EVALSHA, SCRIPT LOAD + retry on NOSCRIPT).
 Batches go through :func:`eval_many`: redis-py's own pipeline support sends a SCRIPT EXISTS round
@@ -36,10 +36,10 @@ Prelude = Callable[[Any], None]  # queues plain commands on a pipeline
 
 @functools.cache
 def script_source(name: str) -> str:
-    """Text of ``mpserve/lua/{name}.lua``."""
+    """Text of ``redis_io/lua/{name}.lua`` (package data: found in a source checkout and in an installed wheel)."""
     if name not in SCRIPT_NAMES:
         raise KeyError(f"unknown script {name!r}")
-    return resources.files("mpserve").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files("redis_io").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)

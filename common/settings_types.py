@@ -8,8 +8,8 @@ from typing import Annotated
 from pydantic import AfterValidator, BeforeValidator, SecretStr
 from pydantic_settings import NoDecode
 
+from common.names import validate_client_name, validate_model_name
 from model_store.manifest import check_version
-from mpserve.keys import validate_client_name, validate_model_name
 
 
 def _split(v: object) -> object:

@@ -2,6 +2,9 @@
 
 The one place that turns a stored version into a spec, parameters, seeds and probe scale (for the
 server's engine and the worker's reconciler), and a reconciled update into the next stored version.
+The store itself only reads and writes files (``ModelStore.read_version``: weights and manifest);
+:func:`load_version` here makes a :class:`LoadedVersion` of them. Also the shipped default model
+(``common/assets/store``) and the seeding of an empty store with it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def load_version(store: ModelStore, model: str, version: int) -> LoadedVersion:
     """Read, hash-check and shape-check a version against the architecture its manifest names."""
     manifest = store.read_manifest(model, version)
     spec = spec_from_architecture(manifest["architecture"])
-    params, manifest = store.load_version(model, version, expected_shapes=spec.param_shapes(),
+    params, manifest = store.read_version(model, version, expected_shapes=spec.param_shapes(),
                                           expected_architecture=spec.name)
     seeds = seeds_array(manifest)
     if seeds.shape[0] != len(spec.groups):
@@ -105,8 +108,8 @@ def fallback_base(store: ModelStore, model: str, published: set[Any]) -> int | N
 
 
 def shipped_store() -> ModelStore:
-    """The store inside the package that holds the default model (`mpserve train --export-dir` writes it)."""
-    return ModelStore(Path(str(resources.files("mpserve") / "assets" / "store")))
+    """The store inside this package that holds the default model (`mpserve train --export-dir` writes it)."""
+    return ModelStore(Path(str(resources.files("common") / "assets" / "store")))
 
 
 def seed_default_model(store: ModelStore, model: str) -> bool:
@@ -114,7 +117,7 @@ def seed_default_model(store: ModelStore, model: str) -> bool:
     if store.versions(model):
         return False
     shipped = shipped_store()
-    params, manifest = shipped.load_version(DEFAULT_ASSET, 0)
+    params, manifest = shipped.read_version(DEFAULT_ASSET, 0)
     manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "model")}
     manifest["model"] = model
     store.write_version(model, 0, params, manifest)

@@ -266,17 +266,17 @@ class ServerProcess:
 # ------------------------------------------------------------------------------------------ feedback
 
 
-def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_ms: int | None = None,
-                rng=None, groups: int = 2, vendors: int = 4, classes: int = 10) -> list[str]:
+def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_ms: int | None = None, *,
+                rng, groups: int = 2, vendors: int = 4, classes: int = 10) -> list[str]:  # type: ignore[no-untyped-def]
     """Write ``n`` labelled predictions served by ``version`` on random paths; their stream entry ids, in order.
 
-    The defaults fit :func:`make_store`'s model (2 layer groups, 4 vendors, 10 classes).
+    ``rng``: the test's own seeded generator (paths, labels and losses are drawn from it). The defaults fit
+    :func:`make_store`'s model (2 layer groups, 4 vendors, 10 classes).
     """
     import numpy as np
 
     from mpserve.recordlog import PredictionRecord, RecordLog
 
-    rng = rng if rng is not None else np.random.default_rng()
     records = [
         PredictionRecord(f"p{next(_record_ids)}", version, tuple(int(v) for v in rng.integers(0, vendors, groups)),
                          np.zeros(classes, np.float32), label=int(rng.integers(classes)),

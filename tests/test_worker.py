@@ -46,10 +46,17 @@ from worker.trigger import ReconcileTimeout, request_reconcile
 MODEL = "fashion"
 K = ModelKeys(MODEL)
 GROUPS, VENDORS, CLASSES = 2, 4, 10  # make_store's mlp(hidden=(32,)) with 4 vendors
-_rng = np.random.default_rng(1234)
+_rng = np.random.default_rng(1234)  # feed()'s records; seeded afresh for each test (see _seeded_feed)
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(autouse=True)
+def _seeded_feed() -> None:
+    """Each test's fed records come from the same seed, whichever tests ran before it (or did not)."""
+    global _rng
+    _rng = np.random.default_rng(1234)
 
 
 @pytest.fixture
@@ -67,7 +74,7 @@ def make_settings(redis_server: RedisProcess, store: ModelStore, **overrides: ob
 
 def feed(client: redis.Redis, n: int, version: int = 0, now_ms: int | None = None) -> list[str]:
     """Write n labelled predictions served by ``version`` on random paths; returns their stream entry ids."""
-    return feed_labels(client, MODEL, n, version, now_ms, _rng, GROUPS, VENDORS, CLASSES)
+    return feed_labels(client, MODEL, n, version, now_ms, rng=_rng, groups=GROUPS, vendors=VENDORS, classes=CLASSES)
 
 
 def pending(client: redis.Redis) -> list[str]:

@@ -324,6 +324,27 @@ def test_a_rollback_during_reconciliation_is_not_undone(
     assert pending(redis_client) == []
 
 
+def test_retention_after_each_publish_keeps_what_cohorts_and_rollbacks_need(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    """Reconciler._retain with keep_versions=1: after publishing n on n-1 it keeps n and n-1, the versions the
+    reconciliation's cohorts could come from (n-1 back max_cohort_age steps), the parent of each of those
+    (momentum and rollbacks read them), the root and the worker's pins; and counts what it deleted."""
+    age, pinned = 2, 1
+    rec = Reconciler(make_settings(redis_server, store, keep_versions=1, max_cohort_age=age, pin_versions=[pinned]),
+                     store, redis_client, MODEL)
+    deleted: set[int] = set()
+    for n in range(1, 9):
+        feed(redis_client, 32, version=n - 1)
+        assert rec.run_once().version == n
+        cohort_window = {max(n - 1 - k, 0) for k in range(age + 1)}  # the lineage is straight: v's parent is v-1
+        protected = {n, n - 1} | cohort_window
+        kept = protected | {v - 1 for v in protected if v > 0} | {0, pinned}
+        deleted |= set(range(n + 1)) - kept
+        assert store.versions(MODEL) == sorted(kept), n
+    assert deleted == {2, 3} and RecordLog(redis_client, MODEL).retention_deleted_total() == 2
+    rec.close()
+
+
 # ------------------------------------------------------------------------------------------ validation guard
 
 

@@ -204,6 +204,25 @@ def numpy_mlp(spec, params, x):  # type: ignore[no-untyped-def]
         if s < len(spec.groups) - 1:
             h = np.maximum(h, 0)
     return h
+
+
+def fitted_mlp(spec, x, y, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A one-hidden-layer `mlp` that has learnt (x, y) in a second, without the code under test: random hidden
+    features (``spec.init_params(seed)``), the head fitted by ridge regression in NumPy (~65% on Fashion-MNIST
+    with 32 features and 3,000 images)."""
+    import numpy as np
+
+    assert len(spec.groups) == 2, "one hidden layer"
+    params = spec.init_params(seed)
+    flat = x.reshape(len(x), -1).astype(np.float64) * spec.input_scale
+    h = np.maximum(flat @ params["0.fc.weight"].T.astype(np.float64) + params["0.fc.bias"], 0)
+    h1 = np.hstack([h, np.ones((len(h), 1))])
+    target = np.eye(spec.num_classes)[y] * 8.0 - 4.0
+    w = np.linalg.solve(h1.T @ h1 + np.eye(h1.shape[1]), h1.T @ target)
+    params["1.fc.weight"], params["1.fc.bias"] = w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
+    return params
+
+
 class ServerProcess:
     """``python -m server`` on a free loopback port, its output in a log file."""
 

@@ -10,7 +10,7 @@ from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine
 from marketplace.models import mlp
 from model_store.holdout import decode_holdout, encode_holdout
-from tests.helpers import numpy_mlp
+from tests.helpers import fitted_mlp, numpy_mlp
 from worker.guard import judge_candidate, verdict
 
 HOLDOUT = decode_holdout(encode_holdout(np.zeros((4, 1, 28, 28), np.float32), np.arange(4)))
@@ -45,25 +45,13 @@ def independent_figures(spec, params, holdout) -> dict[str, float]:
             "loss": float(-np.mean(log_p[np.arange(len(holdout)), holdout.labels]))}
 
 
-def fitted_mlp(data, spec):  # type: ignore[no-untyped-def]
-    """An mlp that has learnt something: random hidden features, the head fitted by ridge regression (NumPy)."""
-    params = spec.init_params(0)
-    x = data["train"].x[:3000].reshape(3000, -1).astype(np.float64) * spec.input_scale
-    h = np.maximum(x @ params["0.fc.weight"].T.astype(np.float64) + params["0.fc.bias"], 0)
-    h1 = np.hstack([h, np.ones((len(h), 1))])
-    target = np.eye(10)[data["train"].y[:3000]] * 8.0 - 4.0
-    w = np.linalg.solve(h1.T @ h1 + 1.0 * np.eye(h1.shape[1]), h1.T @ target)
-    params["1.fc.weight"], params["1.fc.bias"] = w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
-    return params
-
-
 def test_judge_candidate_evaluates_the_unperturbed_candidate_on_the_holdout() -> None:
     """On 500 real Fashion-MNIST test images, the guard's figures are those of an independent forward of the
     candidate's own weights (not a probe's, not the parent's), and it refuses exactly below the reference."""
     data = load_fashion_mnist()
     holdout = decode_holdout(encode_holdout(data["test"].x[:500].astype(np.float32), data["test"].y[:500]))
     spec = mlp(hidden=(32,))
-    parent = fitted_mlp(data, spec)
+    parent = fitted_mlp(spec, data["train"].x[:3000], data["train"].y[:3000])
     noise = np.random.default_rng(1)
     worse = {k: v + (noise.normal(0, 0.5 * v.std(), v.shape).astype(np.float32) if k.startswith("1.") else 0)
              for k, v in parent.items()}

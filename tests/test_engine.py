@@ -21,9 +21,10 @@ def test_leader_engine_matches_an_independent_numpy_forward():
     np.testing.assert_allclose(logits, numpy_mlp(spec, params, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("spec", "antithetic"), [(mlp(hidden=(24, 12)), False), (beautiful_mnist(), False),
-                                                  (mlp(hidden=(24, 12)), True)],
-                         ids=["mlp", "beautiful_mnist", "mlp-antithetic"])
+@pytest.mark.parametrize(("spec", "antithetic"), [
+    pytest.param(mlp(hidden=(24, 12)), False, id="mlp"),
+    pytest.param(beautiful_mnist(), False, id="beautiful_mnist", marks=pytest.mark.slow),
+    pytest.param(mlp(hidden=(24, 12)), True, id="mlp-antithetic")])
 def test_each_input_gets_the_logits_of_its_own_path(spec, antithetic):
     V, eps = 5 if antithetic else 4, 0.05  # antithetic: pairs (1, 2), (3, 4)
     params = spec.init_params(1)
@@ -146,7 +147,8 @@ def test_antithetic_mirrors_subtract_their_partners_delta():
             np.testing.assert_array_equal(got[key], params[key])
 
 
-@pytest.mark.parametrize("spec", [mlp(hidden=(24, 12)), beautiful_mnist()], ids=["mlp", "beautiful_mnist"])
+@pytest.mark.parametrize("spec", [pytest.param(mlp(hidden=(24, 12)), id="mlp"),
+                                  pytest.param(beautiful_mnist(), id="beautiful_mnist", marks=pytest.mark.slow)])
 def test_materialize_equals_the_numpy_twin_bit_for_bit_in_every_version(spec):
     """The JIT'd materialize (plain and captured on the 1st version, replayed after) gives every vendor's
     θ ± δ exactly as the NumPy twin, and each version keeps buffers of its own: an earlier version's weights

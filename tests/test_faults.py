@@ -478,6 +478,7 @@ def stream_ids(r: redis.Redis) -> Counter[str]:
     return Counter(fields[b"id"].decode() for _, fields in r.xrange(KEYS.feedback))
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 @pytest.mark.parametrize(("fault", "appendfsync"), [("crash", "always"), ("crash", "everysec"),
                                                    ("freeze", "everysec")])
 def test_redis_outage_under_load(stack: Stack, fault: str, appendfsync: str) -> None:
@@ -534,6 +535,7 @@ def test_redis_outage_under_load(stack: Stack, fault: str, appendfsync: str) -> 
     assert len(must_survive) >= 30
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 def test_replica_killed_during_a_hot_swap(stack: Stack) -> None:
     """Replica B is SIGKILLed mid-swap (new version loaded and warmed up, not swapped in) under load.
 
@@ -572,6 +574,7 @@ def test_replica_killed_during_a_hot_swap(stack: Stack) -> None:
     assert (ready["version"], ready["target_version"], ready["error"]) == (new, new, None)
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 @pytest.mark.parametrize("corrupt", ["truncate", "manifest"])
 def test_a_truncated_or_corrupt_version_is_refused_and_the_last_good_one_keeps_serving(
         stack: Stack, corrupt: str) -> None:
@@ -601,6 +604,7 @@ def test_a_truncated_or_corrupt_version_is_refused_and_the_last_good_one_keeps_s
         wait_until(lambda p=p: readiness(p)["models"][MODEL]["error"] is None, timeout=30, interval=0.05)
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 def test_a_replica_starting_while_the_current_version_is_corrupt_serves_its_newest_good_ancestor(
         stack: Stack) -> None:
     """Current: ``bad2`` (weights truncated), built on ``bad1`` (manifest truncated: its parent is known only

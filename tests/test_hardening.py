@@ -300,6 +300,7 @@ def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, s
 
 
 # ---------------------------------------------------------------------------------- fuzzing
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess) -> None:
     """Every operation of the live /openapi.json (positive and negative data), plus /predict bodies of the
     model's shape and labels of the ids they got, without and with credentials."""

@@ -60,6 +60,7 @@ def test_bad_arguments_are_refused_and_clean_sends_true_labels() -> None:
     assert np.array_equal(relabel(np.array([0, 1, 6]), rng), [6, 1, 6])
 
 
+@pytest.mark.slow
 def test_the_guard_keeps_a_class_wide_flip_from_being_learnt() -> None:
     """bench.poison's strongest attack, every class-0 label sent as 6, served and learnt in process as the worker
     does (bench.continual.EngineRun: the worker's configs, its guard and re-seeding), with unit steps large enough

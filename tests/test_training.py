@@ -47,6 +47,7 @@ def test_missing_files_say_how_to_get_them(tmp_path):
         load_fashion_mnist(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backprop", [False, True], ids=["marketplace", "backprop"])
 def test_training_beats_chance_quickly(data, backprop):
     spec = mlp(hidden=(32,))
@@ -62,6 +63,7 @@ def test_training_beats_chance_quickly(data, backprop):
     assert result.test_accuracy > max(before + 0.1, floor), (before, result.test_accuracy)
 
 
+@pytest.mark.slow
 def test_mpserve_train_writes_version_zero_with_its_manifest(tmp_path, data):
     out = tmp_path / "fig.json"
     res = CliRunner().invoke(app, ["train", "--arch", "mlp", "--hidden", "16", "--steps", "10", "--batch-size", "64",
@@ -84,6 +86,7 @@ def test_mpserve_train_writes_version_zero_with_its_manifest(tmp_path, data):
     assert json.loads(out.read_text())["test_accuracy"] == manifest["validation"]["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_training_can_continue_from_a_stored_model(tmp_path):
     common = ["train", "--arch", "mlp", "--hidden", "16", "--batch-size", "64", "--name", "base", "--backprop",
               "--learning-rate", "0.003"]

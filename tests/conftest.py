@@ -6,9 +6,17 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from tinygrad.helpers import PARALLEL
 
 from model_store import ModelStore
 from tests.helpers import RedisProcess, make_store, start_redis
+
+# tinygrad lowers this process's kernels in process instead of in its pool of spawned processes, each of which
+# imports tinygrad again and is replaced every 16 kernels: on 2 cores the pool costs more than it saves (the
+# per-path engine check: 32-34 s with it, 22-23 s without; the same kernels). Only this process: an API replica
+# also runs tinygrad on its admin-reconcile thread, and in process the kernel cache (SQLite) refuses a second
+# thread, so the processes the tests start keep the pool (PARALLEL in the environment would reach them).
+PARALLEL.value = 0
 
 
 def _redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:

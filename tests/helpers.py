@@ -204,6 +204,25 @@ def numpy_mlp(spec, params, x):  # type: ignore[no-untyped-def]
         if s < len(spec.groups) - 1:
             h = np.maximum(h, 0)
     return h
+
+
+def fitted_mlp(spec, x, y, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A one-hidden-layer `mlp` that has learnt (x, y) in a second, without the code under test: random hidden
+    features (``spec.init_params(seed)``), the head fitted by ridge regression in NumPy (~65% on Fashion-MNIST
+    with 32 features and 3,000 images)."""
+    import numpy as np
+
+    assert len(spec.groups) == 2, "one hidden layer"
+    params = spec.init_params(seed)
+    flat = x.reshape(len(x), -1).astype(np.float64) * spec.input_scale
+    h = np.maximum(flat @ params["0.fc.weight"].T.astype(np.float64) + params["0.fc.bias"], 0)
+    h1 = np.hstack([h, np.ones((len(h), 1))])
+    target = np.eye(spec.num_classes)[y] * 8.0 - 4.0
+    w = np.linalg.solve(h1.T @ h1 + np.eye(h1.shape[1]), h1.T @ target)
+    params["1.fc.weight"], params["1.fc.bias"] = w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
+    return params
+
+
 class ServerProcess:
     """``python -m server`` on a free loopback port, its output in a log file."""
 
@@ -266,18 +285,18 @@ class ServerProcess:
 # ------------------------------------------------------------------------------------------ feedback
 
 
-def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_ms: int | None = None,
-                rng=None, groups: int = 2, vendors: int = 4, classes: int = 10) -> list[str]:
+def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_ms: int | None = None, *,
+                rng, groups: int = 2, vendors: int = 4, classes: int = 10) -> list[str]:  # type: ignore[no-untyped-def]
     """Write ``n`` labelled predictions served by ``version`` on random paths; their stream entry ids, in order.
 
-    The defaults fit :func:`make_store`'s model (2 layer groups, 4 vendors, 10 classes).
+    ``rng``: the test's own seeded generator (paths, labels and losses are drawn from it). The defaults fit
+    :func:`make_store`'s model (2 layer groups, 4 vendors, 10 classes).
     """
     import numpy as np
 
     from redis_io.protocol import PredictionRecord
     from redis_io.recordlog import RecordLog
 
-    rng = rng if rng is not None else np.random.default_rng()
     records = [
         PredictionRecord(f"p{next(_record_ids)}", version, tuple(int(v) for v in rng.integers(0, vendors, groups)),
                          np.zeros(classes, np.float32), label=int(rng.integers(classes)),

@@ -21,9 +21,10 @@ def test_leader_engine_matches_an_independent_numpy_forward():
     np.testing.assert_allclose(logits, numpy_mlp(spec, params, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("spec", "antithetic"), [(mlp(hidden=(24, 12)), False), (beautiful_mnist(), False),
-                                                  (mlp(hidden=(24, 12)), True)],
-                         ids=["mlp", "beautiful_mnist", "mlp-antithetic"])
+@pytest.mark.parametrize(("spec", "antithetic"), [
+    pytest.param(mlp(hidden=(24, 12)), False, id="mlp"),
+    pytest.param(beautiful_mnist(), False, id="beautiful_mnist", marks=pytest.mark.slow),
+    pytest.param(mlp(hidden=(24, 12)), True, id="mlp-antithetic")])
 def test_each_input_gets_the_logits_of_its_own_path(spec, antithetic):
     V, eps = 5 if antithetic else 4, 0.05  # antithetic: pairs (1, 2), (3, 4)
     params = spec.init_params(1)
@@ -73,12 +74,29 @@ def test_plan_tracks_inputs_through_the_permutations():
             assert plan.paths[inp, S - 1] == j // k
 
 
-def test_batches_larger_than_the_largest_bucket_are_split():
-    spec = mlp(hidden=(8,))
-    engine = Engine(spec, 2, max_batch=8)
-    weights = engine.materialize(spec.init_params(0), fresh_seeds(2, 2, np.random.default_rng(0)), 0.05)
-    logits, paths = engine.forward(weights, np.zeros((19, *spec.input_shape), np.float32), np.random.default_rng(0))
-    assert logits.shape == (19, 10) and paths.shape == (19, 2)
+@pytest.mark.parametrize("paired", [False, True], ids=["forward", "forward_paired"])
+def test_batches_larger_than_the_largest_bucket_are_split_in_order(paired):
+    """19 distinct inputs through buckets of at most 8 (chunks of 8, 8 and 3): each input gets the logits of the
+    NumPy twin on its own path (and, paired, the leader's of the plain weights), and each full chunk is balanced
+    on its own, so a reordered, dropped or repeated chunk cannot pass."""
+    spec, V, eps = mlp(hidden=(8,)), 4, 0.05
+    params = spec.init_params(0)
+    seeds = fresh_seeds(len(spec.groups), V, np.random.default_rng(0))
+    engine = Engine(spec, V, max_batch=8)
+    weights = engine.materialize(params, seeds, eps)
+    x = np.random.default_rng(4).uniform(0, 255, size=(19, *spec.input_shape)).astype(np.float32)
+    if paired:
+        logits, paths, leader = engine.forward_paired(weights, x, np.random.default_rng(5))
+        np.testing.assert_allclose(leader, numpy_mlp(spec, params, x), rtol=1e-4, atol=1e-4)
+    else:
+        logits, paths = engine.forward(weights, x, np.random.default_rng(5))
+    assert logits.shape == (19, 10) and paths.shape == (19, len(spec.groups))
+    for lo in (0, 8):
+        for s in range(len(spec.groups)):
+            assert np.bincount(paths[lo:lo + 8, s], minlength=V).tolist() == [2] * V
+    for i in range(len(x)):
+        twin = numpy_mlp(spec, path_params(spec, params, seeds, paths[i], eps), x[i:i + 1])[0]
+        np.testing.assert_allclose(logits[i], twin, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_shapes_are_refused():
@@ -129,7 +147,8 @@ def test_antithetic_mirrors_subtract_their_partners_delta():
             np.testing.assert_array_equal(got[key], params[key])
 
 
-@pytest.mark.parametrize("spec", [mlp(hidden=(24, 12)), beautiful_mnist()], ids=["mlp", "beautiful_mnist"])
+@pytest.mark.parametrize("spec", [pytest.param(mlp(hidden=(24, 12)), id="mlp"),
+                                  pytest.param(beautiful_mnist(), id="beautiful_mnist", marks=pytest.mark.slow)])
 def test_materialize_equals_the_numpy_twin_bit_for_bit_in_every_version(spec):
     """The JIT'd materialize (plain and captured on the 1st version, replayed after) gives every vendor's
     θ ± δ exactly as the NumPy twin, and each version keeps buffers of its own: an earlier version's weights

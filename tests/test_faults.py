@@ -261,11 +261,12 @@ def test_two_leaders_with_the_same_token_never_use_an_entry_twice(
         return Reconciler(settings, store, redis_client, MODEL)
 
     a, b = reconciler("a"), reconciler("b")
-    early = feed_labels(redis_client, MODEL, 10)
+    rng = np.random.default_rng(17)
+    early = feed_labels(redis_client, MODEL, 10, rng=rng)
     assert not a.run_once().published and a.is_leader  # a leads and buffers 10 entries
     redis_client.delete(KEYS.lock)  # the writes Redis lost: a's lease and its fence increment
     redis_client.decr(KEYS.fence)
-    late = feed_labels(redis_client, MODEL, 30)
+    late = feed_labels(redis_client, MODEL, 30, rng=rng)
     out = b.run_once()  # takes the lease, gets a's token, claims a's entries, publishes all 40
     assert b.lease.token == a.lease.token and out.published and out.version == 1
     out = a.run_once(force=True)  # a's renewal is not due: it still leads, and builds on 1 with its 10
@@ -289,11 +290,12 @@ def test_worker_does_not_build_on_a_corrupt_serving_version(
     settings = WorkerSettings(redis_url=redis_server.url, store_dir=store.root, models=[MODEL], consumer="w",
                               min_records=32, min_cohort=8, interval_s=3600, poll_ms=20)
     rec = Reconciler(settings, store, redis_client, MODEL)
-    feed_labels(redis_client, MODEL, 40)
+    rng = np.random.default_rng(19)
+    feed_labels(redis_client, MODEL, 40, rng=rng)
     assert rec.run_once().version == 1
     weights = store.root / MODEL / "versions" / f"{1:08d}.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
-    ids = feed_labels(redis_client, MODEL, 40, version=1)
+    ids = feed_labels(redis_client, MODEL, 40, version=1, rng=rng)
     with caplog.at_level(logging.ERROR, logger="worker.reconciler"):
         for _ in range(2):
             out = rec.run_once()
@@ -301,7 +303,7 @@ def test_worker_does_not_build_on_a_corrupt_serving_version(
     assert sum("base version 1 is not usable" in m for m in caplog.messages) == 1
     assert version_key(redis_client) == 1 and sorted(pending_ids(redis_client, MODEL)) == sorted(ids)
     RecordLog(redis_client, MODEL).rollback(0, {"by": "test"})
-    on_0 = feed_labels(redis_client, MODEL, 32, version=0)
+    on_0 = feed_labels(redis_client, MODEL, 32, version=0, rng=rng)
     out = rec.run_once()
     assert out.published and out.parent == 0 and inputs(store, out.version) == (on_0, ids)  # v1's: stale
     assert pending_ids(redis_client, MODEL) == []
@@ -378,7 +380,7 @@ def publish_next(st: Stack, corrupt: str | None = None, parent: int | None = Non
 
 
 def predicted_version(url: str, model: str = MODEL) -> int:
-    resp = httpx.post(url + "/predict", json={"model": model, "inputs": images(1, np.random.default_rng())},
+    resp = httpx.post(url + "/predict", json={"model": model, "inputs": images(1, np.random.default_rng(0))},
                       timeout=30)
     assert resp.status_code == 200, resp.text
     return resp.json()["version"]
@@ -476,6 +478,7 @@ def stream_ids(r: redis.Redis) -> Counter[str]:
     return Counter(fields[b"id"].decode() for _, fields in r.xrange(KEYS.feedback))
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 @pytest.mark.parametrize(("fault", "appendfsync"), [("crash", "always"), ("crash", "everysec"),
                                                    ("freeze", "everysec")])
 def test_redis_outage_under_load(stack: Stack, fault: str, appendfsync: str) -> None:
@@ -532,6 +535,7 @@ def test_redis_outage_under_load(stack: Stack, fault: str, appendfsync: str) -> 
     assert len(must_survive) >= 30
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 def test_replica_killed_during_a_hot_swap(stack: Stack) -> None:
     """Replica B is SIGKILLed mid-swap (new version loaded and warmed up, not swapped in) under load.
 
@@ -570,6 +574,7 @@ def test_replica_killed_during_a_hot_swap(stack: Stack) -> None:
     assert (ready["version"], ready["target_version"], ready["error"]) == (new, new, None)
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 @pytest.mark.parametrize("corrupt", ["truncate", "manifest"])
 def test_a_truncated_or_corrupt_version_is_refused_and_the_last_good_one_keeps_serving(
         stack: Stack, corrupt: str) -> None:
@@ -599,6 +604,7 @@ def test_a_truncated_or_corrupt_version_is_refused_and_the_last_good_one_keeps_s
         wait_until(lambda p=p: readiness(p)["models"][MODEL]["error"] is None, timeout=30, interval=0.05)
 
 
+@pytest.mark.slow  # the module's stack of replicas and a worker
 def test_a_replica_starting_while_the_current_version_is_corrupt_serves_its_newest_good_ancestor(
         stack: Stack) -> None:
     """Current: ``bad2`` (weights truncated), built on ``bad1`` (manifest truncated: its parent is known only
@@ -625,7 +631,7 @@ def test_a_replica_starting_while_the_current_version_is_corrupt_serves_its_newe
         assert not nothing["loaded"] and "version 0 cannot be served" in nothing["error"]
         assert "no ancestor" in nothing["error"]
         assert ready["status"] == "not ready" and any("'broken' is not loaded" in why for why in ready["reasons"])
-        resp = httpx.post(d.url + "/predict", json={"model": "broken", "inputs": images(1, np.random.default_rng())})
+        resp = httpx.post(d.url + "/predict", json={"model": "broken", "inputs": images(1, np.random.default_rng(0))})
         assert resp.status_code == 503 and "version 0 cannot be served" in resp.json()["detail"]
         log = d.log_tail(50_000)
         assert f"ancestor {bad1} of version {bad2} cannot be served either" in log

@@ -50,6 +50,7 @@ def test_the_summary_reads_each_steps_output(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """Every step for real at toy sizes on this CPU (about a minute): the files that would come back from $OUT."""
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--tiny", "--out", str(tmp_path)], cwd=REPO,

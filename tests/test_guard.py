@@ -4,11 +4,14 @@ continual-learning bench share: anchor carried from version to version, parent r
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine
 from marketplace.models import mlp
 from model_store.holdout import decode_holdout, encode_holdout
-from worker.guard import holdout_figures, judge_candidate, verdict
+from tests.helpers import fitted_mlp, numpy_mlp
+from worker.guard import judge_candidate, verdict
 
 HOLDOUT = decode_holdout(encode_holdout(np.zeros((4, 1, 28, 28), np.float32), np.arange(4)))
 OTHER = decode_holdout(encode_holdout(np.ones((4, 1, 28, 28), np.float32), np.arange(4)))
@@ -33,12 +36,36 @@ def test_an_anchor_measured_on_another_holdout_does_not_count() -> None:
     assert v.accepted and v.validation["anchor_accuracy"] == 0.70
 
 
-def test_judge_candidate_evaluates_the_unperturbed_weights() -> None:
-    spec = mlp(hidden=(8,))
-    params = spec.init_params(0)
-    engine = Engine(spec, 1, buckets=[8])
-    own = holdout_figures(engine, params, HOLDOUT)
-    v = judge_candidate(engine, params, HOLDOUT, own, None, 0.0, "anchor")
-    assert v.accepted and v.validation["accuracy"] == own["accuracy"] and v.validation["size"] == 4
-    worse = judge_candidate(engine, params, HOLDOUT, fig(own["accuracy"] + 0.5), None, 0.1, "parent")
-    assert not worse.accepted
+def independent_figures(spec, params, holdout) -> dict[str, float]:
+    """Accuracy and mean cross-entropy by the NumPy twin of the mlp (float64), not the engine."""
+    logits = numpy_mlp(spec, params, holdout.inputs)
+    z = logits - logits.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return {"accuracy": float(np.mean(logits.argmax(1) == holdout.labels)),
+            "loss": float(-np.mean(log_p[np.arange(len(holdout)), holdout.labels]))}
+
+
+def test_judge_candidate_evaluates_the_unperturbed_candidate_on_the_holdout() -> None:
+    """On 500 real Fashion-MNIST test images, the guard's figures are those of an independent forward of the
+    candidate's own weights (not a probe's, not the parent's), and it refuses exactly below the reference."""
+    data = load_fashion_mnist()
+    holdout = decode_holdout(encode_holdout(data["test"].x[:500].astype(np.float32), data["test"].y[:500]))
+    spec = mlp(hidden=(32,))
+    parent = fitted_mlp(spec, data["train"].x[:3000], data["train"].y[:3000])
+    noise = np.random.default_rng(1)
+    worse = {k: v + (noise.normal(0, 0.5 * v.std(), v.shape).astype(np.float32) if k.startswith("1.") else 0)
+             for k, v in parent.items()}
+    before, after = independent_figures(spec, parent, holdout), independent_figures(spec, worse, holdout)
+    assert before["accuracy"] > 0.6 and 0.3 < after["accuracy"] < before["accuracy"] - 0.1  # both far from trivial
+    engine = Engine(spec, 1, buckets=[64])  # 500 examples: eight chunks, the last one partial
+
+    same = judge_candidate(engine, parent, holdout, before, None, 0.0, "anchor")
+    assert same.accepted and same.validation["size"] == 500
+    assert same.validation["accuracy"] == before["accuracy"]
+    assert same.validation["loss"] == pytest.approx(before["loss"], rel=1e-5)
+    gap = before["accuracy"] - after["accuracy"]
+    refused = judge_candidate(engine, worse, holdout, before, None, gap - 0.01, "parent")
+    assert not refused.accepted and refused.validation["accuracy"] == after["accuracy"]
+    assert refused.validation["loss"] == pytest.approx(after["loss"], rel=1e-5)
+    assert refused.validation["reference_accuracy"] == before["accuracy"]
+    assert judge_candidate(engine, worse, holdout, before, None, gap + 0.01, "parent").accepted

@@ -8,6 +8,8 @@ checked to leave no ``mp:*`` key and no feedback entry behind.
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -242,21 +244,28 @@ def test_client_names_are_logged_and_secrets_never(guarded: ServerProcess) -> No
 
 def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: ServerProcess,
                                                                       r: redis.Redis) -> None:
+    """The bucket holds BURST tokens and refills at RATE per second. How many requests pass before the first 429
+    depends on how long they took, which a loaded machine stretches: so the bounds use the time measured."""
     def predict() -> httpx.Response:
         return httpx.post(limited.url + "/predict", json={"inputs": images(1)}, headers=key("alpha"), timeout=30)
 
-    answers = [predict() for _ in range(BURST)]
-    assert [a.status_code for a in answers] == [200] * BURST
-    before = snapshot(r)
-    over = predict()
+    started, passed = time.monotonic(), 0
+    while True:
+        before, sent = snapshot(r), time.monotonic()
+        over = predict()
+        if over.status_code != 200 or passed > BURST + 100:
+            break
+        passed += 1
     assert over.status_code == 429 and "rate limit" in detail_text(over), over.text
-    retry_after = int(over.headers["retry-after"])
-    assert 1 <= retry_after <= int(1 / RATE) + 1
+    assert BURST <= passed <= BURST + int((time.monotonic() - started) * RATE)  # the burst, plus any refill
+    wait = float(re.search(r"retry in ([0-9.]+) s", detail_text(over)).group(1))
+    assert 0 < wait <= 1 / RATE and 1 <= int(over.headers["retry-after"]) <= int(1 / RATE) + 1
     assert snapshot(r) == before  # refused before validation, batching or Redis
-    label = httpx.post(limited.url + "/label", json={"id": RID, "label": 1}, headers=key("alpha"))
-    assert label.status_code == 429  # one bucket per client, shared by its routes
+    label = httpx.post(limited.url + "/label", json={"id": RID, "label": 1}, headers=key("alpha"), timeout=30)
+    # one bucket per client, shared by its routes: refused too, unless the machine was so slow it refilled meanwhile
+    assert label.status_code == 429 or time.monotonic() - sent >= wait, label.text
     assert httpx.post(limited.url + "/predict", json={"inputs": images(1)}).status_code == 401  # no key: no bucket
-    again = wait_until(lambda: (resp := predict()).status_code == 200 and resp, timeout=3 / RATE, interval=0.25,
+    again = wait_until(lambda: (resp := predict()).status_code == 200 and resp, timeout=30, interval=0.25,
                        what="the bucket refills")
     assert again.json()["predictions"]
 
@@ -291,6 +300,7 @@ def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, s
 
 
 # ---------------------------------------------------------------------------------- fuzzing
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess) -> None:
     """Every operation of the live /openapi.json (positive and negative data), plus /predict bodies of the
     model's shape and labels of the ids they got, without and with credentials."""

@@ -29,15 +29,66 @@ def random_records(rng, versions, per_version):
     return Records(version, path, loss, label)
 
 
+def naive_credit(loss, config):
+    """Each record's credit from the definition, one record at a time (nothing taken from the implementation).
+
+    zscore: minus the loss's standard score in its cohort; rank: a record's rank is the number of losses below
+    its own plus half the number of other records with the same loss (ties share their average rank), and the
+    credit is 0.5 - rank/(n-1). No spread, or fewer than two records: no credit.
+    """
+    loss = [float(v) for v in loss]
+    n = len(loss)
+    if n < 2:
+        return [0.0] * n
+    if config.attribution == "zscore":
+        mean = sum(loss) / n
+        std = (sum((v - mean) ** 2 for v in loss) / n) ** 0.5
+        return [0.0] * n if std == 0 else [-(v - mean) / std for v in loss]
+    ranks = [sum(w < v for w in loss) + (sum(w == v for w in loss) - 1) / 2 for v in loss]
+    return [0.5 - r / (n - 1) for r in ranks]
+
+
+def naive_class_weights(labels):
+    """n / (classes present · records of the record's class): each present class weighs the same in total."""
+    labels = [int(v) for v in labels]
+    return [len(labels) / (len(set(labels)) * labels.count(y)) for y in labels]
+
+
+def naive_zscore_keep(loss, z):
+    """Which losses of one cohort lie within z population standard deviations of the cohort's mean."""
+    loss = [float(v) for v in loss]
+    n = len(loss)
+    mean = sum(loss) / n
+    std = (sum((v - mean) ** 2 for v in loss) / n) ** 0.5
+    if n < 3 or std == 0:
+        return [True] * n
+    return [abs(v - mean) <= z * std for v in loss]
+
+
+def naive_credits(records, config):
+    """Per record: the outlier filter, then the credit among its cohort's kept records (0 when dropped or when its
+    cohort is smaller than min_cohort)."""
+    credit = np.zeros(len(records.loss))
+    for n in np.unique(records.version):
+        idx = np.flatnonzero(records.version == n)
+        if len(idx) < config.min_cohort:
+            continue
+        if config.outlier == "zscore":
+            idx = idx[naive_zscore_keep(records.loss[idx], config.outlier_z)]
+        a = naive_credit(records.loss[idx], config)
+        if config.class_weights:
+            a = [ai * wi for ai, wi in zip(a, naive_class_weights(records.label[idx]), strict=True)]
+        credit[idx] = a
+    return credit
+
+
 def naive_direction(records, sources, config):
     """Σ_i a_i·δ(σ[version_i, s, path_i[s]]) record by record, then the unit step."""
     flat = {k: np.zeros(np.prod(v)) for k, v in SPEC.param_shapes().items()}
-    for n in np.unique(records.version):
-        idx = np.flatnonzero(records.version == n)
-        a = attribute(records.loss[idx], config)
-        if config.class_weights:
-            a = a * class_balance(records.label[idx], 10)
-        for i, ai in zip(idx, a, strict=True):
+    credit = naive_credits(records, config)
+    for i, ai in enumerate(credit):
+        if ai:
+            n = records.version[i]
             for s in range(S):
                 seed = sources[int(n)].seeds[s, records.path[i, s]]
                 for key, d in group_delta(SPEC, s, int(seed), sources[int(n)].eps).items():
@@ -76,6 +127,42 @@ def test_matches_the_naive_formula(attribution):
     # float32 weights hold the step to about 1e-7 of |θ|; compare directions at that resolution
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
     assert result.stats["records"] == 80 and len(result.stats["cohorts"]) == 2
+
+
+@pytest.mark.parametrize("attribution", ["zscore", "rank"])
+def test_outlier_filter_and_masked_credits_inside_reconcile_match_the_naive_formula(attribution):
+    """reconcile()'s vectorised z-score filter, per cohort, and the credits of what it keeps: a dropped record, a
+    cohort without spread and a held-back cohort move nothing; the rest is the naive sum over the kept records."""
+    rng = np.random.default_rng(21)
+    sources = {n: VersionSeeds(fresh_seeds(S, V, rng), 0.05) for n in range(4)}
+    version = np.repeat([0, 1, 2, 3], [30, 30, 12, 5])  # cohort 3: fewer than min_cohort, held back
+    # cohorts of different levels and spreads, rounded (ties, for the ranks)
+    loss = np.round(rng.gamma(2.0, 0.5, len(version)) * np.array([1.0, 0.3, 1.0, 1.0])[version]
+                    + np.array([0.0, 8.0, 0.0, 0.0])[version], 1)
+    planted = [3, 40]  # an outlier in cohort 0 and one in cohort 1
+    loss[planted] += [25.0, 3.0]
+    loss[version == 2] = 1.5  # no spread: no credit, nothing filtered
+    records = Records(version, rng.integers(0, V, (len(version), S)), loss, rng.integers(0, 10, len(version)))
+    config = ReconcileConfig(learning_rate=1.0, min_cohort=8, outlier="zscore", outlier_z=2.0,
+                             attribution=attribution)
+    zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
+    result = reconcile(SPEC, zero, records, sources, config)
+
+    kept = {n: sum(naive_zscore_keep(loss[version == n], 2.0)) for n in (0, 1, 2)}
+    assert kept[0] <= 29 and kept[1] <= 29 and kept[2] == 12  # the planted outliers are dropped...
+    assert all(not naive_zscore_keep(loss[version == version[i]], 2.0)[i - np.flatnonzero(version == version[i])[0]]
+               for i in planted)
+    assert result.stats["outliers_dropped"] == 72 - sum(kept.values())  # ...and exactly what the rule drops
+    assert [(c["version"], c["records"], c["kept"]) for c in result.stats["cohorts"]] == [
+        (0, 30, kept[0]), (1, 30, kept[1]), (2, 12, 12)]
+    assert result.stats["held_back"] == 5
+    expected = naive_direction(records, sources, config)
+    got = np.concatenate([result.params[k].astype(np.float64).ravel() for k in zero])
+    want = np.concatenate([expected[k] for k in zero])
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    # the filter is not a no-op here: without it the same records point elsewhere
+    unfiltered = naive_direction(records, sources, ReconcileConfig(min_cohort=8, attribution=attribution))
+    assert np.linalg.norm(np.concatenate([unfiltered[k] for k in zero]) - want) > 0.1
 
 
 def test_step_has_the_learning_rate_as_its_length():
@@ -198,7 +285,7 @@ def test_direction_with_mirrored_pairs_is_the_credit_difference_times_the_shared
     zero = {k: np.zeros(v, np.float64) for k, v in SPEC.param_shapes().items()}
     result = reconcile(SPEC, zero, records, sources, config)
 
-    a = attribute(records.loss, config)
+    a = naive_credit(records.loss, config)
     seeds = sources[0].seeds
     expected = {k: np.zeros(np.prod(v)) for k, v in SPEC.param_shapes().items()}
     for s in range(S):

@@ -557,7 +557,8 @@ def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Re
     assert log.release_lease("b") is False
     assert redis_client.get(K.lock) == b"a"
     assert log.renew_lease("a", 50) is True
-    assert 0 < redis_client.pttl(K.lock) <= 50
+    ttl = redis_client.pttl(K.lock)
+    assert 0 < ttl <= 50 or ttl == -2, ttl  # -2: gone already (the renewal set 50 ms; a loaded machine took longer)
 
     t2 = wait_until(lambda: log.acquire_lease("b", 10_000), timeout=5, what="lease expired")
     assert t2 == t1 + 1

@@ -92,6 +92,7 @@ TOKEN = "retention-admin-token"
 KEEP = 3
 
 
+@pytest.mark.slow
 def test_retention_over_http_keeps_the_base_the_pins_and_counts_deletions(
         redis_server: RedisProcess, redis_client: redis.Redis, tmp_path: Path) -> None:
     """A real worker (keep_versions 3, --pin-versions 1) and API; an admin pins 2; nine publishes follow."""

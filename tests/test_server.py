@@ -382,6 +382,67 @@ def test_hot_swap_reaches_both_replicas(client: MPServeClient, client_b: MPServe
         assert metric(c.metrics(), "mpserve_model_version", model=MODEL) == new
 
 
+def test_each_answer_during_a_hot_swap_comes_from_the_version_it_names(
+        server: ServerProcess, client: MPServeClient, store: ModelStore, r: redis.Redis) -> None:
+    """Clients keep predicting while four new versions are published in turn: every answer before, during and
+    after each swap is the leader of the version it names (the NumPy twin of that version's stored weights), and
+    every record written for learning names that version and holds its probe's logits on the recorded path."""
+    old = serving(r)
+    wait_until(lambda: predicted_version(client) == old, timeout=20, interval=0.05, what="A serves the current one")
+    pool = images(24, seed=80)
+    answers: list[tuple[np.ndarray, dict[str, Any]]] = []
+
+    async def until(done: Any, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not within {timeout}s: {what}")
+            await asyncio.sleep(0.01)
+
+    async def drive() -> list[int]:
+        stop, published = asyncio.Event(), []
+        async with AsyncMPServeClient(server.url, timeout=60) as c:
+            async def one(i: int) -> None:  # 1-3 inputs a request, so batches mix requests
+                k = 0
+                while not stop.is_set():
+                    x = pool[[(5 * i + k + j) % len(pool) for j in range(1 + (i + k) % 3)]]
+                    answers.append((x, await c.predict(x)))
+                    k += 1
+
+            clients = asyncio.gather(*(one(i) for i in range(16)))
+            await until(lambda: len(answers) >= 12, "answers of the old version")
+            for _ in range(4):  # each swap is another chance for a batch to straddle it
+                new = await asyncio.to_thread(publish_new_version, store, r)
+                published.append(new)
+                await until(lambda new=new: sum(a["version"] == new for _, a in answers) >= 12, f"answers of {new}")
+            stop.set()
+            await clients
+        return published
+
+    published = asyncio.run(drive())
+    assert {a["version"] for _, a in answers} == {old, *published}
+    versions = {v: load_version(store, MODEL, v) for v in (old, *published)}
+
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    for x, a in answers:
+        named = versions[a["version"]]
+        probs = np.array([p["probabilities"] for p in a["predictions"]])
+        np.testing.assert_allclose(probs, softmax(numpy_mlp(named.spec, named.params, x)), rtol=1e-3, atol=1e-6)
+        for other in versions.values():  # and the versions are told apart
+            if other is not named:
+                assert np.abs(probs - softmax(numpy_mlp(other.spec, other.params, x))).max() > 1e-3
+        for xi, p in zip(x, a["predictions"], strict=True):
+            stored = r.hgetall(KEYS.pred(p["id"]))
+            assert int(stored[b"version"]) == a["version"]
+            path = np.array([int(v) for v in stored[b"path"].decode().split(",")])
+            probe = numpy_mlp(named.spec, path_params(named.spec, named.params, named.seeds, path, named.eps),
+                              xi[None])[0]
+            np.testing.assert_allclose(np.frombuffer(stored[b"logits"], dtype="<f4"), probe, rtol=1e-4, atol=1e-4)
+
+
 def test_rollback_points_every_replica_at_an_older_version(client: MPServeClient, client_b: MPServeClient,
                                                            store: ModelStore, r: redis.Redis) -> None:
     old = serving(r)
@@ -465,7 +526,10 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|
 
 
 def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
-    client.predict(images(1))
+    # what the samples below count, made here: the test passes alone or in any order
+    out = client.predict(images(1))
+    assert post_raw(server.url + "/predict", _body(_zeros(1), labels=[CLASSES])).status_code == 422
+    assert client.label(out["predictions"][0]["id"], 3)["status"] == "ok"
     resp = httpx.get(server.url + "/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
     types: dict[str, str] = {}

@@ -30,7 +30,7 @@ def test_known_answers_tinygrad(key, ctr, expected):
     assert (int(x0.numpy()[0]), int(x1.numpy()[0])) == expected
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same examples every run, like the rest
 @given(
     seeds=st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=4),
     counter=st.integers(0, 2**31),

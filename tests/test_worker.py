@@ -47,10 +47,17 @@ from worker.trigger import ReconcileTimeout, request_reconcile
 MODEL = "fashion"
 K = ModelKeys(MODEL)
 GROUPS, VENDORS, CLASSES = 2, 4, 10  # make_store's mlp(hidden=(32,)) with 4 vendors
-_rng = np.random.default_rng(1234)
+_rng = np.random.default_rng(1234)  # feed()'s records; seeded afresh for each test (see _seeded_feed)
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(autouse=True)
+def _seeded_feed() -> None:
+    """Each test's fed records come from the same seed, whichever tests ran before it (or did not)."""
+    global _rng
+    _rng = np.random.default_rng(1234)
 
 
 @pytest.fixture
@@ -68,7 +75,7 @@ def make_settings(redis_server: RedisProcess, store: ModelStore, **overrides: ob
 
 def feed(client: redis.Redis, n: int, version: int = 0, now_ms: int | None = None) -> list[str]:
     """Write n labelled predictions served by ``version`` on random paths; returns their stream entry ids."""
-    return feed_labels(client, MODEL, n, version, now_ms, _rng, GROUPS, VENDORS, CLASSES)
+    return feed_labels(client, MODEL, n, version, now_ms, rng=_rng, groups=GROUPS, vendors=VENDORS, classes=CLASSES)
 
 
 def pending(client: redis.Redis) -> list[str]:
@@ -318,6 +325,27 @@ def test_a_rollback_during_reconciliation_is_not_undone(
     assert pending(redis_client) == []
 
 
+def test_retention_after_each_publish_keeps_what_cohorts_and_rollbacks_need(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    """Reconciler._retain with keep_versions=1: after publishing n on n-1 it keeps n and n-1, the versions the
+    reconciliation's cohorts could come from (n-1 back max_cohort_age steps), the parent of each of those
+    (momentum and rollbacks read them), the root and the worker's pins; and counts what it deleted."""
+    age, pinned = 2, 1
+    rec = Reconciler(make_settings(redis_server, store, keep_versions=1, max_cohort_age=age, pin_versions=[pinned]),
+                     store, redis_client, MODEL)
+    deleted: set[int] = set()
+    for n in range(1, 9):
+        feed(redis_client, 32, version=n - 1)
+        assert rec.run_once().version == n
+        cohort_window = {max(n - 1 - k, 0) for k in range(age + 1)}  # the lineage is straight: v's parent is v-1
+        protected = {n, n - 1} | cohort_window
+        kept = protected | {v - 1 for v in protected if v > 0} | {0, pinned}
+        deleted |= set(range(n + 1)) - kept
+        assert store.versions(MODEL) == sorted(kept), n
+    assert deleted == {2, 3} and RecordLog(redis_client, MODEL).retention_deleted_total() == 2
+    rec.close()
+
+
 # ------------------------------------------------------------------------------------------ validation guard
 
 
@@ -551,19 +579,29 @@ def test_a_validation_longer_than_the_lease_ttl_keeps_the_lease(
     a = Reconciler(make_settings(redis_server, store, consumer="a", lease_ttl_ms=300, guard_tolerance=1.0), store,
                    redis_client, MODEL)
     b = Reconciler(make_settings(redis_server, store, consumer="b", lease_ttl_ms=300), store, redis_client, MODEL)
-    real_judge = a.guard.judge
+    real_judge, real_renew = a.guard.judge, a.records.renew_lease
+    renewals: list[bool] = []
     seen: list[str | None] = []
 
-    def slow_judge(*args: object) -> object:  # a validation that takes 3 TTLs (a big holdout, a first compile)
-        threading.Event().wait(0.9)
+    def counted_renew(owner: str, ttl_ms: int) -> bool:  # the real renewal, counted
+        renewals.append(real_renew(owner, ttl_ms))
+        return renewals[-1]
+
+    def slow_judge(*args: object) -> object:  # a validation that outlasts the TTL (a big holdout, a first compile)
+        # Renewals come at least TTL/3 apart, so after five of them the lease as it was when the validation began
+        # has run out: without them it would be gone (the defect), and then another worker could take over.
+        start = len(renewals)
+        wait_until(lambda: len(renewals) - start >= 5 or redis_client.get(K.lock) is None, timeout=60,
+                   what="the lease outlives its TTL, or is gone")
         seen.append(b.run_once().reason)  # another worker tries to take over meanwhile
         return real_judge(*args)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(a.records, "renew_lease", counted_renew)
     monkeypatch.setattr(a.guard, "judge", slow_judge)
     feed(redis_client, 40)
     out = a.run_once()
     assert out.published and out.version == 1 and a.is_leader
-    assert seen and seen[0].startswith("not leader") and not b.is_leader
+    assert seen and seen[0].startswith("not leader") and not b.is_leader and all(renewals)
     assert redis_client.get(K.lock).decode() == a.lease.owner and a.run_once().reason.startswith("too few")
     a.close()
 
@@ -586,10 +624,10 @@ def test_only_the_lease_holder_publishes_and_a_successor_takes_over(
     out = b.run_once()
     assert out.published and out.version == 2 and used_ids(store, 2) == second
 
-    third = feed(redis_client, 40)  # b never renews now: its lease expires after 0.6 s
-    t0 = time.monotonic()
-    out = wait_until(lambda: (o := a.run_once()).published and o, timeout=5, interval=0.02, what="a takes over")
-    assert out.version == 3 and used_ids(store, 3) == third and time.monotonic() - t0 < 3
+    third = feed(redis_client, 40)  # b never renews now: its lease expires by itself, within its TTL
+    assert redis_client.pttl(K.lock) <= 600 and redis_client.pttl(K.lock) != -1  # -2: expired already
+    out = wait_until(lambda: (o := a.run_once()).published and o, timeout=60, interval=0.02, what="a takes over")
+    assert out.version == 3 and used_ids(store, 3) == third
     later = b.run_once()
     assert later.reason.startswith("not leader") and not b.is_leader
     owners = [h["owner"].split(":")[0] for h in RecordLog(redis_client, MODEL).history()]
@@ -649,10 +687,10 @@ def test_leader_failover_between_two_worker_processes(
     wait_until(lambda: len(pending(redis_client)) == 32, timeout=10, interval=0.02, what="the leader reads")
 
     workers[leader].sigkill()
-    t0 = time.monotonic()
+    # the dead leader's lease runs out by itself (worker_args: a TTL of 900 ms), and then the survivor takes it
+    assert redis_client.pttl(K.lock) <= 900 and redis_client.pttl(K.lock) != -1
     more = feed(redis_client, 16, version=1)
-    wait_until(lambda: version_key(redis_client) == 2, timeout=10, interval=0.02, what="the survivor publishes")
-    assert time.monotonic() - t0 < 5
+    wait_until(lambda: version_key(redis_client) == 2, timeout=60, interval=0.02, what="the survivor publishes")
     last = RecordLog(redis_client, MODEL).history()[-1]
     assert last["consumer"] == survivor
     assert used_ids(store, 2) == held + more  # the dead leader's pending entries were claimed, not lost
@@ -703,11 +741,16 @@ def test_trigger_with_a_running_worker_goes_through_it(
 
 def test_trigger_times_out_clearly_when_the_lease_holder_does_not_answer(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
-    redis_client.set(K.lock, "dead-worker:0", px=5000)  # a worker that died holding the lease
-    t0 = time.monotonic()
+    redis_client.set(K.lock, "dead-worker:0", px=20_000)  # a worker that died holding the lease
+    asked_ms = time.time_ns() // 1_000_000
     with pytest.raises(ReconcileTimeout, match="did not answer"):
         request_reconcile(redis_client, store, make_settings(redis_server, store), MODEL, timeout_s=0.3)
-    assert time.monotonic() - t0 < 3
+    # it gave up at its own deadline, while the dead worker still held the lease (waiting for the lease to run
+    # out, or for the default 30 s, would have taken longer than those 20 s)...
+    assert redis_client.pttl(K.lock) > 0
+    # ...and told the worker that deadline, so a worker that comes back later skips the abandoned request
+    (queued,) = redis_client.lrange(K.requests, 0, -1)
+    assert json.loads(queued)["deadline_ms"] <= asked_ms + 300 + 2
     assert version_key(redis_client) is None
 
 

@@ -75,7 +75,7 @@ def test_mpserve_train_writes_version_zero_with_its_manifest(tmp_path, data):
     assert manifest["training"]["config"]["exclude_class"] == 9
     # the figures are those of the stored weights on the whole test split, by an independent NumPy forward
     # (a near-tie may fall the other way in float32: a few of the 10,000 calls at most)
-    params, _ = ModelStore(tmp_path / "store").load_version("base", 0)
+    params, _ = ModelStore(tmp_path / "store").read_version("base", 0)
     predicted = numpy_mlp(mlp(hidden=(16,)), params, data["test"].x).argmax(1)
     correct = predicted == data["test"].y
     assert manifest["validation"]["test_accuracy"] == pytest.approx(correct.mean(), abs=3e-4)

@@ -425,9 +425,14 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
         something_new = any(r.get("new_val_acc") is not None for r in curve)
         lines = [("old", "tab:blue", "known" if something_new else "learning"), ("new", "tab:orange", "new")]
         if key != "loss" and any(r.get(f"frozen_{key}") is not None for r in curve):
-            lines.append(("frozen", "tab:gray", "base kept frozen" + (" (known)" if something_new else "")))
+            # the frozen base's validation is on the known classes; what it served, on all traffic (new included)
+            if key == "online_acc" and something_new:
+                lines += [("", "tab:green", "all traffic"), ("frozen", "tab:gray", "base kept frozen (all traffic)")]
+            else:
+                lines.append(("frozen", "tab:gray", "base kept frozen" + (" (known)" if something_new else "")))
         for tag, color, name in lines:
-            ys = [np.nan if r.get(f"{tag}_{key}") is None else r[f"{tag}_{key}"] for r in curve]
+            field = f"{tag}_{key}" if tag else key
+            ys = [np.nan if r.get(field) is None else r[field] for r in curve]
             if all(np.isnan(ys)):
                 continue
             ax.plot(steps, ys, color=color, marker="o" if len(steps) < 40 else None, label=name,

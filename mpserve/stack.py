@@ -73,6 +73,7 @@ def process_specs(settings: StackSettings, redis_url: str, admin_token: str) -> 
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago (the caller retries on a lost race)."""
     import socket
 
     with socket.socket() as s:

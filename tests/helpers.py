@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from typing import TypeVar
 
 import httpx
 import redis
+
+from mpserve.stack import free_port
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,6 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout)
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the caller retries on a lost race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisProcess:

@@ -66,8 +66,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp), admin_token=TOKEN) as stack:
         stack.start_redis()
-        url = stack.start_api("api", WORKER_ENV)  # the API's admin endpoint reads the worker settings too
-        stack.start_worker(WORKER_ENV)
+        url = stack.start_api("api")
+        stack.start_worker(WORKER_ENV)  # it answers POST /admin/reconcile (the API runs no reconciler)
         stack.wait_ready()
         client = MPServeClient(url, admin_token=TOKEN, timeout=600)
         for _ in range(3):  # warm-up

@@ -27,7 +27,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.loading import seed_default_model
 from common.logs import configure_logging
 from model_store import ModelStore
-from redis_io.connect import wait_until_up
+from redis_io.connect import blocking_client, wait_until_up
+from redis_io.recordlog import RecordLog
 
 log = logging.getLogger("mpserve.up")
 
@@ -122,6 +123,24 @@ def wait_ready(url: str, children: dict[str, subprocess.Popen], timeout_s: float
     raise SystemExit(f"the API was not ready within {timeout_s:.0f} s; see {logs / 'api.log'}")
 
 
+def wait_leading(redis_url: str, model: str, children: dict[str, subprocess.Popen], timeout_s: float,
+                 logs: Path) -> None:
+    """Wait until a worker holds the model's lease: POST /admin/reconcile asks that worker (503 while none leads)."""
+    client = blocking_client(redis_url, 5.0, 5.0)
+    try:
+        records, deadline = RecordLog(client, model), time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    raise SystemExit(f"{name} exited with {proc.returncode}; see {logs / (name + '.log')}")
+            if records.lease_holder() is not None:
+                return
+            time.sleep(0.2)
+    finally:
+        client.close()
+    raise SystemExit(f"no worker took the lease of {model!r} within {timeout_s:.0f} s; see {logs / 'worker.log'}")
+
+
 def stop(children: dict[str, subprocess.Popen], timeout_s: float = 15.0) -> None:
     """SIGTERM each child in order (API, worker, Redis) and wait; SIGKILL what does not stop."""
     for name, proc in children.items():
@@ -162,6 +181,7 @@ def run(settings: StackSettings) -> int:
             children[name] = spawn(name, spec, logs)
         url = f"http://{settings.host}:{settings.port}"
         wait_ready(url, children, settings.ready_timeout_s, logs)
+        wait_leading(redis_url, settings.default_model, children, settings.ready_timeout_s, logs)
         print(f"\nmpserve is up: {url}\n  docs:        {url}/docs\n  admin token: {token}\n"
               f"  logs:        {logs}/\nCtrl-C stops it.\n", flush=True)
         while not stopping:

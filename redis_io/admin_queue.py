@@ -1,16 +1,19 @@
 """The wire protocol between ``POST /admin/reconcile`` and the worker that holds the lease.
 
-The API pushes ``{"id", "deadline_ms"}`` onto ``mp:{m}:requests`` and BLPOPs ``mp:{m}:reply:{id}``;
-the leader pops requests between stream reads, runs one forced reconciliation for all requests it
-popped together, and pushes the outcome as JSON onto each reply list, which expires soon after so an
-abandoned reply never lingers. A request whose caller already gave up (deadline passed) is skipped:
-the caller was told it timed out, so it should not find a version published behind its back.
+The API asks only the leading worker (:func:`ask_leader`): with no worker holding the lease it runs
+nothing itself and says so (:class:`NoLeader`). It pushes ``{"id", "deadline_ms"}`` onto
+``mp:{m}:requests`` and BLPOPs ``mp:{m}:reply:{id}``; the leader pops requests between stream reads,
+runs one forced reconciliation for all requests it popped together, and pushes the outcome as JSON
+onto each reply list, which expires soon after so an abandoned reply never lingers. A request whose
+caller already gave up (deadline passed) is skipped: the caller was told it timed out, so it should
+not find a version published behind its back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +22,7 @@ import redis
 
 from common.names import RECORD_ID_RE
 from redis_io.keys import ModelKeys
-from redis_io.protocol import clock_ms
+from redis_io.protocol import clock_ms, p_lease_holder
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +89,35 @@ def wait_reply(client: redis.Redis, keys: ModelKeys, request_id: str, timeout_s:
         return None
     client.delete(keys.reply(request_id))
     return json.loads(got[1])
+
+
+class NoLeader(LookupError):
+    """No worker holds the model's lease, so nothing would answer a request (and none was queued)."""
+
+
+class ReconcileTimeout(TimeoutError):
+    """No answer within the timeout; the worker may still run (or have run) the reconciliation."""
+
+
+def ask_leader(client: redis.Redis, model: str, timeout_s: float) -> dict[str, Any]:
+    """Ask the worker holding ``model``'s lease for a forced reconciliation and return its outcome.
+
+    Outcome: ``{"published", "version", "parent", "stats", "reason"}``. Raises :class:`NoLeader` when no
+    worker holds the lease (nothing is written), :class:`ReconcileTimeout` when the holder does not answer
+    within ``timeout_s`` (it skips the request once that deadline has passed).
+    """
+    keys = ModelKeys(model)
+    holder = p_lease_holder(client.get(keys.lock))
+    if holder is None:
+        raise NoLeader(f"no reconciler worker leads model {model!r}: start one (python -m worker, or mpserve up "
+                       "runs one)")
+    rid = uuid.uuid4().hex
+    push_request(client, keys, rid, timeout_s)
+    log.info("%s: asked the worker %s to reconcile (request %s)", model, holder, rid)
+    reply = wait_reply(client, keys, rid, timeout_s)
+    if reply is None:
+        raise ReconcileTimeout(
+            f"{model}: the worker holding the lease ({holder}) did not answer within {timeout_s}s; it may be busy "
+            "or dead (a new leader takes over when its lease expires), and it skips the request once its caller "
+            "stopped waiting")
+    return reply

@@ -38,7 +38,7 @@ def events_client(url: str, connect_timeout_s: float) -> AsyncClient:
 
 
 def blocking_client(url: str, connect_timeout_s: float, socket_timeout_s: float) -> SyncClient:
-    """A blocking client for a thread that waits long on purpose (``POST /admin/reconcile``'s trigger)."""
+    """A blocking client for a thread that waits long on purpose (``POST /admin/reconcile``, for the worker)."""
     return redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=connect_timeout_s,
                                 socket_timeout=socket_timeout_s)
 

@@ -11,6 +11,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,7 @@ from redis_io.keys import ModelKeys
 from server.access import TokenBucket
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, ServerProcess, clean_env, wait_until
+from tests.helpers import ChildProcess, RedisProcess, ServerProcess, clean_env, wait_until, worker_args
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -300,8 +301,26 @@ def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, s
 
 
 # ---------------------------------------------------------------------------------- fuzzing
+@pytest.fixture
+def leader(redis_proc: RedisProcess, store: ModelStore, r: redis.Redis, tmp_path: Path) -> Iterator[ChildProcess]:
+    """The worker that answers the guarded replica's POST /admin/reconcile (the API runs no reconciler), with
+    its disabled clients; it never reconciles by itself. Only for this test: the ones above run their own."""
+    w = ChildProcess("worker", worker_args(redis_proc.url, store.root, MODEL, "fuzz", 100_000, "--disabled-clients",
+                                           "gone", "--lease-ttl-ms", "10000"), tmp_path / "worker.log").start()
+
+    def leads() -> bool:
+        assert w.proc is not None and w.proc.poll() is None, w.log_tail()
+        return r.get(KEYS.lock) is not None
+    try:
+        wait_until(leads, timeout=60, interval=0.05, what="the worker leads")
+        yield w
+    finally:
+        w.stop()
+
+
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess,
+                                                                    leader: ChildProcess) -> None:
     """Every operation of the live /openapi.json (positive and negative data), plus /predict bodies of the
     model's shape and labels of the ids they got, without and with credentials."""
     credentials = {"none": {}, "keys": {**key("alpha"), **bearer(TOKEN)}}

@@ -36,7 +36,17 @@ from redis_io.keys import ModelKeys
 from redis_io.recordlog import RecordLog
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import RedisProcess, ServerProcess, clean_env, metric, numpy_mlp, start_redis, wait_until
+from tests.helpers import (
+    ChildProcess,
+    RedisProcess,
+    ServerProcess,
+    clean_env,
+    metric,
+    numpy_mlp,
+    start_redis,
+    wait_until,
+    worker_args,
+)
 
 MODEL = "fashion"
 TOKEN = "s3cret-admin-token"
@@ -64,14 +74,12 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """Replica A (admin token, worker settings for a small reconcile) and replica B (no token), started together."""
+    """Replica A (admin token) and replica B (no token), started together."""
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
-    a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN],
-                      clean_env(MPSERVE_MIN_RECORDS="8", MPSERVE_MIN_COHORT="4", MPSERVE_MAX_COHORT_AGE="1000",
-                           MPSERVE_GUARD_TOLERANCE="0"))  # the guard acts only while a holdout set is uploaded
+    a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN], clean_env())
     b = ServerProcess(logs, "b", common, clean_env())
     try:
         for s in (a, b):
@@ -82,6 +90,35 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
     finally:
         for s in (a, b):
             s.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[ChildProcess]:
+    """The worker that answers POST /admin/reconcile (the API runs no reconciler), set for a small reconcile.
+
+    It never reconciles by itself: no timer (worker_args), and a min_records it never reaches; an admin request is a
+    forced reconciliation, which needs only min_cohort usable records. The guard acts only while a holdout set is
+    uploaded.
+    """
+    w = ChildProcess("worker", worker_args(redis_proc.url, store.root, MODEL, "w", 100_000, "--min-cohort", "4",
+                                           "--max-cohort-age", "1000", "--guard-tolerance", "0",
+                                           "--lease-ttl-ms", "10000"),
+                     tmp_path_factory.mktemp("worker") / "worker.log")
+    try:
+        yield w.start()
+    finally:
+        w.stop()
+
+
+@pytest.fixture
+def leader(worker: ChildProcess, r: redis.Redis) -> ChildProcess:
+    """The worker, once it holds the model's lease (at its start, or again after the Redis outage test)."""
+    def leads() -> bool:
+        assert worker.proc is not None and worker.proc.poll() is None, worker.log_tail()
+        return r.get(KEYS.lock) is not None
+    wait_until(leads, timeout=60, interval=0.05, what="the worker leads")
+    return worker
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +523,7 @@ def test_corrupt_version_is_refused_and_the_last_good_one_keeps_serving(
 
 
 def test_full_cycle_predict_label_reconcile_serves_the_new_version(client: MPServeClient, store: ModelStore,
-                                                                   r: redis.Redis) -> None:
+                                                                   r: redis.Redis, leader: ChildProcess) -> None:
     base = serving(r)
     wait_until(lambda: predicted_version(client) == base, timeout=20, interval=0.05)
     out = client.predict(images(24, seed=5))
@@ -720,7 +757,7 @@ def test_malformed_holdout_is_a_clear_4xx_and_writes_nothing(server: ServerProce
 
 
 def test_holdout_upload_describe_delete_and_the_guard_uses_each_upload(
-        client: MPServeClient, store: ModelStore, r: redis.Redis, tmp_path: Path) -> None:
+        client: MPServeClient, store: ModelStore, r: redis.Redis, tmp_path: Path, leader: ChildProcess) -> None:
     try:
         x1 = images(40, seed=50)
         wrong = (leader_predictions(store, serving(r), x1).argmax(1) + 1) % CLASSES  # v scores 0: any candidate passes

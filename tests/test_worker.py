@@ -6,6 +6,7 @@ processes and kills the leader. Crashes at each step of a reconciliation are in 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydantic
 import pytest
@@ -25,13 +27,16 @@ from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_
 from marketplace.update import UpdateConfig, class_loss_gap, propose_update
 from model_store import ModelStore
 from model_store.holdout import encode_holdout
+from redis_io.admin_queue import NoLeader, ReconcileTimeout, ask_leader
 from redis_io.fenced import fenced_ack
 from redis_io.keys import ModelKeys
 from redis_io.protocol import PredictionRecord, StaleLeaderError
 from redis_io.recordlog import RecordLog
 from tests.helpers import (
+    ApiProcess,
     ChildProcess,
     RedisProcess,
+    api_args,
     feed_labels,
     make_store,
     numpy_mlp,
@@ -42,7 +47,6 @@ from tests.helpers import (
 from worker.main import build_settings
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
-from worker.trigger import ReconcileTimeout, request_reconcile
 
 MODEL = "fashion"
 K = ModelKeys(MODEL)
@@ -474,9 +478,10 @@ def test_guard_refuses_a_harmful_candidate_and_acks_its_entries(
     assert out.stats["metrics"] == refused["metrics"]
     rec.close()
 
-    # the same through the admin trigger (in process, no worker running): no publish, the guard's reason
-    feed_served(redis_client, 20, 0, seed=21)
-    answer = request_reconcile(redis_client, store, settings, MODEL, timeout_s=30)
+    # the same through the admin request to a leading worker: no publish, the guard's reason
+    feed_served(redis_client, 20, 0, seed=21)  # below min_records: only the forced reconciliation uses them
+    with leading(Reconciler(settings, store, redis_client, MODEL), redis_client):
+        answer = ask_leader(redis_client, MODEL, timeout_s=30)
     assert answer["published"] is False and "validation guard" in answer["reason"]
     assert version_key(redis_client) is None and pending(redis_client) == []
     assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "refused"]
@@ -700,20 +705,66 @@ def test_leader_failover_between_two_worker_processes(
 # ------------------------------------------------------------------------------------------ trigger
 
 
-def test_trigger_without_a_worker_runs_in_process(
-        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
-    settings = make_settings(redis_server, store, consumer="api-1")
-    ids = feed(redis_client, 20)  # below min_records: only a forced reconciliation uses them
-    out = request_reconcile(redis_client, store, settings, MODEL, timeout_s=10)
-    assert (out["published"], out["version"], out["parent"], out["reason"]) == (True, 1, 0, None)
-    assert out["stats"]["records"] == 20 and used_ids(store, 1) == ids
-    assert redis_client.get(K.lock) is None  # the admin lease was given back
-    assert RecordLog(redis_client, MODEL).history()[-1]["owner"].startswith("admin:api-1:")
+@contextlib.contextmanager
+def leading(rec: Reconciler, client: redis.Redis) -> Iterator[Reconciler]:
+    """Run ``rec.serve_forever`` in a thread until it holds the lease; stop it (and close it) afterwards."""
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.serve_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: client.get(K.lock), timeout=10, what="the worker leads")
+        yield rec
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
 
-    feed(redis_client, 3)
-    out = request_reconcile(redis_client, store, settings, MODEL, timeout_s=10)
-    assert (out["published"], out["reason"]) == (False, "too few records: have 0, need 8")
-    assert version_key(redis_client) == 1 and len(pending(redis_client)) == 3
+
+def redis_contents(client: redis.Redis) -> dict[bytes, tuple[bytes, object]]:
+    """Every key with its type and a summary (a string's value, a list's length, a stream's, ...)."""
+    sizes = {b"string": client.get, b"list": client.llen, b"stream": client.xlen, b"hash": client.hlen,
+             b"set": client.scard, b"zset": client.zcard}
+    out = {}
+    for key in client.keys("*"):
+        kind = client.type(key)
+        out[key] = (kind, sizes[kind](key))
+    return out
+
+
+def store_files(store: ModelStore) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(store.root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(store.root.rglob("*")) if p.is_file()}
+
+
+def test_trigger_without_a_worker_asks_no_one_and_writes_nothing(
+        redis_client: redis.Redis, store: ModelStore) -> None:
+    feed(redis_client, 20)
+    before, files = redis_contents(redis_client), store_files(store)
+    with pytest.raises(NoLeader, match=r"no reconciler worker leads model 'fashion': start one \(python -m worker"):
+        ask_leader(redis_client, MODEL, timeout_s=10)
+    assert redis_contents(redis_client) == before and store_files(store) == files  # no request queued, no lease
+
+
+def test_admin_reconcile_without_a_worker_is_a_503_that_names_the_fix_and_writes_nothing(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    """The API runs no reconciler of its own: with no worker leading it says so and touches nothing."""
+    api = ApiProcess(api_args(redis_server.url, store.root, "--admin-token", "tok"), tmp_path / "api.log")
+    try:
+        api.start()
+        api.wait_ready()
+        feed(redis_client, 20)
+        before, files = redis_contents(redis_client), store_files(store)
+        resp = httpx.post(api.url + "/admin/reconcile", json={"model": MODEL}, timeout=60,
+                          headers={"Authorization": "Bearer tok"})
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["detail"] == ("no reconciler worker leads model 'fashion': start one (python -m worker, "
+                                         "or mpserve up runs one)")
+        assert redis_contents(redis_client) == before and store_files(store) == files
+        assert store.versions(MODEL) == [0] and redis_client.get(K.lock) is None
+        doc = httpx.get(api.url + "/openapi.json", timeout=30).json()
+        assert "503" in doc["paths"]["/admin/reconcile"]["post"]["responses"]
+    finally:
+        api.stop()
 
 
 def test_trigger_with_a_running_worker_goes_through_it(
@@ -726,8 +777,7 @@ def test_trigger_with_a_running_worker_goes_through_it(
     try:
         wait_until(lambda: redis_client.get(K.lock), timeout=5, what="the worker leads")
         ids = feed(redis_client, 20)
-        out = request_reconcile(redis_client, store, make_settings(redis_server, store, consumer="api"), MODEL,
-                                timeout_s=10)
+        out = ask_leader(redis_client, MODEL, timeout_s=10)
         assert (out["published"], out["version"]) == (True, 1) and used_ids(store, 1) == ids
         last = RecordLog(redis_client, MODEL).history()[-1]
         assert last["trigger"] == "request" and last["owner"] == rec.lease.owner  # the worker published it
@@ -744,7 +794,7 @@ def test_trigger_times_out_clearly_when_the_lease_holder_does_not_answer(
     redis_client.set(K.lock, "dead-worker:0", px=20_000)  # a worker that died holding the lease
     asked_ms = time.time_ns() // 1_000_000
     with pytest.raises(ReconcileTimeout, match="did not answer"):
-        request_reconcile(redis_client, store, make_settings(redis_server, store), MODEL, timeout_s=0.3)
+        ask_leader(redis_client, MODEL, timeout_s=0.3)
     # it gave up at its own deadline, while the dead worker still held the lease (waiting for the lease to run
     # out, or for the default 30 s, would have taken longer than those 20 s)...
     assert redis_client.pttl(K.lock) > 0

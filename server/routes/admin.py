@@ -1,4 +1,5 @@
-"""Admin routes: reconcile now, roll back, pin versions against retention, the validation guard's holdout set.
+"""Admin routes: reconcile now (asking the leading worker), roll back, pin versions against retention,
+the validation guard's holdout set.
 
 Bearer token only; with no token configured they are closed (403).
 """
@@ -19,6 +20,7 @@ from common.loading import load_version
 from common.names import MODEL_NAME_RE
 from model_store import Holdout, IntegrityError, ModelStoreError, VersionNotFound
 from model_store.manifest import MAX_VERSION
+from redis_io.admin_queue import NoLeader, ReconcileTimeout, ask_leader
 from redis_io.connect import ping
 from server.errors import REDIS_DOWN, ApiError, RedisUnavailable, redis_op
 from server.jsonbody import StrictJSONRoute
@@ -34,7 +36,6 @@ from server.schemas import (
     RollbackRequest,
     RollbackResponse,
 )
-from server.settings import ServerSettings
 from server.state import AppState, ModelContext, StateDep
 from server.validation import inputs_array, labels_array
 
@@ -67,32 +68,26 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 })
 
 
-def worker_settings(settings: ServerSettings) -> Any:
-    """The worker's settings: its own MPSERVE_* environment, with this server's Redis and store."""
-    from worker.settings import WorkerSettings
-
-    return WorkerSettings(redis_url=settings.redis_url, store_dir=settings.store_dir, models=settings.models,
-                          label_window_s=settings.label_window_s, disabled_clients=settings.disabled_clients)
-
-
 @router.post("/reconcile", response_model=ReconcileResponse, responses={
     409: {"model": ErrorResponse, "description": "nothing published, and why (e.g. too few records)"},
-    501: {"model": ErrorResponse, "description": "the reconciler (worker package) is not installed here"},
+    503: {"model": ErrorResponse, "description": "Redis unavailable, or no reconciler worker leads the model "
+                                                 "(start one: python -m worker)"},
     504: {"model": ErrorResponse, "description": "no outcome within the timeout"},
 })
 async def reconcile(body: ReconcileRequest, state: StateDep) -> ReconcileResponse:
-    """Reconcile the model's labelled records now and publish the new version (or say why not)."""
+    """Ask the worker that leads the model to reconcile its labelled records now and publish the new version.
+
+    The API runs no reconciler itself: with no worker holding the model's lease the answer is a 503 that
+    says so (start one with ``python -m worker``; ``mpserve up`` runs one).
+    """
     ctx = state.model(body.model)
-    try:
-        from worker.trigger import ReconcileTimeout, request_reconcile
-    except ImportError as exc:  # an API-only install without the worker package
-        raise ApiError(501, f"the reconciler is not installed: {exc}") from exc
     settings = state.settings
-    async with redis_op("reconcile", settings.redis_timeout_s):  # fail fast: the worker's client waits long
+    async with redis_op("reconcile", settings.redis_timeout_s):  # fail fast: the waiting client waits long
         await ping(state.redis)
     try:
-        outcome = await asyncio.to_thread(request_reconcile, state.sync_redis, state.store,
-                                          worker_settings(settings), ctx.name, settings.reconcile_timeout_s)
+        outcome = await asyncio.to_thread(ask_leader, state.sync_redis, ctx.name, settings.reconcile_timeout_s)
+    except NoLeader as exc:
+        raise ApiError(503, str(exc)) from exc
     except ReconcileTimeout as exc:
         raise ApiError(504, f"reconciliation of {ctx.name!r} gave no outcome in time: {exc}") from exc
     except REDIS_DOWN as exc:

@@ -57,8 +57,8 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
                  "step", "shrink", "max_step", "outlier", "outlier_z", "outlier_quantile", "antithetic", "momentum",
-                 "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference", "reseed_on_refusal",
-                 "min_cohort")
+                 "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
+                 "guard_reference", "reseed_on_refusal", "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -312,7 +312,7 @@ class EngineRun:
                 self.before = holdout_figures(self.eval_engine, self.params, self.holdout)
             verdict = judge_candidate(self.eval_engine, result.params, self.holdout, self.before,
                                       self.parent_validation, self.settings.guard_tolerance,
-                                      self.settings.guard_reference)
+                                      self.settings.guard_reference, self.settings.guard_class_tolerance)
             if not verdict.accepted:
                 self.refused += 1
                 if self.settings.reseed_on_refusal:  # as the worker does: the same weights under fresh seeds
@@ -320,7 +320,7 @@ class EngineRun:
                     self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
                 return served
             self.parent_validation = verdict.validation
-            self.before = {"accuracy": verdict.validation["accuracy"], "loss": verdict.validation["loss"]}
+            self.before = {k: verdict.validation[k] for k in ("accuracy", "loss", "class_accuracy")}
         self.grandparent = self.params
         self.params = result.params
         self.version += 1
@@ -475,10 +475,13 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lr-schedule", choices=["constant", "loss_gap"])
     ap.add_argument("--lr-min-ratio", type=float)
     ap.add_argument("--gap-scale", type=float)
-    ap.add_argument("--guard", action="store_true", help="the validation guard on a held-out slice of the train split")
+    ap.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                    help="the validation guard on a held-out slice of the known train data (on by default, as the "
+                         "shipped model comes with a holdout set)")
     ap.add_argument("--reseed-on-refusal", action=argparse.BooleanOptionalAction, default=None,
                     help="after a refused candidate, serve the same weights under fresh seeds (worker default: on)")
     ap.add_argument("--guard-tolerance", type=float)
+    ap.add_argument("--guard-class-tolerance", type=float)
     ap.add_argument("--guard-reference", choices=["anchor", "parent"])
 
 
@@ -526,7 +529,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--old-per-step", type=int, default=240)
     ap.add_argument("--new-per-step", type=int, default=16)
     ap.add_argument("--vendors", type=int, default=None, help="vendors per group (default: the worker's, else 4)")
-    ap.add_argument("--holdout-size", type=int, default=2000)
+    ap.add_argument("--holdout-size", type=int, default=1000,
+                    help="the guard's holdout (the shipped model's has 1,000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="mlp, 300 steps, base of 300 backprop steps")
     ap.add_argument("--json", type=Path, default=None)

@@ -113,7 +113,10 @@ def shipped_store() -> ModelStore:
 
 
 def seed_default_model(store: ModelStore, model: str) -> bool:
-    """Copy the shipped model into an empty store as `model` version 0; False if it already has versions."""
+    """Copy the shipped model (and its holdout set) into an empty store as `model` version 0.
+
+    False if the store already has versions of ``model``.
+    """
     if store.versions(model):
         return False
     shipped = shipped_store()
@@ -121,5 +124,9 @@ def seed_default_model(store: ModelStore, model: str) -> bool:
     manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "model")}
     manifest["model"] = model
     store.write_version(model, 0, params, manifest)
-    log.info("seeded model %s version 0 from the shipped default", model)
+    holdout = shipped.read_holdout(DEFAULT_ASSET)
+    if holdout is not None and store.read_holdout(model) is None:  # the guard is on for the shipped model
+        store.write_holdout(model, holdout.inputs.astype(np.uint8), holdout.labels)
+    log.info("seeded model %s version 0 from the shipped default%s", model,
+             f" with its holdout set ({len(holdout)} images)" if holdout is not None else "")
     return True

@@ -27,6 +27,13 @@ class Split:
         keep = self.y != cls
         return Split(self.x[keep], self.y[keep])
 
+    def stratified(self, per_class: int, seed: int = 0) -> Split:
+        """``per_class`` examples of each class, drawn without replacement (a holdout set for the guard)."""
+        rng = np.random.default_rng(seed)
+        pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(self.y == c), min(per_class, int((self.y == c).sum())),
+                                                  replace=False) for c in np.unique(self.y)]))
+        return Split(self.x[pick], self.y[pick])
+
     def only(self, cls: int) -> Split:
         keep = self.y == cls
         return Split(self.x[keep], self.y[keep])

@@ -1,9 +1,9 @@
 """Holdout sets for the validation guard: labelled inputs a candidate version is checked on before it serves.
 
-One per model, kept beside its versions as `{root}/{model}/holdout.safetensors` (tensors `inputs` float32
-and `labels` int64), replaced atomically by an upload; or an operator's own file (safetensors with those
-two tensors, or an `.npz` with arrays `inputs` and `labels`, read without pickle). The sha256 of the bytes
-names the set, so figures measured on different holdouts are never compared.
+One per model, kept beside its versions as `{root}/{model}/holdout.safetensors` (tensors `inputs` float32,
+or uint8 for raw pixels, and `labels` int64), replaced atomically by an upload; or an operator's own file
+(safetensors with those two tensors, or an `.npz` with arrays `inputs` and `labels`, read without pickle).
+The sha256 of the bytes names the set, so figures measured on different holdouts are never compared.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class Holdout:
 
 def encode_holdout(inputs: np.ndarray, labels: np.ndarray) -> bytes:
     """The safetensors bytes of a holdout set (what the store keeps and what an operator may ship)."""
-    x, y = np.ascontiguousarray(inputs, np.float32), np.ascontiguousarray(labels, np.int64)
+    # raw pixels stay bytes (a quarter of the size); the guard reads every set as float32
+    x = np.ascontiguousarray(inputs, np.uint8 if inputs.dtype == np.uint8 else np.float32)
+    y = np.ascontiguousarray(labels, np.int64)
     if y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise ModelStoreError(f"a holdout needs n >= 1 inputs and n labels, got {x.shape} and {y.shape}")
     if not np.isfinite(x).all():

@@ -42,6 +42,10 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+#: test images per class in the holdout set written beside a trained model (the validation guard's)
+HOLDOUT_PER_CLASS = 100
+
+
 def run_train(arch: str, model_name: str, store_dir: Path | None, export_dir: Path | None, config: TrainConfig,
               data_dir: str | None = None, arch_config: dict[str, Any] | None = None, plot: Path | None = None,
               progress: bool = True, init_from: Path | None = None,
@@ -78,10 +82,14 @@ def run_train(arch: str, model_name: str, store_dir: Path | None, export_dir: Pa
     manifest = make_manifest(version=0, parent=None, model=model_name, architecture=spec.architecture, seeds=seeds,
                              probe_scale=config.probe_scale, learning_rate=0.0, validation=validation,
                              training=training, created=time.time())
+    # what the model knows, from images it never trained on: the guard keeps it (a left-out class has nothing to keep)
+    holdout = data["test"].without(config.exclude_class).stratified(HOLDOUT_PER_CLASS, config.seed)
     for target in filter(None, [store_dir, export_dir]):
         store = ModelStore(target)
         written = store.write_version(model_name, 0, result.params, manifest)
-        log.info("wrote %s v0 to %s (test accuracy %.4f)", model_name, target, result.test_accuracy)
+        store.write_holdout(model_name, holdout.x, holdout.y)  # the validation guard is on from the start
+        log.info("wrote %s v0 and a holdout set of %d test images to %s (test accuracy %.4f)", model_name,
+                 len(holdout.y), target, result.test_accuracy)
     if plot:
         plot_curve(result.curve, f"{arch} on Fashion-MNIST ({training['method']})", plot)
     summary = {"test_accuracy": result.test_accuracy, "per_class_accuracy": result.per_class_accuracy,

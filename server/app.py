@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from server.errors import install_handlers
 from server.metrics import ServerMetrics
@@ -37,7 +38,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         finally:
             await state.close()
 
-    app = FastAPI(title="mpserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # the docs pages load Swagger UI and ReDoc from the package: FastAPI's defaults fetch them from a CDN, and
+    # render blank on a machine without internet access, as many production networks are
+    app = FastAPIOffline(title="mpserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     for router in ROUTERS:
         app.include_router(router)
     install_handlers(app)

@@ -10,6 +10,7 @@ time drives the page's refresh timer.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -258,6 +259,11 @@ class DashboardDom(HTMLParser):
 
 def dump_dom(url: str, budget_ms: int, profile: Path) -> DashboardDom:
     """Load ``url`` in headless Chromium, let ``budget_ms`` of virtual time pass, parse the resulting DOM."""
+    return DashboardDom(dump_html(url, budget_ms, profile))
+
+
+def dump_html(url: str, budget_ms: int, profile: Path) -> str:
+    """The DOM of ``url`` as headless Chromium leaves it after ``budget_ms`` of virtual time."""
     assert CHROMIUM is not None
     argv = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -265,7 +271,7 @@ def dump_dom(url: str, budget_ms: int, profile: Path) -> DashboardDom:
             "--dump-dom", url]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    return DashboardDom(done.stdout)
+    return done.stdout
 
 
 class HookedProxy:
@@ -401,3 +407,23 @@ def test_plot_takes_its_source_from_the_environment_and_an_explicit_flag_wins(
     with pytest.raises(SystemExit) as bad:
         plot_main(["--model", "Bad Name!"])
     assert bad.value.code == 2
+
+
+# ---------------------------------------------------------------------------------- API docs offline
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/bootstrap.sh --test installs it)")
+def test_api_docs_render_from_the_package_without_internet(server: ServerProcess, tmp_path: Path) -> None:
+    """/docs (Swagger UI) and /redoc load their scripts from the API itself: this machine has no internet, so
+    FastAPI's default pages (scripts from a CDN) render no operation at all here."""
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(server.url + page, timeout=10).text
+        scripts = re.findall(r'<script[^>]*src="([^"]+)"', html)
+        assert scripts and all(src.startswith("/") for src in scripts), scripts  # nothing from another host
+        assert all(httpx.get(server.url + src, timeout=10).status_code == 200 for src in scripts)
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    operations = {(m.upper(), p) for p, item in spec["paths"].items() for m in item}
+    swagger = dump_html(server.url + "/docs", 5000, tmp_path / "profile-docs")
+    shown = set(re.findall(r'data-path="([^"]+)"', swagger))
+    assert shown == {p for _, p in operations}, shown ^ {p for _, p in operations}  # every path, no other
+    assert len(re.findall(r'class="opblock opblock-', swagger)) == len(operations)
+    redoc = dump_html(server.url + "/redoc", 5000, tmp_path / "profile-redoc")
+    assert "/predict" in redoc and "/admin/reconcile" in redoc

@@ -69,3 +69,59 @@ def test_judge_candidate_evaluates_the_unperturbed_candidate_on_the_holdout() ->
     assert refused.validation["loss"] == pytest.approx(after["loss"], rel=1e-5)
     assert refused.validation["reference_accuracy"] == before["accuracy"]
     assert judge_candidate(engine, worse, holdout, before, None, gap + 0.01, "parent").accepted
+
+
+def classes(*acc: float) -> dict[str, object]:
+    return {"accuracy": sum(acc) / len(acc), "loss": 1.0, "class_accuracy": list(acc)}
+
+
+def test_a_class_wide_drop_is_refused_even_when_the_aggregate_holds() -> None:
+    """A label flip trades one class's errors for another's gains: the aggregate stays, one class falls."""
+    anchor = verdict(classes(0.80, 0.60, 0.70, 0.90), classes(0.80, 0.60, 0.70, 0.90), None, HOLDOUT, 0.01,
+                     "anchor", class_tolerance=0.05)
+    assert anchor.accepted and anchor.validation["anchor_class_accuracy"] == [0.80, 0.60, 0.70, 0.90]
+    flipped = classes(0.70, 0.70, 0.70, 0.90)  # class 0 -10 points, class 1 +10: the same aggregate
+    refused = verdict(flipped, classes(0.80, 0.60, 0.70, 0.90), anchor.validation, HOLDOUT, 0.01, "anchor",
+                      class_tolerance=0.05)
+    assert not refused.accepted and refused.validation["worst_class"] == 0
+    assert refused.reason.startswith("class 0's holdout accuracy 0.7000 is more than 0.0500 below its reference 0.8000")
+    # within the class tolerance it passes; without per-class figures (an older manifest) only the aggregate counts
+    assert verdict(flipped, classes(0.80, 0.60, 0.70, 0.90), anchor.validation, HOLDOUT, 0.01, "anchor",
+                   class_tolerance=0.11).accepted
+    assert verdict(fig(0.80), fig(0.80), None, HOLDOUT, 0.01, "anchor", class_tolerance=0.0).accepted
+
+
+def test_per_class_drops_are_judged_against_the_anchor_not_the_parent() -> None:
+    """Small per-class drops cannot add up: each class keeps the anchor's figure as its reference."""
+    first = verdict(classes(0.77, 0.60), classes(0.80, 0.60), None, HOLDOUT, 1.0, "anchor", class_tolerance=0.05)
+    assert first.accepted  # class 0: 3 points below the anchor
+    second = verdict(classes(0.74, 0.60), classes(0.77, 0.60), first.validation, HOLDOUT, 1.0, "anchor",
+                     class_tolerance=0.05)
+    assert not second.accepted and second.validation["reference_class_accuracy"] == [0.80, 0.60]
+    assert verdict(classes(0.74, 0.60), classes(0.77, 0.60), first.validation, HOLDOUT, 1.0, "parent",
+                   class_tolerance=0.05).accepted  # against the parent (0.77) it is a 3-point drop
+
+
+def test_judge_candidate_reports_the_class_accuracy_of_an_independent_forward() -> None:
+    """Per-class figures are those of the NumPy twin on real images; a class the holdout lacks is None."""
+    data = load_fashion_mnist()
+    keep = data["test"].y[:600] != 4  # no coat in this holdout
+    x, y = data["test"].x[:600][keep], data["test"].y[:600][keep]
+    holdout = decode_holdout(encode_holdout(x, y))
+    spec = mlp(hidden=(32,))
+    params = fitted_mlp(spec, data["train"].x[:3000], data["train"].y[:3000])
+    right = numpy_mlp(spec, params, holdout.inputs).argmax(1) == y
+    expected = [None if c == 4 else float(np.mean(right[y == c])) for c in range(10)]
+    got = judge_candidate(Engine(spec, 1, buckets=[64]), params, holdout, {"accuracy": 0.0, "loss": 1.0}, None,
+                          1.0, "parent", class_tolerance=0.0).validation["class_accuracy"]
+    assert got[4] is None and got == pytest.approx(expected)
+    assert len({round(a, 3) for a in got if a is not None}) > 3  # the classes differ: not one figure repeated
+
+
+def test_raw_pixel_holdouts_stay_bytes_and_read_as_float() -> None:
+    """A holdout of uint8 pixels is stored as bytes (the shipped one: 1,000 images in 0.8 MB) and read as float32."""
+    x = np.random.default_rng(0).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    data = encode_holdout(x, np.arange(5))
+    assert len(data) < x.size * 2
+    h = decode_holdout(data)
+    assert h.inputs.dtype == np.float32 and np.array_equal(h.inputs, x.astype(np.float32))

@@ -15,12 +15,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from common.loading import shipped_store
+from common.loading import load_version, seed_default_model, shipped_store
+from marketplace.data import load_fashion_mnist
 from model_store import ModelStore
 from mpserve.cli import app
 from mpserve.client import MPServeClient
 from mpserve.stack import StackSettings, process_specs
 from tests.helpers import free_port, wait_until
+from worker.guard import ValidationGuard
+from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +77,26 @@ def test_the_shipped_default_model_loads_and_says_how_it_was_trained():
     assert manifest["validation"]["test_accuracy"] >= 0.90
     assert "backprop" in manifest["training"]["method"] or "marketplace" in manifest["training"]["method"]
     assert sum(p.size for p in params.values()) < 200_000
+
+
+def test_the_shipped_model_comes_with_a_holdout_so_the_guard_is_on_by_default(tmp_path):
+    """Seeding a store copies the shipped holdout (100 test images per class), and a worker with default
+    settings judges candidates on it: learning on the shipped model is guarded without any flag."""
+    shipped = shipped_store().read_holdout("fashion")
+    assert shipped is not None and np.bincount(shipped.labels).tolist() == [100] * 10
+    test_images = {img.tobytes() for img in load_fashion_mnist()["test"].x}
+    assert all(img.astype(np.uint8).tobytes() in test_images for img in shipped.inputs)  # never trained on
+    store = ModelStore(tmp_path / "store")
+    assert seed_default_model(store, "mine")
+    guard = ValidationGuard(WorkerSettings(_env_file=None), store, "mine")
+    held = guard.holdout()
+    assert held is not None and held.sha256 == shipped.sha256
+    parent = load_version(store, "mine", 0)
+    verdict = guard.judge(parent, parent.params)
+    assert verdict is not None and verdict.accepted
+    assert verdict.validation["accuracy"] >= 0.88 and min(verdict.validation["class_accuracy"]) >= 0.6
+    store.delete_holdout("mine")
+    assert not seed_default_model(store, "mine") and store.read_holdout("mine") is None  # seeds only once
 
 
 @pytest.mark.slow

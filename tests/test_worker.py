@@ -391,7 +391,8 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
     configured = tmp_path / "configured.npz"  # an operator's file: the upload takes precedence over it
     np.savez(configured, inputs=holdout_images(50, 3), labels=np.zeros(50, np.int64))
     settings = make_settings(redis_server, store, momentum=0.5, guard_tolerance=0.5, holdout_path=configured,
-                             step="unit", learning_rate=0.5)  # unit steps: the momentum term is as large as a step
+                             guard_class_tolerance=0.5, step="unit", learning_rate=0.5)
+    # (unit steps: the momentum term is as large as a step)
     rec = Reconciler(settings, store, redis_client, MODEL)
 
     fed = feed_served(redis_client, 40, 0, seed=10)
@@ -407,6 +408,11 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
     assert v["accuracy"] == acc1 and v["loss"] == pytest.approx(loss1, rel=1e-4)
     assert v["parent_accuracy"] == acc0 and v["anchor_accuracy"] == acc0 and v["reference_accuracy"] == acc0
     assert v["tolerance"] == 0.5
+    loaded1 = load_version(store, MODEL, 1)
+    right1 = numpy_mlp(loaded1.spec, loaded1.params, x1).argmax(1) == y1
+    assert v["class_accuracy"] == pytest.approx([float(np.mean(right1[y1 == c])) if (y1 == c).any() else None
+                                                 for c in range(CLASSES)])
+    assert v["anchor_class_accuracy"] == v["parent_class_accuracy"] and v["class_tolerance"] == 0.5
     metrics = m1["metrics"]
     assert metrics["online_loss"] == pytest.approx(np.mean([r.loss for r in used]), rel=1e-6)
     hits = [int(np.argmax(r.logits)) == r.label for r in used]

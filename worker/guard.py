@@ -4,9 +4,13 @@ Forward-only learning from traffic can drift: poisoned labels, a burst of one cl
 With a holdout set configured (an operator's file, `holdout_path`, or one uploaded through
 `PUT /admin/holdout`, which takes precedence), every candidate is evaluated with its unperturbed
 weights before publishing and refused when its accuracy falls more than `guard_tolerance` below the
-reference. The reference is, by default, the *anchor*: the accuracy of the first version that was
-checked on this holdout, carried from manifest to manifest, so many small drops cannot add up to a
-large one; `guard_reference=parent` compares with the serving version instead (drift may accumulate).
+reference, or when any one class's holdout accuracy falls more than `guard_class_tolerance` below that
+class's reference (a class-wide label flip trades one class's errors for another's gains and barely moves
+the aggregate: the poison bench saw class 0 fall 79% -> 49% behind an aggregate-only guard). The
+reference is, by default, the *anchor*: the figures of the first version that was checked on this
+holdout, carried from manifest to manifest, so many small drops cannot add up to a large one;
+`guard_reference=parent` compares with the serving version instead (drift may accumulate).
+The shipped model comes with a holdout set (docs/DESIGN.md §3), so the guard is on by default.
 """
 
 from __future__ import annotations
@@ -36,12 +40,22 @@ class Verdict:
     @property
     def reason(self) -> str:
         v = self.validation
-        return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
-                f"{v['reference_accuracy']:.4f} ({v['reference']})")
+        if v["accuracy"] < v["reference_accuracy"] - v["tolerance"]:
+            return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
+                    f"{v['reference_accuracy']:.4f} ({v['reference']})")
+        c = v["worst_class"]
+        return (f"class {c}'s holdout accuracy {v['class_accuracy'][c]:.4f} is more than "
+                f"{v['class_tolerance']:.4f} below its reference {v['reference_class_accuracy'][c]:.4f} "
+                f"({v['reference']})")
 
 
-def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, float | None]:
-    """Accuracy and mean cross-entropy of the unperturbed weights on the holdout set.
+def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+    """Accuracy per class (None for a class the holdout has no example of)."""
+    return [float(np.mean(correct[labels == c])) if (labels == c).any() else None for c in range(num_classes)]
+
+
+def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, Any]:
+    """Accuracy (overall and per class) and mean cross-entropy of the unperturbed weights on the holdout.
 
     An example with a non-finite logit counts as wrong (argmax of NaN would pick class 0), and the loss
     is then None: the figures go into manifests and the history, which are strict JSON.
@@ -50,37 +64,56 @@ def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Hold
     finite = np.isfinite(logits).all(axis=1)
     correct = (logits.argmax(1) == holdout.labels) & finite
     loss = float(np.mean(cross_entropy(logits, holdout.labels))) if finite.all() else None
-    return {"accuracy": float(np.mean(correct)), "loss": loss if loss is not None and np.isfinite(loss) else None}
+    return {"accuracy": float(np.mean(correct)), "loss": loss if loss is not None and np.isfinite(loss) else None,
+            "class_accuracy": class_accuracy(correct, holdout.labels, logits.shape[1])}
 
 
-def verdict(own: dict[str, float], before: dict[str, float], parent_validation: dict[str, Any] | None,
-            holdout: Holdout, tolerance: float, reference: Literal["anchor", "parent"]) -> Verdict:
+def _worst_class(own: list[float | None], ref: list[float | None]) -> int | None:
+    """The class that lost most against its reference (None when no class has both figures)."""
+    drops = [(r - o, c) for c, (o, r) in enumerate(zip(own, ref, strict=False)) if o is not None and r is not None]
+    return max(drops)[1] if drops else None
+
+
+def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict[str, Any] | None,
+            holdout: Holdout, tolerance: float, reference: Literal["anchor", "parent"],
+            class_tolerance: float = 1.0) -> Verdict:
     """Accept or refuse a candidate from its holdout figures and its parent's (pure: no I/O, no state).
 
     ``parent_validation`` is the parent's recorded "validation" block (its manifest's); the anchor it carries
     counts only when it was measured on this very holdout (same sha256), else the parent becomes the anchor.
+    Per-class figures (``class_accuracy``) are judged only where both sides have them; an anchor recorded
+    before per-class figures existed takes the parent's per-class figures as its own.
     """
-    same = (parent_validation or {}).get("holdout_sha256") == holdout.sha256
-    anchor = float(parent_validation.get("anchor_accuracy", before["accuracy"])) if same and parent_validation \
-        else before["accuracy"]
+    same = bool(parent_validation) and (parent_validation or {}).get("holdout_sha256") == holdout.sha256
+    carried = parent_validation if same and parent_validation else {}
+    anchor = float(carried.get("anchor_accuracy", before["accuracy"]))
+    before_classes = before.get("class_accuracy") or []
+    anchor_classes = carried.get("anchor_class_accuracy") or before_classes
     ref = anchor if reference == "anchor" else before["accuracy"]
-    accepted = own["accuracy"] >= ref - tolerance
+    ref_classes = anchor_classes if reference == "anchor" else before_classes
+    own_classes = own.get("class_accuracy") or []
+    worst = _worst_class(own_classes, ref_classes)
+    class_ok = worst is None or own_classes[worst] >= ref_classes[worst] - class_tolerance
+    accepted = own["accuracy"] >= ref - tolerance and class_ok
     return Verdict(accepted, {
         "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],
         "loss": own["loss"], "parent_accuracy": before["accuracy"], "anchor_accuracy": anchor,
-        "reference": reference, "reference_accuracy": ref, "tolerance": tolerance, "accepted": accepted})
+        "reference": reference, "reference_accuracy": ref, "tolerance": tolerance,
+        "class_accuracy": own_classes, "parent_class_accuracy": before_classes,
+        "anchor_class_accuracy": anchor_classes, "reference_class_accuracy": ref_classes,
+        "class_tolerance": class_tolerance, "worst_class": worst, "accepted": accepted})
 
 
-def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, float],
+def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, Any],
                     parent_validation: dict[str, Any] | None, tolerance: float,
-                    reference: Literal["anchor", "parent"]) -> Verdict:
+                    reference: Literal["anchor", "parent"], class_tolerance: float = 1.0) -> Verdict:
     """Evaluate a candidate's unperturbed weights on the holdout and judge it against its parent.
 
     The one guard decision: the worker calls it before publishing, and bench/continual.py in its loop, so
     the experiments measure what the server does. ``before`` is the parent's holdout figures.
     """
     return verdict(holdout_figures(engine, candidate, holdout), before, parent_validation, holdout, tolerance,
-                   reference)
+                   reference, class_tolerance)
 
 
 class ValidationGuard:
@@ -128,13 +161,14 @@ class ValidationGuard:
         engine = self._engine(spec)
         return judge_candidate(engine, candidate, holdout, self._parent_figures(parent, holdout, engine),
                                parent.manifest.get("validation"), self.settings.guard_tolerance,
-                               self.settings.guard_reference)
+                               self.settings.guard_reference, self.settings.guard_class_tolerance)
 
-    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine
-                        ) -> dict[str, float | None]:
+    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine) -> dict[str, Any]:
         recorded = parent.manifest.get("validation") or {}
-        if recorded.get("holdout_sha256") == holdout.sha256 and "accuracy" in recorded:
-            return {"accuracy": float(recorded["accuracy"]), "loss": recorded.get("loss")}
+        if recorded.get("holdout_sha256") == holdout.sha256 and "accuracy" in recorded \
+                and recorded.get("class_accuracy"):
+            return {"accuracy": float(recorded["accuracy"]), "loss": recorded.get("loss"),
+                    "class_accuracy": recorded["class_accuracy"]}
         key = (parent.version, holdout.sha256)
         if key not in self._parents:
             self._parents = {key: holdout_figures(engine, parent.params, holdout)}  # one parent at a time

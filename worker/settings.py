@@ -72,8 +72,10 @@ class WorkerSettings(BaseSettings):
     gap_scale: float = Field(1.0, gt=0, description="loss_gap schedule: the gap (nats) that earns the full step")
     holdout_path: Path | None = Field(None, description="holdout set (.npz or .safetensors with inputs, labels) "
                                                         "for the validation guard; an uploaded one takes precedence")
-    guard_tolerance: float = Field(0.01, ge=0, le=1, description="refuse a candidate whose holdout accuracy is "
-                                                                 "more than this below the reference")
+    guard_tolerance: float = Field(0.005, ge=0, le=1, description="refuse a candidate whose holdout accuracy is "
+                                                                  "more than this below the reference")
+    guard_class_tolerance: float = Field(0.05, ge=0, le=1, description="refuse a candidate when one class's holdout "
+                                                                       "accuracy is more than this below its reference")
     reseed_on_refusal: bool = Field(True, description="after a refused candidate, publish the same weights with fresh "
                                                       "seeds, so the next candidate probes new directions")
     guard_reference: Literal["anchor", "parent"] = Field(

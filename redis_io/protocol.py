@@ -471,12 +471,6 @@ def p_version(raw: Any) -> int | None:
     return None if raw is None else int(raw)
 
 
-def q_seed_version(pipe: Any, keys: ModelKeys, proposal: int) -> None:
-    """Set ``mp:{m}:version`` only if it is unset (SET NX), then read it: the version Redis settled on."""
-    pipe.set(keys.version, nonneg_int(proposal, "proposal"), nx=True)
-    pipe.get(keys.version)
-
-
 def p_lease_holder(raw: Any) -> str | None:
     """The owner written in ``mp:{m}:lock`` (None: nobody holds the lease)."""
     return None if raw is None else raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)

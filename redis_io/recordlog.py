@@ -52,7 +52,6 @@ from redis_io.protocol import (
     publish_call,
     q_fetch,
     q_retention,
-    q_seed_version,
     q_stats,
     rollback_call,
     stream_pairs,
@@ -385,16 +384,6 @@ class AsyncRecordLog(_Base):
 
     async def current_version(self) -> int | None:
         return p_version(await self.client.get(self.keys.version))
-
-    async def seed_version(self, proposal: int) -> int | None:
-        """Point serving at ``proposal`` if nothing is set yet (a deployment's first start); returns what is set.
-
-        The one write of ``mp:{m}:version`` besides the publish and rollback scripts, and it never overwrites:
-        a replica that serves nothing yet calls it (``server.runtime``), so the first to ask wins.
-        """
-        pipe = self.client.pipeline(transaction=True)
-        q_seed_version(pipe, self.keys, proposal)
-        return p_version((await pipe.execute())[1])
 
     async def history(self) -> list[dict[str, Any]]:
         return p_history(await self.client.lrange(self.keys.history, 0, -1))

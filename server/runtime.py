@@ -199,11 +199,12 @@ class ModelRuntime:
         return f"{reason}; still serving version {self.served.version}"
 
     async def _target_version(self) -> int:
-        """``mp:{m}:version``. When it is unset, a replica never writes it once it serves: only one that
-        serves nothing yet (a deployment's first start) seeds it, through :meth:`_seed_version`.
+        """``mp:{m}:version``; a replica only reads it: the worker's publish and an operator's rollback set it.
 
-        A serving replica that finds it unset (Redis lost its data) keeps serving its version: the worker's
-        next publish, a rollback, or a replica that starts sets it again.
+        When it is unset (a deployment's first start, before the first publish; or Redis lost its data), a
+        replica that serves a version keeps serving it, and one that serves nothing yet serves the store's
+        newest published (or trained) version, the very base the worker builds its first update on
+        (``fallback_base``), so the records it writes name the version the worker expects.
         """
         async with redis_op("read the serving version", self.redis_timeout_s):
             current = await self.records.current_version()
@@ -216,26 +217,15 @@ class ModelRuntime:
                 log.warning("model %s: Redis names no serving version; still serving version %d", self.name,
                             self.served.version)
             return self.served.version
-        return await self._seed_version()
-
-    async def _seed_version(self) -> int:
-        """Seed ``mp:{m}:version`` with the store's newest published (or trained) version, if still unset.
-
-        SET NX (``AsyncRecordLog.seed_version``): the first replica to ask wins, and nothing set is ever
-        overwritten. Never a crashed worker's leftover, which was never published.
-        """
         async with redis_op("read the version history", self.redis_timeout_s):
             history = await self.records.history()
         published = {h.get("version") for h in history if h.get("type") == "publish"}
-        proposal = await asyncio.to_thread(fallback_base, self.store, self.name, published)
-        if proposal is None:
+        base = await asyncio.to_thread(fallback_base, self.store, self.name, published)
+        if base is None:
             raise ApiError(503, f"the model store has no version of {self.name!r}")
-        async with redis_op("initialize the serving version", self.redis_timeout_s):
-            current = await self.records.seed_version(proposal)
-        log.info("model %s: no serving version in Redis; proposed %d, Redis says %s", self.name, proposal, current)
-        if current is None:
-            raise ApiError(503, "the serving version vanished while it was being initialized")
-        return current
+        log.info("model %s: Redis names no serving version yet; serving the store's version %d, the worker's base",
+                 self.name, base)
+        return base
 
     async def _prepare(self, version: int) -> Served:
         """Everything a swap needs, off the request path; the engine and its JIT are reused when they fit."""

@@ -18,13 +18,29 @@ from typing import TypeVar
 import httpx
 import redis
 
+from common.loading import fallback_base
+from model_store import ModelStore
 from mpserve.stack import free_port
+from redis_io.recordlog import RecordLog
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
+
+
+def serving_version(client: redis.Redis, model: str, store: ModelStore) -> int:
+    """The version replicas serve: ``mp:{m}:version``, or while no publish or rollback has set it, the store's
+    base, which replicas and the worker both take (``fallback_base``); a replica never writes the key."""
+    records = RecordLog(client, model)
+    current = records.current_version()
+    if current is not None:
+        return current
+    published = {h.get("version") for h in records.history() if h.get("type") == "publish"}
+    base = fallback_base(store, model, published)
+    assert base is not None, f"the store has no version of {model}"
+    return base
 
 
 def wait_until(

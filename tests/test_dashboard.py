@@ -34,7 +34,7 @@ from mpserve.plot import from_store, from_url, render_png
 from mpserve.plot import main as plot_main
 from redis_io.keys import ModelKeys
 from redis_io.recordlog import RecordLog
-from tests.helpers import RedisProcess, ServerProcess, clean_env
+from tests.helpers import RedisProcess, ServerProcess, clean_env, serving_version
 
 MODEL = "fashion"
 KEYS = ModelKeys(MODEL)
@@ -80,7 +80,7 @@ def build_store(root: Path) -> ModelStore:
 
 def publish(store: ModelStore, r: redis.Redis, metrics: dict[str, Any]) -> int:
     """Store a new version on top of the newest and publish it (the worker's fenced script)."""
-    current = int(r.get(KEYS.version))
+    current = RecordLog(r, MODEL).current_version()  # unset until a publish: the worker's first one sees None
     version = add_version(store, store.latest(MODEL), metrics)
     token = int(r.get(KEYS.fence) or 0)
     RecordLog(r, MODEL).publish(token, version, {"parent": version - 1, "by": "test"}, [], expected_version=current)
@@ -174,7 +174,7 @@ def get_versions(server: ServerProcess, **params: Any) -> httpx.Response:
 def test_versions_endpoint_reports_each_stored_version(server: ServerProcess, store: ModelStore,
                                                        r: redis.Redis) -> None:
     body = get_versions(server).json()
-    serving = int(r.get(KEYS.version))
+    serving = serving_version(r, MODEL, store)
     stored = store.versions(MODEL)
     assert body["model"] == MODEL and body["serving_version"] == serving and body["stored"] == len(stored)
     assert [row["version"] for row in body["versions"]] == stored

@@ -37,6 +37,7 @@ from tests.helpers import (
     feed_labels,
     make_store,
     pending_ids,
+    serving_version,
     start_redis,
     wait_until,
     worker_args,
@@ -325,7 +326,7 @@ class Stack:
     r: redis.Redis
 
     def serving(self) -> int:
-        return int(self.r.get(KEYS.version))
+        return serving_version(self.r, MODEL, self.store)
 
     def replica(self, name: str, *extra: str, fault: str | None = None) -> ApiProcess:
         return ApiProcess(api_args(self.redis.url, self.store.root, *extra), self.logs / f"api-{name}.log", fault)
@@ -375,7 +376,7 @@ def publish_next(st: Stack, corrupt: str | None = None, parent: int | None = Non
         path.write_bytes(data[: len(data) // 2])
     token = int(st.r.get(KEYS.fence) or 0)
     RecordLog(st.r, MODEL).publish(token, version, {"parent": parent, "by": "test"}, [],
-                                   expected_version=st.serving())
+                                   expected_version=version_key(st.r))
     return version
 
 

@@ -156,7 +156,9 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def serving(r: redis.Redis) -> int:
-    return int(r.get(KEYS.version))
+    """What replicas serve; until a publish or rollback sets the pointer, the store's base (version 0 here)."""
+    current = RecordLog(r, MODEL).current_version()
+    return 0 if current is None else current
 
 
 def xlen(r: redis.Redis) -> int:
@@ -181,7 +183,7 @@ def publish_new_version(store: ModelStore, r: redis.Redis, corrupt: bool = False
         path.write_bytes(bytes(data))
     token = int(r.get(KEYS.fence) or 0)
     RecordLog(r, MODEL).publish(token, version, {"parent": parent.version, "by": "test"}, [],
-                                expected_version=parent.version)
+                                expected_version=RecordLog(r, MODEL).current_version())
     return version
 
 

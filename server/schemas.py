@@ -7,6 +7,7 @@ shape of ``inputs`` depends on the model, so the schema says "nested arrays of n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, WithJsonSchema
@@ -234,9 +235,18 @@ class HoldoutInfo(BaseModel):
 class HoldoutDeleted(BaseModel):
     model: str
     deleted: bool
+def error_responses(why: Mapping[int, str], *shared: Mapping[int | str, dict[str, Any]]
+                    ) -> dict[int | str, dict[str, Any]]:
+    """A route's OpenAPI ``responses``: the ``shared`` tables, then its own codes, each an ErrorResponse saying why."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for table in shared:
+        out.update(table)
+    out.update({code: {"model": ErrorResponse, "description": text} for code, text in why.items()})
+    return out
+
+
 #: What any route with a JSON body may answer before it runs (server.middleware, server.jsonbody).
-BODY_ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "request body larger than max_body_bytes"},
-    422: {"model": ErrorResponse, "description": "malformed body: not UTF-8 JSON, NaN or Infinity, nested too "
-                                               "deeply, or not the request schema"},
-}
+BODY_ERRORS = error_responses({
+    413: "request body larger than max_body_bytes",
+    422: "malformed body: not UTF-8 JSON, NaN or Infinity, nested too deeply, or not the request schema",
+})

@@ -19,10 +19,10 @@ from server.schemas import (
     BODY_ERRORS,
     BatchLabelRequest,
     BatchLabelResponse,
-    ErrorResponse,
     LabelRequest,
     LabelResult,
     SingleLabelRequest,
+    error_responses,
 )
 from server.state import AppState, ModelContext, StateDep
 
@@ -83,17 +83,13 @@ async def attach(state: AppState, ctx: ModelContext, items: list[tuple[str, int]
 @router.post(
     "/label",
     response_model=LabelResult | BatchLabelResponse,
-    responses={
-        **BODY_ERRORS,
-        **ACCESS_ERRORS,
-        404: {"model": ErrorResponse, "description": "single label: unknown or expired id (or unknown model)"},
-        409: {"model": ErrorResponse, "description": "single label: a different label is already attached; "
-                                                    "or learning is off on this server"},
-        413: {"model": ErrorResponse, "description": "body larger than max_body_bytes, or more labels than "
-                                                   "max_inputs_per_request"},
-        422: {"model": ErrorResponse, "description": "malformed body, or a label outside the model's classes"},
-        503: {"model": ErrorResponse, "description": "Redis unavailable or model not loaded"},
-    },
+    responses=error_responses({
+        404: "single label: unknown or expired id (or unknown model)",
+        409: "single label: a different label is already attached; or learning is off on this server",
+        413: "body larger than max_body_bytes, or more labels than max_inputs_per_request",
+        422: "malformed body, or a label outside the model's classes",
+        503: "Redis unavailable or model not loaded",
+    }, BODY_ERRORS, ACCESS_ERRORS),
 )
 async def label(body: Annotated[LabelRequest, Body()], state: StateDep,
                 client: ClientDep) -> LabelResult | BatchLabelResponse:

@@ -8,23 +8,20 @@ from fastapi import APIRouter
 from server.access import ACCESS_ERRORS, ClientDep
 from server.errors import ApiError, learning_off
 from server.jsonbody import StrictJSONRoute
-from server.schemas import BODY_ERRORS, ErrorResponse, Prediction, PredictRequest, PredictResponse
+from server.schemas import BODY_ERRORS, Prediction, PredictRequest, PredictResponse, error_responses
 from server.state import StateDep
 from server.validation import inputs_array, labels_array
 
 router = APIRouter(tags=["inference"], route_class=StrictJSONRoute)
 
-ERRORS = {
-    **BODY_ERRORS,
-    **ACCESS_ERRORS,
-    404: {"model": ErrorResponse, "description": "unknown model"},
-    409: {"model": ErrorResponse, "description": "the model changed shape or classes while the request waited; "
-                                               "or labels given, but learning is off on this server"},
-    413: {"model": ErrorResponse, "description": "body larger than max_body_bytes, or more inputs than "
-                                               "max_inputs_per_request"},
-    422: {"model": ErrorResponse, "description": "malformed inputs or labels (shape, NaN or infinity, types)"},
-    503: {"model": ErrorResponse, "description": "model not loaded, Redis unavailable, or overloaded"},
-}
+ERRORS = error_responses({
+    404: "unknown model",
+    409: "the model changed shape or classes while the request waited; or labels given, but learning is off on "
+         "this server",
+    413: "body larger than max_body_bytes, or more inputs than max_inputs_per_request",
+    422: "malformed inputs or labels (shape, NaN or infinity, types)",
+    503: "model not loaded, Redis unavailable, or overloaded",
+}, BODY_ERRORS, ACCESS_ERRORS)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

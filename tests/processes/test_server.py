@@ -56,7 +56,7 @@ MAX_INPUTS = 64
 MAX_BODY = 256 * 1024
 REDIS_TIMEOUT_S = 0.5
 KEYS = ModelKeys(MODEL)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

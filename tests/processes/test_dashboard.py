@@ -149,20 +149,18 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 @pytest.fixture(scope="module")
-def r(redis_server: RedisProcess, store: ModelStore) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=False)
-    client.flushall()
-    RecordLog(client, MODEL).rollback(SERVING, {"by": "test"})
-    client.rpush(KEYS.history, json.dumps(REFUSED))
-    yield client
-    client.close()
+def serving_state(r: redis.Redis, store: ModelStore) -> None:
+    """This module's Redis (conftest.r) serving version SERVING, with one refused candidate in the history."""
+    r.flushall()
+    RecordLog(r, MODEL).rollback(SERVING, {"by": "test"})
+    r.rpush(KEYS.history, json.dumps(REFUSED))
 
 
 @pytest.fixture(scope="module")
-def server(r: redis.Redis, redis_server: RedisProcess, store: ModelStore,
+def server(serving_state: None, redis_proc: RedisProcess, store: ModelStore,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with ServerProcess(tmp_path_factory.mktemp("logs"), "dash",
-                         ["--redis-url", redis_server.url, "--store-dir", str(store.root), "--max-batch", "8",
+                         ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "8",
                           "--poll-interval-s", "0.5", "--log-level", "warning"], clean_env()) as proc:
         yield proc
 

@@ -86,13 +86,6 @@ def limited(servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers["limited"]
 
 
-@pytest.fixture(scope="module")
-def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
-    yield client
-    client.close()
-
-
 # ---------------------------------------------------------------------------------- helpers
 def snapshot(r: redis.Redis) -> tuple[frozenset[bytes], int]:
     """Every mp:* key, and the feedback stream's length (entries are added to an existing key)."""

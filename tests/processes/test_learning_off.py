@@ -35,13 +35,6 @@ def server(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest
         yield proc
 
 
-@pytest.fixture(scope="module")
-def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
-    yield client
-    client.close()
-
-
 def record_keys(r: redis.Redis) -> list[bytes]:
     """Every mp:* key other than the serving version (which a static replica may initialize)."""
     return sorted(k for k in r.scan_iter(match="mp:*") if k != KEYS.version.encode())

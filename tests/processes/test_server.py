@@ -132,13 +132,6 @@ def replica(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[MPServeClient]:
     with MPServeClient(server.url, admin_token=TOKEN, timeout=60) as c:
         yield c

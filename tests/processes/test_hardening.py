@@ -26,6 +26,7 @@ from redis_io.keys import ModelKeys
 from server.access import TokenBucket
 from server.main import settings_from_args
 from server.settings import ServerSettings
+from tests.bad_inputs import HARDENING, RID, bad_requests, sent_by
 from tests.helpers import ChildProcess, RedisProcess, ServerProcess, clean_env, wait_until, worker_args
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
@@ -103,71 +104,13 @@ def detail_text(resp: httpx.Response) -> str:
     return d if isinstance(d, str) else " | ".join(e["msg"] for e in d)
 
 
-def with_literal(literal: str) -> str:
-    """A well-shaped /predict body with one pixel spelled ``literal`` (NaN, Infinity: not JSON)."""
-    return json.dumps({"inputs": np.zeros((1, *SHAPE), dtype=int).tolist()}).replace("0", literal, 1)
-
-
-def nested(depth: int, field: str = "inputs") -> str:
-    return '{"' + field + '": ' + "[" * depth + "]" * depth + "}"
-
-
-def ragged() -> str:
-    x = np.zeros((1, *SHAPE), dtype=int).tolist()
-    x[0][0][3] = x[0][0][3][:-2]
-    return json.dumps({"inputs": x})
-
-
-RID = "a" * 32
-BAD_INPUT: dict[str, tuple[str, str, str | bytes, int, str]] = {  # case: (method, path, body, status, message)
-    "predict: NaN literal": ("POST", "/predict", with_literal("NaN"), 422, "NaN is not a JSON number"),
-    "predict: Infinity literal": ("POST", "/predict", with_literal("Infinity"), 422, "Infinity is not a JSON number"),
-    "predict: -Infinity literal": ("POST", "/predict", with_literal("-Infinity"), 422, "Infinity is not a JSON"),
-    "predict: 1e400 (infinite once parsed)": ("POST", "/predict", with_literal("1e400"), 422, "finite number"),
-    "predict: beyond float32": ("POST", "/predict", with_literal("1e39"), 422, "float32 range"),
-    "predict: NaN label": ("POST", "/predict", json.dumps({"inputs": images(1)})[:-1] + ', "labels": [NaN]}', 422,
-                           "NaN is not a JSON number"),
-    "predict: nested 10,000 deep": ("POST", "/predict", nested(10_000), 422, "nested too deeply"),
-    "predict: nested 200 deep": ("POST", "/predict", nested(200), 422, "valid number"),
-    "predict: ragged input": ("POST", "/predict", ragged(), 422, "items where the input shape"),
-    "predict: wrong shape": ("POST", "/predict", json.dumps({"inputs": np.zeros((1, 28, 28)).tolist()}), 422,
-                             "shape"),
-    "predict: too many inputs": ("POST", "/predict", json.dumps({"inputs": np.zeros(
-        (MAX_INPUTS + 1, *SHAPE), dtype=int).tolist()}), 413, f"the limit is {MAX_INPUTS}"),
-    "predict: body over max_body_bytes": ("POST", "/predict", json.dumps({"inputs": images(1)}) + " " * MAX_BODY,
-                                          413, "larger than the limit"),
-    "predict: not UTF-8": ("POST", "/predict", b'{"inputs": [[1]], "model": "\xff\xfe"}', 422, "not UTF-8"),
-    "predict: model as a relative path": ("POST", "/predict", json.dumps({"inputs": images(1), "model": "../etc"}),
-                                          422, "should match pattern"),
-    "predict: model as an absolute path": ("POST", "/predict", json.dumps({"inputs": images(1),
-                                                                           "model": "/etc/passwd"}),
-                                           422, "should match pattern"),
-    "predict: unknown model": ("POST", "/predict", json.dumps({"inputs": images(1), "model": "digits"}), 404,
-                               "unknown model 'digits'"),
-    "label: NaN label": ("POST", "/label", f'{{"id": "{RID}", "label": NaN}}', 422, "NaN is not a JSON number"),
-    "label: Infinity label": ("POST", "/label", f'{{"id": "{RID}", "label": Infinity}}', 422, "not a JSON number"),
-    "label: id as a path": ("POST", "/label", json.dumps({"id": "../../etc/passwd", "label": 1}), 422,
-                            "should match pattern"),
-    "label: nested 10,000 deep": ("POST", "/label", nested(10_000, "labels"), 422, "nested too deeply"),
-    "label: too many labels": ("POST", "/label", json.dumps({"labels": [{"id": f"x{i}", "label": 1}
-                                                                        for i in range(MAX_INPUTS + 1)]}),
-                               413, f"the limit is {MAX_INPUTS}"),
-    "label: unknown id": ("POST", "/label", json.dumps({"id": RID, "label": 1}), 404, "no prediction"),
-    "rollback: version past the store's range": ("POST", "/admin/rollback", '{"version": 100000000}', 422,
-                                                 "less than 100000000"),
-    "rollback: huge version": ("POST", "/admin/rollback", '{"version": 123456789012345678901234567890}', 422,
-                               "less than"),
-    "rollback: NaN version": ("POST", "/admin/rollback", '{"version": NaN}', 422, "NaN is not a JSON number"),
-    "rollback: model as a path": ("POST", "/admin/rollback", '{"version": 0, "model": "../../x"}', 422,
-                                  "should match pattern"),
-    "reconcile: nested 10,000 deep": ("POST", "/admin/reconcile", nested(10_000, "model"), 422, "nested too deeply"),
-    "models: invalid name": ("GET", "/models/Not_Valid", b"", 422, "should match pattern"),
-}
+BAD_INPUT = sent_by(HARDENING, bad_requests(MAX_INPUTS, MAX_BODY))  # the one table (tests/bad_inputs.py)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: ServerProcess, r: redis.Redis) -> None:
-    method, path, body, status, message = BAD_INPUT[case]
+    c = BAD_INPUT[case]
+    method, path, body, status, message = c.method, c.path, c.body, c.status, c.message
     before = snapshot(r)
     headers = {**key("alpha"), **bearer(TOKEN), "content-type": "application/json"}  # X-API-Key wins on /predict
     resp = httpx.request(method, guarded.url + path, content=body, headers=headers, timeout=30)

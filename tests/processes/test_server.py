@@ -36,6 +36,7 @@ from redis_io.keys import ModelKeys
 from redis_io.recordlog import RecordLog
 from server.main import settings_from_args
 from server.settings import ServerSettings
+from tests.bad_inputs import SERVER, bad_requests, predict_body, sent_by, zeros
 from tests.helpers import (
     ChildProcess,
     RedisProcess,
@@ -280,64 +281,15 @@ def test_label_later_statuses(client: MPServeClient, r: redis.Redis) -> None:
 
 
 # ---------------------------------------------------------------------------------- malformed input
-def _body(inputs: Any, **extra: Any) -> str:
-    return json.dumps({"inputs": inputs, **extra})
-
-
-def _zeros(n: int = 1) -> list[Any]:
-    return np.zeros((n, *SHAPE), dtype=int).tolist()
-
-
-def _with(value: Any, where: tuple[int, ...] = (0, 0, 5, 5)) -> list[Any]:
-    x = _zeros()
-    i, c, h, w = where
-    x[i][c][h][w] = value
-    return x
-
-
-def _ragged() -> list[Any]:
-    x = _zeros()
-    x[0][0][7] = x[0][0][7][:-1]
-    return x
-
-
-MALFORMED_PREDICT: dict[str, tuple[bytes | str, int]] = {
-    "wrong shape (28x27)": (_body(np.zeros((1, 1, 28, 27)).tolist()), 422),
-    "missing channel dim": (_body(np.zeros((1, 28, 28)).tolist()), 422),
-    "extra dim": (_body(np.zeros((1, 1, 1, 28, 28)).tolist()), 422),
-    "NaN": (_body(_with(float("nan"))), 422),
-    "Infinity": (_body(_with(float("inf"))), 422),
-    "-Infinity": (_body(_with(float("-inf"))), 422),
-    "1e400 (inf once parsed)": (_body(_zeros()).replace("0", "1e400", 1), 422),
-    "beyond float32": (_body(_with(1e39)), 422),
-    "ragged": (_body(_ragged()), 422),
-    "nested deeper than the shape": (_body(_with([[1.0]])), 422),
-    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 422),
-    "string pixel": (_body(_with("7")), 422),
-    "bool pixel": (_body(_with(True)), 422),
-    "null pixel": (_body(_with(None)), 422),
-    "inputs not a list": (_body("abc"), 422),
-    "no inputs": (_body([]), 422),
-    "missing inputs": (json.dumps({"labels": [1]}), 422),
-    "too many inputs": (_body(_zeros(MAX_INPUTS + 1)), 413),
-    "labels shorter than inputs": (_body(_zeros(2), labels=[1]), 422),
-    "label out of range": (_body(_zeros(1), labels=[CLASSES]), 422),
-    "negative label": (_body(_zeros(1), labels=[-1]), 422),
-    "bool label": (_body(_zeros(1), labels=[True]), 422),
-    "float label": (_body(_zeros(1), labels=[1.5]), 422),
-    "unknown field": (_body(_zeros(1), label=[1]), 422),
-    "bad model name": (_body(_zeros(1), model="../etc"), 422),
-    "unknown model": (_body(_zeros(1), model="digits"), 404),
-    "invalid JSON": ('{"inputs": [[1, 2]', 422),
-    "not an object": ("[1, 2, 3]", 422),
-    "oversized body": (_body(_zeros(1)) + " " * MAX_BODY, 413),
-}
+BAD = bad_requests(MAX_INPUTS, MAX_BODY)  # the one table (tests/bad_inputs.py)
+MALFORMED_PREDICT = {name.removeprefix("predict: "): c for name, c in sent_by(SERVER, BAD, "/predict").items()}
+MALFORMED_LABEL = {name.removeprefix("label: "): c for name, c in sent_by(SERVER, BAD, "/label").items()}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_PREDICT))
 def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
                                                                 client: MPServeClient, r: redis.Redis) -> None:
-    body, status = MALFORMED_PREDICT[case]
+    body, status = MALFORMED_PREDICT[case].body, MALFORMED_PREDICT[case].status
     before, batches = redis_snapshot(r), engine_batches(client)
     resp = post_raw(server.url + "/predict", body)
     assert_clear_4xx(resp, status)
@@ -361,23 +313,10 @@ def test_oversized_chunked_body_is_413(server: ServerProcess, client: MPServeCli
     assert redis_snapshot(r) == before and engine_batches(client) == batches
 
 
-MALFORMED_LABEL: dict[str, tuple[str, int]] = {
-    "missing label": (json.dumps({"id": "a" * 32}), 422),
-    "bad id characters": (json.dumps({"id": "a b", "label": 1}), 422),
-    "id too long": (json.dumps({"id": "a" * 65, "label": 1}), 422),
-    "bool label": (json.dumps({"id": "a" * 32, "label": False}), 422),
-    "string label": (json.dumps({"id": "a" * 32, "label": "1"}), 422),
-    "both forms": (json.dumps({"id": "a" * 32, "label": 1, "labels": [{"id": "b", "label": 1}]}), 422),
-    "empty batch": (json.dumps({"labels": []}), 422),
-    "too many labels": (json.dumps({"labels": [{"id": f"x{i}", "label": 1} for i in range(MAX_INPUTS + 1)]}), 413),
-    "unknown model": (json.dumps({"id": "a" * 32, "label": 1, "model": "digits"}), 404),
-}
-
-
 @pytest.mark.parametrize("case", list(MALFORMED_LABEL))
 def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
                                                               r: redis.Redis) -> None:
-    body, status = MALFORMED_LABEL[case]
+    body, status = MALFORMED_LABEL[case].body, MALFORMED_LABEL[case].status
     before = redis_snapshot(r)
     assert_clear_4xx(post_raw(server.url + "/label", body), status)
     assert redis_snapshot(r) == before
@@ -558,7 +497,7 @@ _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|
 def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
     # what the samples below count, made here: the test passes alone or in any order
     out = client.predict(images(1))
-    assert post_raw(server.url + "/predict", _body(_zeros(1), labels=[CLASSES])).status_code == 422
+    assert post_raw(server.url + "/predict", predict_body(zeros(1), labels=[CLASSES])).status_code == 422
     assert client.label(out["predictions"][0]["id"], 3)["status"] == "ok"
     resp = httpx.get(server.url + "/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")

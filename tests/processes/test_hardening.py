@@ -27,7 +27,7 @@ from server.access import TokenBucket
 from server.main import settings_from_args
 from server.settings import ServerSettings
 from tests.bad_inputs import HARDENING, RID, bad_requests, sent_by
-from tests.helpers import ChildProcess, RedisProcess, ServerProcess, clean_env, wait_until, worker_args
+from tests.helpers import ApiProcess, ChildProcess, RedisProcess, wait_until, worker_args
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -52,23 +52,23 @@ def bearer(secret: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------- processes
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[dict[str, ServerProcess]]:
+            ) -> Iterator[dict[str, ApiProcess]]:
     """``guarded`` takes its keys as a flag ("a:s,b:s"), ``limited`` as a JSON environment variable."""
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "5", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--log-level", "info"]
     procs = {
-        "guarded": ServerProcess(logs, "guarded", [
+        "guarded": ApiProcess([
             *common, "--admin-token", TOKEN, "--api-keys", ",".join(f"{c}:{s}" for c, s in SECRETS.items()),
-            "--disabled-clients", "gone"], clean_env()),
-        "limited": ServerProcess(logs, "limited", common, clean_env(
-            MPSERVE_API_KEYS=json.dumps({"alpha": SECRETS["alpha"]}), MPSERVE_RATE_LIMIT_PER_S=str(RATE),
-            MPSERVE_RATE_LIMIT_BURST=str(BURST))),
+            "--disabled-clients", "gone"], logs / "server-guarded.log"),
+        "limited": ApiProcess(common, logs / "server-limited.log", env={
+            "MPSERVE_API_KEYS": json.dumps({"alpha": SECRETS["alpha"]}), "MPSERVE_RATE_LIMIT_PER_S": str(RATE),
+            "MPSERVE_RATE_LIMIT_BURST": str(BURST)}),
     }
     try:
         for p in procs.values():
-            p.launch()
+            p.start()
         for p in procs.values():
             p.wait_ready()
         yield procs
@@ -78,12 +78,12 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
 
 
 @pytest.fixture(scope="module")
-def guarded(servers: dict[str, ServerProcess]) -> ServerProcess:
+def guarded(servers: dict[str, ApiProcess]) -> ApiProcess:
     return servers["guarded"]
 
 
 @pytest.fixture(scope="module")
-def limited(servers: dict[str, ServerProcess]) -> ServerProcess:
+def limited(servers: dict[str, ApiProcess]) -> ApiProcess:
     return servers["limited"]
 
 
@@ -108,7 +108,7 @@ BAD_INPUT = sent_by(HARDENING, bad_requests(MAX_INPUTS, MAX_BODY))  # the one ta
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: ServerProcess, r: redis.Redis) -> None:
+def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: ApiProcess, r: redis.Redis) -> None:
     c = BAD_INPUT[case]
     method, path, body, status, message = c.method, c.path, c.body, c.status, c.message
     before = snapshot(r)
@@ -121,7 +121,7 @@ def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: Server
 
 
 # ---------------------------------------------------------------------------------- API keys
-def test_predict_and_label_record_the_client(guarded: ServerProcess, r: redis.Redis) -> None:
+def test_predict_and_label_record_the_client(guarded: ApiProcess, r: redis.Redis) -> None:
     """Alpha predicts (with and without labels); beta labels later with a bearer key."""
     out = httpx.post(guarded.url + "/predict", json={"inputs": images(2, 1), "labels": [3, 4]}, headers=key("alpha"))
     assert out.status_code == 200, out.text
@@ -151,7 +151,7 @@ AUTH_FAILURES: dict[str, tuple[dict[str, str], int, str]] = {
 
 @pytest.mark.parametrize("route", ["/predict", "/label"])
 @pytest.mark.parametrize("case", list(AUTH_FAILURES))
-def test_requests_without_a_valid_key_are_refused_and_write_nothing(case: str, route: str, guarded: ServerProcess,
+def test_requests_without_a_valid_key_are_refused_and_write_nothing(case: str, route: str, guarded: ApiProcess,
                                                                    r: redis.Redis) -> None:
     headers, status, message = AUTH_FAILURES[case]
     body = {"inputs": images(1), "labels": [1]} if route == "/predict" else {"id": RID, "label": 1}
@@ -163,7 +163,7 @@ def test_requests_without_a_valid_key_are_refused_and_write_nothing(case: str, r
     assert snapshot(r) == before
 
 
-def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ServerProcess, r: redis.Redis) -> None:
+def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ApiProcess, r: redis.Redis) -> None:
     before = snapshot(r)
     for headers in (key("alpha"), bearer(SECRETS["alpha"]), {}):
         resp = httpx.post(guarded.url + "/admin/rollback", json={"version": 0}, headers=headers)
@@ -173,13 +173,13 @@ def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ServerProcess
     assert ok.status_code == 200 and ok.json()["version"] == 0 and int(r.get(KEYS.version)) == 0
 
 
-def test_client_names_are_logged_and_secrets_never(guarded: ServerProcess) -> None:
+def test_client_names_are_logged_and_secrets_never(guarded: ApiProcess) -> None:
     text = guarded.log_path.read_text(errors="replace")
     assert "API keys required on /predict and /label: clients ['alpha', 'beta', 'gone'], disabled ['gone']" in text
     assert not any(secret in text for secret in SECRETS.values())
 
 
-def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: ServerProcess,
+def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: ApiProcess,
                                                                       r: redis.Redis) -> None:
     """The bucket holds BURST tokens and refills at RATE per second. How many requests pass before the first 429
     depends on how long they took, which a loaded machine stretches: so the bounds use the time measured."""
@@ -208,7 +208,7 @@ def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: S
 
 
 # ---------------------------------------------------------------------------------- worker
-def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, store: ModelStore,
+def test_the_worker_drops_feedback_of_disabled_clients(guarded: ApiProcess, store: ModelStore,
                                                       redis_proc: RedisProcess, r: redis.Redis) -> None:
     """Labels that beta gave while it was trusted are dropped as invalid once the worker disables it."""
     for client, seed in (("alpha", 10), ("beta", 11)):
@@ -255,7 +255,7 @@ def leader(redis_proc: RedisProcess, store: ModelStore, r: redis.Redis, tmp_path
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess,
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ApiProcess,
                                                                     leader: ChildProcess) -> None:
     """Every operation of the live /openapi.json (positive and negative data), plus /predict bodies of the
     model's shape and labels of the ids they got, without and with credentials."""

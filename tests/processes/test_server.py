@@ -38,9 +38,9 @@ from server.main import settings_from_args
 from server.settings import ServerSettings
 from tests.bad_inputs import SERVER, bad_requests, predict_body, sent_by, zeros
 from tests.helpers import (
+    ApiProcess,
     ChildProcess,
     RedisProcess,
-    ServerProcess,
     clean_env,
     metric,
     numpy_mlp,
@@ -74,17 +74,17 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
 
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+            ) -> Iterator[tuple[ApiProcess, ApiProcess]]:
     """Replica A (admin token) and replica B (no token), started together."""
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
-    a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN], clean_env())
-    b = ServerProcess(logs, "b", common, clean_env())
+    a = ApiProcess([*common, "--admin-token", TOKEN], logs / "server-a.log")
+    b = ApiProcess(common, logs / "server-b.log")
     try:
         for s in (a, b):
-            s.launch()
+            s.start()
         for s in (a, b):
             s.wait_ready()
         yield a, b
@@ -123,23 +123,23 @@ def leader(worker: ChildProcess, r: redis.Redis) -> ChildProcess:
 
 
 @pytest.fixture(scope="module")
-def server(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+def server(servers: tuple[ApiProcess, ApiProcess]) -> ApiProcess:
     return servers[0]
 
 
 @pytest.fixture(scope="module")
-def replica(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+def replica(servers: tuple[ApiProcess, ApiProcess]) -> ApiProcess:
     return servers[1]
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[MPServeClient]:
+def client(server: ApiProcess) -> Iterator[MPServeClient]:
     with MPServeClient(server.url, admin_token=TOKEN, timeout=60) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def client_b(replica: ServerProcess) -> Iterator[MPServeClient]:
+def client_b(replica: ApiProcess) -> Iterator[MPServeClient]:
     with MPServeClient(replica.url, admin_token=TOKEN, timeout=60) as c:
         yield c
 
@@ -287,7 +287,7 @@ MALFORMED_LABEL = {name.removeprefix("label: "): c for name, c in sent_by(SERVER
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_PREDICT))
-def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
+def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess,
                                                                 client: MPServeClient, r: redis.Redis) -> None:
     body, status = MALFORMED_PREDICT[case].body, MALFORMED_PREDICT[case].status
     before, batches = redis_snapshot(r), engine_batches(client)
@@ -297,7 +297,7 @@ def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server
     assert engine_batches(client) == batches  # nothing reached the engine
 
 
-def test_oversized_chunked_body_is_413(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+def test_oversized_chunked_body_is_413(server: ApiProcess, client: MPServeClient, r: redis.Redis) -> None:
     """No Content-Length: the limit is enforced on the bytes as they stream in."""
     before, batches = redis_snapshot(r), engine_batches(client)
 
@@ -314,7 +314,7 @@ def test_oversized_chunked_body_is_413(server: ServerProcess, client: MPServeCli
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_LABEL))
-def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
+def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess,
                                                               r: redis.Redis) -> None:
     body, status = MALFORMED_LABEL[case].body, MALFORMED_LABEL[case].status
     before = redis_snapshot(r)
@@ -323,7 +323,7 @@ def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: 
 
 
 # ---------------------------------------------------------------------------------- admin
-def test_admin_needs_the_token_and_is_closed_without_one(server: ServerProcess, replica: ServerProcess,
+def test_admin_needs_the_token_and_is_closed_without_one(server: ApiProcess, replica: ApiProcess,
                                                          r: redis.Redis) -> None:
     before, version = redis_snapshot(r), serving(r)
     for path, body in (("/admin/reconcile", {}), ("/admin/rollback", {"version": 0})):
@@ -352,7 +352,7 @@ def test_hot_swap_reaches_both_replicas(client: MPServeClient, client_b: MPServe
 
 
 def test_each_answer_during_a_hot_swap_comes_from_the_version_it_names(
-        server: ServerProcess, client: MPServeClient, store: ModelStore, r: redis.Redis) -> None:
+        server: ApiProcess, client: MPServeClient, store: ModelStore, r: redis.Redis) -> None:
     """Clients keep predicting while four new versions are published in turn: every answer before, during and
     after each swap is the leader of the version it names (the NumPy twin of that version's stored weights), and
     every record written for learning names that version and holds its probe's logits on the recorded path."""
@@ -474,7 +474,7 @@ def test_full_cycle_predict_label_reconcile_serves_the_new_version(client: MPSer
 
 
 # ---------------------------------------------------------------------------------- batching, metrics
-def test_concurrent_requests_share_engine_batches(server: ServerProcess, client: MPServeClient) -> None:
+def test_concurrent_requests_share_engine_batches(server: ApiProcess, client: MPServeClient) -> None:
     n = 24
     batches = engine_batches(client)
 
@@ -494,7 +494,7 @@ def test_concurrent_requests_share_engine_batches(server: ServerProcess, client:
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
 
-def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+def test_metrics_is_prometheus_text(server: ApiProcess, client: MPServeClient, r: redis.Redis) -> None:
     # what the samples below count, made here: the test passes alone or in any order
     out = client.predict(images(1))
     assert post_raw(server.url + "/predict", predict_body(zeros(1), labels=[CLASSES])).status_code == 422
@@ -532,7 +532,7 @@ def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient
 
 
 # ---------------------------------------------------------------------------------- health, models, docs
-def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+def test_health_readiness_models_and_docs(server: ApiProcess, client: MPServeClient, r: redis.Redis) -> None:
     assert client.health() == {"status": "ok"}
     ready = client.ready()
     assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["models"][MODEL]["loaded"]
@@ -554,7 +554,7 @@ def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServe
 
 
 # ---------------------------------------------------------------------------------- Redis outage
-def test_redis_outage_is_a_fast_503_and_service_resumes(server: ServerProcess, client: MPServeClient,
+def test_redis_outage_is_a_fast_503_and_service_resumes(server: ApiProcess, client: MPServeClient,
                                                         redis_proc: RedisProcess, r: redis.Redis) -> None:
     assert redis_proc.proc is not None
     version = serving(r)
@@ -635,7 +635,7 @@ def pending_records(r: redis.Redis) -> set[str]:
     return out
 
 
-def test_holdout_admin_needs_the_token(server: ServerProcess, replica: ServerProcess, store: ModelStore) -> None:
+def test_holdout_admin_needs_the_token(server: ApiProcess, replica: ApiProcess, store: ModelStore) -> None:
     body = {"inputs": images(1).tolist(), "labels": [1]}
     for method in ("PUT", "GET", "DELETE"):
         kw: dict[str, Any] = {"json": body} if method == "PUT" else {}
@@ -648,7 +648,7 @@ def test_holdout_admin_needs_the_token(server: ServerProcess, replica: ServerPro
     assert not store.holdout_path(MODEL).exists()
 
 
-def test_malformed_holdout_is_a_clear_4xx_and_writes_nothing(server: ServerProcess, client: MPServeClient,
+def test_malformed_holdout_is_a_clear_4xx_and_writes_nothing(server: ApiProcess, client: MPServeClient,
                                                              store: ModelStore, r: redis.Redis) -> None:
     good = images(3, seed=40).tolist()
     row = [[0.0] * 28] * 28

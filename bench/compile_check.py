@@ -15,7 +15,8 @@ leader-only engine (V=1: a replica with learning off, and the worker's validatio
 
 Prints a table and, with ``--json``, writes per stage the kernels one run of it launches (name, kind E/r,
 output elements, binary format and size), the number of compiler invocations, and the compiler's class.
-The environment is set here, before tinygrad is imported: run it as its own process (tests/test_cuda_compile.py).
+The environment is set here, before tinygrad is imported: run it as its own process
+(tests/processes/test_cuda_compile.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ schema (undeclared status code or content type, body or headers off the response
 
 Without --url it starts `mpserve up` (embedded Redis, the shipped default model) on a free port with an
 admin token and one API key, so the admin and client routes are exercised both ways. The test suite
-runs :func:`fuzz_api` with a few examples per operation (tests/test_fuzz.py).
+runs :func:`fuzz_api` with a few examples per operation (tests/processes/test_hardening.py).
 """
 
 from __future__ import annotations

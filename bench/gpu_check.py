@@ -9,8 +9,8 @@ Steps, in order, each a child process with a time limit inside ``--budget-s`` (a
 of time is recorded and the next one runs; if the device itself is unusable the rest are skipped):
 
   device       common.device opens DEV and runs a kernel; tinygrad's renderer and compiler; nvidia-smi
-  threefry     tests/test_threefry.py on DEV: known answers, the NumPy and tinygrad delta twins bit for bit
-  engine       tests/test_engine.py on DEV: each input gets its own path's logits; materialize equals the
+  threefry     tests/unit/test_threefry.py on DEV: known answers, the NumPy and tinygrad delta twins bit for bit
+  engine       tests/unit/test_engine.py on DEV: each input gets its own path's logits; materialize equals the
                NumPy twin bit for bit in every version
   materialize  bench.materialize: ms per version of the V=4 perturbed weights (mlp, beautiful_mnist)
   inference    bench.inference: inputs/s of plain (V=1) and perturbed (V=4) inference per batch size
@@ -65,9 +65,9 @@ def plan(work: Path, tiny: bool, a_steps: int) -> list[Step]:
     return [
         Step("device", [py, "-m", "bench.gpu_check", "--device-info", str(work / "device.json")], 90,
              [work / "device.json"]),
-        Step("threefry", [*pytest, "tests/test_threefry.py", f"--junitxml={work / 'threefry.xml'}",
+        Step("threefry", [*pytest, "tests/unit/test_threefry.py", f"--junitxml={work / 'threefry.xml'}",
                           *(["-k", "known_answers"] if tiny else [])], 90, [work / "threefry.xml"]),
-        Step("engine", [*pytest, "tests/test_engine.py", f"--junitxml={work / 'engine.xml'}",
+        Step("engine", [*pytest, "tests/unit/test_engine.py", f"--junitxml={work / 'engine.xml'}",
                         *(["-k", "leader_engine_matches"] if tiny else [])], 120, [work / "engine.xml"]),
         Step("materialize", [py, "-m", "bench.materialize", *mat, "--json", str(work / "materialize.json")], 60,
              [work / "materialize.json"]),

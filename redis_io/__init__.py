@@ -9,6 +9,6 @@
 - ``events``: the replicas' subscription to version events;
 - ``connect``: the clients of each process, and what "Redis is down" means.
 
-Layering (``tests/test_architecture.py``): ``redis_io`` imports ``common``, ``model_store`` (through the
+Layering (``tests/unit/test_architecture.py``): ``redis_io`` imports ``common``, ``model_store`` (through the
 name rules) and ``marketplace`` (the loss of a label), never ``server``, ``worker`` or ``mpserve``.
 """

@@ -5,7 +5,7 @@
 #
 #   scripts/gpu_check.sh --prepare     # here: wheels (Python 3.12, x86-64) and Fashion-MNIST into .gpu/ (git-ignored)
 #   bash scripts/gpu_check.sh          # there, with .gpu/ carried: installs the wheels into /tmp/site, runs on DEV=CUDA
-#   scripts/gpu_check.sh --dry-run     # checks every command without running it (tests/test_gpu_check.py)
+#   scripts/gpu_check.sh --dry-run     # checks every command without running it (tests/processes/test_gpu_check.py)
 #   DEV=CPU scripts/gpu_check.sh --tiny   # every step for real at toy sizes, on this CPU (~1 min)
 # Other flags go to bench.gpu_check: --budget-s (300), --a-steps (1000), --out (default $OUT, else results/gpu_check).
 set -euo pipefail

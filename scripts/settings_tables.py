@@ -1,7 +1,7 @@
 """Print the README's settings tables (flag, env, default, what) from the pydantic-settings classes.
 
 Run `python scripts/settings_tables.py` after adding a setting and paste the tables into README.md;
-`tests/test_settings.py` checks that the README names every setting's environment variable.
+`tests/unit/test_settings.py` checks that the README names every setting's environment variable.
 """
 
 from __future__ import annotations

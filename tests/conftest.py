@@ -56,3 +56,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """This module's own redis-server (no persistence), for modules whose servers outlive a test."""
     yield from _redis(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
+    """A client on this module's redis-server (``redis_proc``, or the module's own override of it), never
+    flushed: the module's servers keep their state from test to test."""
+    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,4 +1,4 @@
-"""Test helpers: a real redis-server process, an API replica process, and condition polling with a deadline."""
+"""Test helpers: a real redis-server process, API replica and worker processes, and polling with a deadline."""
 
 from __future__ import annotations
 
@@ -233,65 +233,6 @@ def fitted_mlp(spec, x, y, seed: int = 0):  # type: ignore[no-untyped-def]
     return params
 
 
-class ServerProcess:
-    """``python -m server`` on a free loopback port, its output in a log file."""
-
-    def __init__(self, log_dir: Path, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.log_path = log_dir / f"server-{name}.log"
-        self.args, self.env = args, env
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def launch(self) -> None:
-        self.port = free_port()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(self.port), *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            return httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        try:
-            wait_until(self._ready, timeout=timeout, interval=0.1, what=f"{self.url}/readyz")
-        except TimeoutError as exc:
-            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            terminate(self.proc, 15)
-        self.proc = None
-
-    def __enter__(self) -> ServerProcess:
-        """Launched and ready; stopped on exit (a fixture's whole lifetime in one ``with``)."""
-        try:
-            self.launch()
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
-
-
 # ------------------------------------------------------------------------------------------ feedback
 
 
@@ -419,7 +360,8 @@ def worker_args(redis_url: str, store_root: Path, model: str, consumer: str, min
 
 
 class ApiProcess(ChildProcess):
-    """``python -m server`` on a free loopback port (a new one at each start)."""
+    """``python -m server`` on a free loopback port (a new one at each start): the one helper that runs an API
+    replica; ``env`` is added to this environment less its MPSERVE_* variables (:func:`clean_env`)."""
 
     def __init__(self, args: list[str], log_path: Path, fault: str | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -439,7 +381,6 @@ class ApiProcess(ChildProcess):
 
     def readyz(self, timeout: float = 5.0):
         """GET /readyz (None while the port does not answer yet)."""
-        import httpx
 
         self._alive()
         try:
@@ -453,6 +394,19 @@ class ApiProcess(ChildProcess):
                        interval=0.1, what=f"{self.url}/readyz")
         except TimeoutError as exc:
             raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
+
+    def __enter__(self) -> ApiProcess:
+        """Started and ready; stopped on exit (a fixture's whole lifetime in one ``with``)."""
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def api_args(redis_url: str, store_root: Path, *extra: str) -> list[str]:

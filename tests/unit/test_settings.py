@@ -36,7 +36,7 @@ def test_the_readme_names_every_setting() -> None:
     from server.settings import ServerSettings
     from worker.settings import WorkerSettings
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f"MPSERVE_{name.upper()}" for cls in (StackSettings, ServerSettings, WorkerSettings)
                for name in cls.model_fields if f"`MPSERVE_{name.upper()}`" not in readme]
     assert not missing, f"README lacks {missing}: run python scripts/settings_tables.py"

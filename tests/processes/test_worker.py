@@ -1,7 +1,7 @@
 """The reconciler worker against a real redis-server and a real model store (tests.helpers.make_store).
 
 In-process tests drive ``Reconciler.run_once`` directly; the failover test runs two ``python -m worker``
-processes and kills the leader. Crashes at each step of a reconciliation are in tests/test_faults.py.
+processes and kills the leader. Crashes at each step of a reconciliation are in tests/processes/test_faults.py.
 """
 
 from __future__ import annotations

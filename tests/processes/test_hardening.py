@@ -26,7 +26,8 @@ from redis_io.keys import ModelKeys
 from server.access import TokenBucket
 from server.main import settings_from_args
 from server.settings import ServerSettings
-from tests.helpers import ChildProcess, RedisProcess, ServerProcess, clean_env, wait_until, worker_args
+from tests.bad_inputs import HARDENING, RID, bad_requests, sent_by
+from tests.helpers import ApiProcess, ChildProcess, RedisProcess, wait_until, worker_args
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -51,23 +52,23 @@ def bearer(secret: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------- processes
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[dict[str, ServerProcess]]:
+            ) -> Iterator[dict[str, ApiProcess]]:
     """``guarded`` takes its keys as a flag ("a:s,b:s"), ``limited`` as a JSON environment variable."""
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "5", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--log-level", "info"]
     procs = {
-        "guarded": ServerProcess(logs, "guarded", [
+        "guarded": ApiProcess([
             *common, "--admin-token", TOKEN, "--api-keys", ",".join(f"{c}:{s}" for c, s in SECRETS.items()),
-            "--disabled-clients", "gone"], clean_env()),
-        "limited": ServerProcess(logs, "limited", common, clean_env(
-            MPSERVE_API_KEYS=json.dumps({"alpha": SECRETS["alpha"]}), MPSERVE_RATE_LIMIT_PER_S=str(RATE),
-            MPSERVE_RATE_LIMIT_BURST=str(BURST))),
+            "--disabled-clients", "gone"], logs / "server-guarded.log"),
+        "limited": ApiProcess(common, logs / "server-limited.log", env={
+            "MPSERVE_API_KEYS": json.dumps({"alpha": SECRETS["alpha"]}), "MPSERVE_RATE_LIMIT_PER_S": str(RATE),
+            "MPSERVE_RATE_LIMIT_BURST": str(BURST)}),
     }
     try:
         for p in procs.values():
-            p.launch()
+            p.start()
         for p in procs.values():
             p.wait_ready()
         yield procs
@@ -77,20 +78,13 @@ def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytes
 
 
 @pytest.fixture(scope="module")
-def guarded(servers: dict[str, ServerProcess]) -> ServerProcess:
+def guarded(servers: dict[str, ApiProcess]) -> ApiProcess:
     return servers["guarded"]
 
 
 @pytest.fixture(scope="module")
-def limited(servers: dict[str, ServerProcess]) -> ServerProcess:
+def limited(servers: dict[str, ApiProcess]) -> ApiProcess:
     return servers["limited"]
-
-
-@pytest.fixture(scope="module")
-def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
-    yield client
-    client.close()
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -110,71 +104,13 @@ def detail_text(resp: httpx.Response) -> str:
     return d if isinstance(d, str) else " | ".join(e["msg"] for e in d)
 
 
-def with_literal(literal: str) -> str:
-    """A well-shaped /predict body with one pixel spelled ``literal`` (NaN, Infinity: not JSON)."""
-    return json.dumps({"inputs": np.zeros((1, *SHAPE), dtype=int).tolist()}).replace("0", literal, 1)
-
-
-def nested(depth: int, field: str = "inputs") -> str:
-    return '{"' + field + '": ' + "[" * depth + "]" * depth + "}"
-
-
-def ragged() -> str:
-    x = np.zeros((1, *SHAPE), dtype=int).tolist()
-    x[0][0][3] = x[0][0][3][:-2]
-    return json.dumps({"inputs": x})
-
-
-RID = "a" * 32
-BAD_INPUT: dict[str, tuple[str, str, str | bytes, int, str]] = {  # case: (method, path, body, status, message)
-    "predict: NaN literal": ("POST", "/predict", with_literal("NaN"), 422, "NaN is not a JSON number"),
-    "predict: Infinity literal": ("POST", "/predict", with_literal("Infinity"), 422, "Infinity is not a JSON number"),
-    "predict: -Infinity literal": ("POST", "/predict", with_literal("-Infinity"), 422, "Infinity is not a JSON"),
-    "predict: 1e400 (infinite once parsed)": ("POST", "/predict", with_literal("1e400"), 422, "finite number"),
-    "predict: beyond float32": ("POST", "/predict", with_literal("1e39"), 422, "float32 range"),
-    "predict: NaN label": ("POST", "/predict", json.dumps({"inputs": images(1)})[:-1] + ', "labels": [NaN]}', 422,
-                           "NaN is not a JSON number"),
-    "predict: nested 10,000 deep": ("POST", "/predict", nested(10_000), 422, "nested too deeply"),
-    "predict: nested 200 deep": ("POST", "/predict", nested(200), 422, "valid number"),
-    "predict: ragged input": ("POST", "/predict", ragged(), 422, "items where the input shape"),
-    "predict: wrong shape": ("POST", "/predict", json.dumps({"inputs": np.zeros((1, 28, 28)).tolist()}), 422,
-                             "shape"),
-    "predict: too many inputs": ("POST", "/predict", json.dumps({"inputs": np.zeros(
-        (MAX_INPUTS + 1, *SHAPE), dtype=int).tolist()}), 413, f"the limit is {MAX_INPUTS}"),
-    "predict: body over max_body_bytes": ("POST", "/predict", json.dumps({"inputs": images(1)}) + " " * MAX_BODY,
-                                          413, "larger than the limit"),
-    "predict: not UTF-8": ("POST", "/predict", b'{"inputs": [[1]], "model": "\xff\xfe"}', 422, "not UTF-8"),
-    "predict: model as a relative path": ("POST", "/predict", json.dumps({"inputs": images(1), "model": "../etc"}),
-                                          422, "should match pattern"),
-    "predict: model as an absolute path": ("POST", "/predict", json.dumps({"inputs": images(1),
-                                                                           "model": "/etc/passwd"}),
-                                           422, "should match pattern"),
-    "predict: unknown model": ("POST", "/predict", json.dumps({"inputs": images(1), "model": "digits"}), 404,
-                               "unknown model 'digits'"),
-    "label: NaN label": ("POST", "/label", f'{{"id": "{RID}", "label": NaN}}', 422, "NaN is not a JSON number"),
-    "label: Infinity label": ("POST", "/label", f'{{"id": "{RID}", "label": Infinity}}', 422, "not a JSON number"),
-    "label: id as a path": ("POST", "/label", json.dumps({"id": "../../etc/passwd", "label": 1}), 422,
-                            "should match pattern"),
-    "label: nested 10,000 deep": ("POST", "/label", nested(10_000, "labels"), 422, "nested too deeply"),
-    "label: too many labels": ("POST", "/label", json.dumps({"labels": [{"id": f"x{i}", "label": 1}
-                                                                        for i in range(MAX_INPUTS + 1)]}),
-                               413, f"the limit is {MAX_INPUTS}"),
-    "label: unknown id": ("POST", "/label", json.dumps({"id": RID, "label": 1}), 404, "no prediction"),
-    "rollback: version past the store's range": ("POST", "/admin/rollback", '{"version": 100000000}', 422,
-                                                 "less than 100000000"),
-    "rollback: huge version": ("POST", "/admin/rollback", '{"version": 123456789012345678901234567890}', 422,
-                               "less than"),
-    "rollback: NaN version": ("POST", "/admin/rollback", '{"version": NaN}', 422, "NaN is not a JSON number"),
-    "rollback: model as a path": ("POST", "/admin/rollback", '{"version": 0, "model": "../../x"}', 422,
-                                  "should match pattern"),
-    "reconcile: nested 10,000 deep": ("POST", "/admin/reconcile", nested(10_000, "model"), 422, "nested too deeply"),
-    "models: invalid name": ("GET", "/models/Not_Valid", b"", 422, "should match pattern"),
-}
+BAD_INPUT = sent_by(HARDENING, bad_requests(MAX_INPUTS, MAX_BODY))  # the one table (tests/bad_inputs.py)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: ServerProcess, r: redis.Redis) -> None:
-    method, path, body, status, message = BAD_INPUT[case]
+def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: ApiProcess, r: redis.Redis) -> None:
+    c = BAD_INPUT[case]
+    method, path, body, status, message = c.method, c.path, c.body, c.status, c.message
     before = snapshot(r)
     headers = {**key("alpha"), **bearer(TOKEN), "content-type": "application/json"}  # X-API-Key wins on /predict
     resp = httpx.request(method, guarded.url + path, content=body, headers=headers, timeout=30)
@@ -185,7 +121,7 @@ def test_bad_input_is_a_clear_4xx_that_writes_nothing(case: str, guarded: Server
 
 
 # ---------------------------------------------------------------------------------- API keys
-def test_predict_and_label_record_the_client(guarded: ServerProcess, r: redis.Redis) -> None:
+def test_predict_and_label_record_the_client(guarded: ApiProcess, r: redis.Redis) -> None:
     """Alpha predicts (with and without labels); beta labels later with a bearer key."""
     out = httpx.post(guarded.url + "/predict", json={"inputs": images(2, 1), "labels": [3, 4]}, headers=key("alpha"))
     assert out.status_code == 200, out.text
@@ -215,7 +151,7 @@ AUTH_FAILURES: dict[str, tuple[dict[str, str], int, str]] = {
 
 @pytest.mark.parametrize("route", ["/predict", "/label"])
 @pytest.mark.parametrize("case", list(AUTH_FAILURES))
-def test_requests_without_a_valid_key_are_refused_and_write_nothing(case: str, route: str, guarded: ServerProcess,
+def test_requests_without_a_valid_key_are_refused_and_write_nothing(case: str, route: str, guarded: ApiProcess,
                                                                    r: redis.Redis) -> None:
     headers, status, message = AUTH_FAILURES[case]
     body = {"inputs": images(1), "labels": [1]} if route == "/predict" else {"id": RID, "label": 1}
@@ -227,7 +163,7 @@ def test_requests_without_a_valid_key_are_refused_and_write_nothing(case: str, r
     assert snapshot(r) == before
 
 
-def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ServerProcess, r: redis.Redis) -> None:
+def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ApiProcess, r: redis.Redis) -> None:
     before = snapshot(r)
     for headers in (key("alpha"), bearer(SECRETS["alpha"]), {}):
         resp = httpx.post(guarded.url + "/admin/rollback", json={"version": 0}, headers=headers)
@@ -237,13 +173,13 @@ def test_admin_routes_take_the_admin_token_not_an_api_key(guarded: ServerProcess
     assert ok.status_code == 200 and ok.json()["version"] == 0 and int(r.get(KEYS.version)) == 0
 
 
-def test_client_names_are_logged_and_secrets_never(guarded: ServerProcess) -> None:
+def test_client_names_are_logged_and_secrets_never(guarded: ApiProcess) -> None:
     text = guarded.log_path.read_text(errors="replace")
     assert "API keys required on /predict and /label: clients ['alpha', 'beta', 'gone'], disabled ['gone']" in text
     assert not any(secret in text for secret in SECRETS.values())
 
 
-def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: ServerProcess,
+def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: ApiProcess,
                                                                       r: redis.Redis) -> None:
     """The bucket holds BURST tokens and refills at RATE per second. How many requests pass before the first 429
     depends on how long they took, which a loaded machine stretches: so the bounds use the time measured."""
@@ -272,7 +208,7 @@ def test_rate_limit_is_a_429_with_retry_after_then_the_bucket_refills(limited: S
 
 
 # ---------------------------------------------------------------------------------- worker
-def test_the_worker_drops_feedback_of_disabled_clients(guarded: ServerProcess, store: ModelStore,
+def test_the_worker_drops_feedback_of_disabled_clients(guarded: ApiProcess, store: ModelStore,
                                                       redis_proc: RedisProcess, r: redis.Redis) -> None:
     """Labels that beta gave while it was trusted are dropped as invalid once the worker disables it."""
     for client, seed in (("alpha", 10), ("beta", 11)):
@@ -319,7 +255,7 @@ def leader(redis_proc: RedisProcess, store: ModelStore, r: redis.Redis, tmp_path
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ServerProcess,
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(guarded: ApiProcess,
                                                                     leader: ChildProcess) -> None:
     """Every operation of the live /openapi.json (positive and negative data), plus /predict bodies of the
     model's shape and labels of the ids they got, without and with credentials."""

@@ -34,7 +34,7 @@ from mpserve.plot import from_store, from_url, render_png
 from mpserve.plot import main as plot_main
 from redis_io.keys import ModelKeys
 from redis_io.recordlog import RecordLog
-from tests.helpers import RedisProcess, ServerProcess, clean_env, serving_version
+from tests.helpers import ApiProcess, RedisProcess, serving_version
 
 MODEL = "fashion"
 KEYS = ModelKeys(MODEL)
@@ -149,29 +149,27 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 @pytest.fixture(scope="module")
-def r(redis_server: RedisProcess, store: ModelStore) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=False)
-    client.flushall()
-    RecordLog(client, MODEL).rollback(SERVING, {"by": "test"})
-    client.rpush(KEYS.history, json.dumps(REFUSED))
-    yield client
-    client.close()
+def serving_state(r: redis.Redis, store: ModelStore) -> None:
+    """This module's Redis (conftest.r) serving version SERVING, with one refused candidate in the history."""
+    r.flushall()
+    RecordLog(r, MODEL).rollback(SERVING, {"by": "test"})
+    r.rpush(KEYS.history, json.dumps(REFUSED))
 
 
 @pytest.fixture(scope="module")
-def server(r: redis.Redis, redis_server: RedisProcess, store: ModelStore,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(tmp_path_factory.mktemp("logs"), "dash",
-                         ["--redis-url", redis_server.url, "--store-dir", str(store.root), "--max-batch", "8",
-                          "--poll-interval-s", "0.5", "--log-level", "warning"], clean_env()) as proc:
+def server(serving_state: None, redis_proc: RedisProcess, store: ModelStore,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    with ApiProcess(["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "8",
+                     "--poll-interval-s", "0.5", "--log-level", "warning"],
+                    tmp_path_factory.mktemp("logs") / "server-dash.log") as proc:
         yield proc
 
 
-def get_versions(server: ServerProcess, **params: Any) -> httpx.Response:
+def get_versions(server: ApiProcess, **params: Any) -> httpx.Response:
     return httpx.get(f"{server.url}/models/{MODEL}/versions", params=params, timeout=30)
 
 
-def test_versions_endpoint_reports_each_stored_version(server: ServerProcess, store: ModelStore,
+def test_versions_endpoint_reports_each_stored_version(server: ApiProcess, store: ModelStore,
                                                        r: redis.Redis) -> None:
     body = get_versions(server).json()
     serving = serving_version(r, MODEL, store)
@@ -194,12 +192,12 @@ def test_versions_endpoint_reports_each_stored_version(server: ServerProcess, st
 
 
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 100_000}, {"limit": "many"}])
-def test_versions_endpoint_refuses_bad_limits(server: ServerProcess, params: dict[str, Any]) -> None:
+def test_versions_endpoint_refuses_bad_limits(server: ApiProcess, params: dict[str, Any]) -> None:
     resp = get_versions(server, **params)
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "limit"]
 
 
-def test_versions_endpoint_unknown_model_and_schema(server: ServerProcess) -> None:
+def test_versions_endpoint_unknown_model_and_schema(server: ApiProcess) -> None:
     resp = httpx.get(f"{server.url}/models/nosuch/versions", timeout=30)
     assert resp.status_code == 404 and "nosuch" in resp.json()["detail"]
     assert httpx.get(f"{server.url}/models/..%2Fetc/versions", timeout=30).status_code in (404, 422)
@@ -345,7 +343,7 @@ def assert_page_matches_api(dom: DashboardDom, api: dict[str, Any]) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/bootstrap.sh --test installs it)")
 def test_dashboard_plots_the_versions_the_api_reports_and_picks_up_a_new_one(
-        server: ServerProcess, store: ModelStore, r: redis.Redis, tmp_path: Path) -> None:
+        server: ApiProcess, store: ModelStore, r: redis.Redis, tmp_path: Path) -> None:
     before = get_versions(server).json()
     assert len(before["versions"]) >= 6 and before["serving_version"] is not None
     refresh_ms = 1000
@@ -369,7 +367,7 @@ def test_dashboard_plots_the_versions_the_api_reports_and_picks_up_a_new_one(
 
 
 # ---------------------------------------------------------------------------------- mpserve plot
-def test_plot_gathers_the_manifests_figures_and_writes_a_png(store: ModelStore, server: ServerProcess,
+def test_plot_gathers_the_manifests_figures_and_writes_a_png(store: ModelStore, server: ApiProcess,
                                                              tmp_path: Path) -> None:
     data = from_store(store.root, MODEL)
     cols = render_png(data, tmp_path / "store.png")
@@ -411,7 +409,7 @@ def test_plot_takes_its_source_from_the_environment_and_an_explicit_flag_wins(
 
 # ---------------------------------------------------------------------------------- API docs offline
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (scripts/bootstrap.sh --test installs it)")
-def test_api_docs_render_from_the_package_without_internet(server: ServerProcess, tmp_path: Path) -> None:
+def test_api_docs_render_from_the_package_without_internet(server: ApiProcess, tmp_path: Path) -> None:
     """/docs (Swagger UI) and /redoc load their scripts from the API itself: this machine has no internet, so
     FastAPI's default pages (scripts from a CDN) render no operation at all here."""
     for page in ("/docs", "/redoc"):

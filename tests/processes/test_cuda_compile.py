@@ -12,7 +12,7 @@ the leader's pass over the same bucket. Each is counted by kind (E: elementwise,
 letter of tinygrad's kernel name) and by the number of elements it writes, and each must come back as a
 cubin from the renderer's compiler. `make test` compiles each engine's largest bucket (256, the one with the
 most aggressive kernel optimizations; ~20 s of CPU per renderer, the two side by side, which is the budget
-of the suite); `pytest -m extended tests/test_cuda_compile.py` compiles every bucket (~75 s of CPU each).
+of the suite); `pytest -m extended tests/processes/test_cuda_compile.py` compiles every bucket (~75 s of CPU each).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every ``import``/``from … import`` of every module of ours counts, at any dept
 is a dependency too), and so does a package named in a string to ``importlib.import_module``, ``__import__`` or
 ``importlib.resources.files``. ``tests/`` and ``bench/`` sit above everything and are not checked.
 
-``python -m tests.test_architecture`` prints the package graph, its cycles and who imports redis-py.
+``python -m tests.unit.test_architecture`` prints the package graph, its cycles and who imports redis-py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: What each package may import of ours (besides itself), bottom up. Third-party libraries are not listed.
 LAYERS: dict[str, frozenset[str]] = {

@@ -36,10 +36,11 @@ from redis_io.keys import ModelKeys
 from redis_io.recordlog import RecordLog
 from server.main import settings_from_args
 from server.settings import ServerSettings
+from tests.bad_inputs import SERVER, bad_requests, predict_body, sent_by, zeros
 from tests.helpers import (
+    ApiProcess,
     ChildProcess,
     RedisProcess,
-    ServerProcess,
     clean_env,
     metric,
     numpy_mlp,
@@ -56,7 +57,7 @@ MAX_INPUTS = 64
 MAX_BODY = 256 * 1024
 REDIS_TIMEOUT_S = 0.5
 KEYS = ModelKeys(MODEL)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +74,17 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
 
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+            ) -> Iterator[tuple[ApiProcess, ApiProcess]]:
     """Replica A (admin token) and replica B (no token), started together."""
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
-    a = ServerProcess(logs, "a", [*common, "--admin-token", TOKEN], clean_env())
-    b = ServerProcess(logs, "b", common, clean_env())
+    a = ApiProcess([*common, "--admin-token", TOKEN], logs / "server-a.log")
+    b = ApiProcess(common, logs / "server-b.log")
     try:
         for s in (a, b):
-            s.launch()
+            s.start()
         for s in (a, b):
             s.wait_ready()
         yield a, b
@@ -122,30 +123,23 @@ def leader(worker: ChildProcess, r: redis.Redis) -> ChildProcess:
 
 
 @pytest.fixture(scope="module")
-def server(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+def server(servers: tuple[ApiProcess, ApiProcess]) -> ApiProcess:
     return servers[0]
 
 
 @pytest.fixture(scope="module")
-def replica(servers: tuple[ServerProcess, ServerProcess]) -> ServerProcess:
+def replica(servers: tuple[ApiProcess, ApiProcess]) -> ApiProcess:
     return servers[1]
 
 
 @pytest.fixture(scope="module")
-def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[MPServeClient]:
+def client(server: ApiProcess) -> Iterator[MPServeClient]:
     with MPServeClient(server.url, admin_token=TOKEN, timeout=60) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def client_b(replica: ServerProcess) -> Iterator[MPServeClient]:
+def client_b(replica: ApiProcess) -> Iterator[MPServeClient]:
     with MPServeClient(replica.url, admin_token=TOKEN, timeout=60) as c:
         yield c
 
@@ -289,64 +283,15 @@ def test_label_later_statuses(client: MPServeClient, r: redis.Redis) -> None:
 
 
 # ---------------------------------------------------------------------------------- malformed input
-def _body(inputs: Any, **extra: Any) -> str:
-    return json.dumps({"inputs": inputs, **extra})
-
-
-def _zeros(n: int = 1) -> list[Any]:
-    return np.zeros((n, *SHAPE), dtype=int).tolist()
-
-
-def _with(value: Any, where: tuple[int, ...] = (0, 0, 5, 5)) -> list[Any]:
-    x = _zeros()
-    i, c, h, w = where
-    x[i][c][h][w] = value
-    return x
-
-
-def _ragged() -> list[Any]:
-    x = _zeros()
-    x[0][0][7] = x[0][0][7][:-1]
-    return x
-
-
-MALFORMED_PREDICT: dict[str, tuple[bytes | str, int]] = {
-    "wrong shape (28x27)": (_body(np.zeros((1, 1, 28, 27)).tolist()), 422),
-    "missing channel dim": (_body(np.zeros((1, 28, 28)).tolist()), 422),
-    "extra dim": (_body(np.zeros((1, 1, 1, 28, 28)).tolist()), 422),
-    "NaN": (_body(_with(float("nan"))), 422),
-    "Infinity": (_body(_with(float("inf"))), 422),
-    "-Infinity": (_body(_with(float("-inf"))), 422),
-    "1e400 (inf once parsed)": (_body(_zeros()).replace("0", "1e400", 1), 422),
-    "beyond float32": (_body(_with(1e39)), 422),
-    "ragged": (_body(_ragged()), 422),
-    "nested deeper than the shape": (_body(_with([[1.0]])), 422),
-    "very deep nesting": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", 422),
-    "string pixel": (_body(_with("7")), 422),
-    "bool pixel": (_body(_with(True)), 422),
-    "null pixel": (_body(_with(None)), 422),
-    "inputs not a list": (_body("abc"), 422),
-    "no inputs": (_body([]), 422),
-    "missing inputs": (json.dumps({"labels": [1]}), 422),
-    "too many inputs": (_body(_zeros(MAX_INPUTS + 1)), 413),
-    "labels shorter than inputs": (_body(_zeros(2), labels=[1]), 422),
-    "label out of range": (_body(_zeros(1), labels=[CLASSES]), 422),
-    "negative label": (_body(_zeros(1), labels=[-1]), 422),
-    "bool label": (_body(_zeros(1), labels=[True]), 422),
-    "float label": (_body(_zeros(1), labels=[1.5]), 422),
-    "unknown field": (_body(_zeros(1), label=[1]), 422),
-    "bad model name": (_body(_zeros(1), model="../etc"), 422),
-    "unknown model": (_body(_zeros(1), model="digits"), 404),
-    "invalid JSON": ('{"inputs": [[1, 2]', 422),
-    "not an object": ("[1, 2, 3]", 422),
-    "oversized body": (_body(_zeros(1)) + " " * MAX_BODY, 413),
-}
+BAD = bad_requests(MAX_INPUTS, MAX_BODY)  # the one table (tests/bad_inputs.py)
+MALFORMED_PREDICT = {name.removeprefix("predict: "): c for name, c in sent_by(SERVER, BAD, "/predict").items()}
+MALFORMED_LABEL = {name.removeprefix("label: "): c for name, c in sent_by(SERVER, BAD, "/label").items()}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_PREDICT))
-def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
+def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess,
                                                                 client: MPServeClient, r: redis.Redis) -> None:
-    body, status = MALFORMED_PREDICT[case]
+    body, status = MALFORMED_PREDICT[case].body, MALFORMED_PREDICT[case].status
     before, batches = redis_snapshot(r), engine_batches(client)
     resp = post_raw(server.url + "/predict", body)
     assert_clear_4xx(resp, status)
@@ -354,7 +299,7 @@ def test_malformed_predict_is_a_clear_4xx_that_touches_nothing(case: str, server
     assert engine_batches(client) == batches  # nothing reached the engine
 
 
-def test_oversized_chunked_body_is_413(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+def test_oversized_chunked_body_is_413(server: ApiProcess, client: MPServeClient, r: redis.Redis) -> None:
     """No Content-Length: the limit is enforced on the bytes as they stream in."""
     before, batches = redis_snapshot(r), engine_batches(client)
 
@@ -370,30 +315,17 @@ def test_oversized_chunked_body_is_413(server: ServerProcess, client: MPServeCli
     assert redis_snapshot(r) == before and engine_batches(client) == batches
 
 
-MALFORMED_LABEL: dict[str, tuple[str, int]] = {
-    "missing label": (json.dumps({"id": "a" * 32}), 422),
-    "bad id characters": (json.dumps({"id": "a b", "label": 1}), 422),
-    "id too long": (json.dumps({"id": "a" * 65, "label": 1}), 422),
-    "bool label": (json.dumps({"id": "a" * 32, "label": False}), 422),
-    "string label": (json.dumps({"id": "a" * 32, "label": "1"}), 422),
-    "both forms": (json.dumps({"id": "a" * 32, "label": 1, "labels": [{"id": "b", "label": 1}]}), 422),
-    "empty batch": (json.dumps({"labels": []}), 422),
-    "too many labels": (json.dumps({"labels": [{"id": f"x{i}", "label": 1} for i in range(MAX_INPUTS + 1)]}), 413),
-    "unknown model": (json.dumps({"id": "a" * 32, "label": 1, "model": "digits"}), 404),
-}
-
-
 @pytest.mark.parametrize("case", list(MALFORMED_LABEL))
-def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: ServerProcess,
+def test_malformed_label_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess,
                                                               r: redis.Redis) -> None:
-    body, status = MALFORMED_LABEL[case]
+    body, status = MALFORMED_LABEL[case].body, MALFORMED_LABEL[case].status
     before = redis_snapshot(r)
     assert_clear_4xx(post_raw(server.url + "/label", body), status)
     assert redis_snapshot(r) == before
 
 
 # ---------------------------------------------------------------------------------- admin
-def test_admin_needs_the_token_and_is_closed_without_one(server: ServerProcess, replica: ServerProcess,
+def test_admin_needs_the_token_and_is_closed_without_one(server: ApiProcess, replica: ApiProcess,
                                                          r: redis.Redis) -> None:
     before, version = redis_snapshot(r), serving(r)
     for path, body in (("/admin/reconcile", {}), ("/admin/rollback", {"version": 0})):
@@ -422,7 +354,7 @@ def test_hot_swap_reaches_both_replicas(client: MPServeClient, client_b: MPServe
 
 
 def test_each_answer_during_a_hot_swap_comes_from_the_version_it_names(
-        server: ServerProcess, client: MPServeClient, store: ModelStore, r: redis.Redis) -> None:
+        server: ApiProcess, client: MPServeClient, store: ModelStore, r: redis.Redis) -> None:
     """Clients keep predicting while four new versions are published in turn: every answer before, during and
     after each swap is the leader of the version it names (the NumPy twin of that version's stored weights), and
     every record written for learning names that version and holds its probe's logits on the recorded path."""
@@ -544,7 +476,7 @@ def test_full_cycle_predict_label_reconcile_serves_the_new_version(client: MPSer
 
 
 # ---------------------------------------------------------------------------------- batching, metrics
-def test_concurrent_requests_share_engine_batches(server: ServerProcess, client: MPServeClient) -> None:
+def test_concurrent_requests_share_engine_batches(server: ApiProcess, client: MPServeClient) -> None:
     n = 24
     batches = engine_batches(client)
 
@@ -564,10 +496,10 @@ def test_concurrent_requests_share_engine_batches(server: ServerProcess, client:
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
 
 
-def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+def test_metrics_is_prometheus_text(server: ApiProcess, client: MPServeClient, r: redis.Redis) -> None:
     # what the samples below count, made here: the test passes alone or in any order
     out = client.predict(images(1))
-    assert post_raw(server.url + "/predict", _body(_zeros(1), labels=[CLASSES])).status_code == 422
+    assert post_raw(server.url + "/predict", predict_body(zeros(1), labels=[CLASSES])).status_code == 422
     assert client.label(out["predictions"][0]["id"], 3)["status"] == "ok"
     resp = httpx.get(server.url + "/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -602,7 +534,7 @@ def test_metrics_is_prometheus_text(server: ServerProcess, client: MPServeClient
 
 
 # ---------------------------------------------------------------------------------- health, models, docs
-def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServeClient, r: redis.Redis) -> None:
+def test_health_readiness_models_and_docs(server: ApiProcess, client: MPServeClient, r: redis.Redis) -> None:
     assert client.health() == {"status": "ok"}
     ready = client.ready()
     assert ready["status"] == "ready" and ready["redis"] == "ok" and ready["models"][MODEL]["loaded"]
@@ -624,7 +556,7 @@ def test_health_readiness_models_and_docs(server: ServerProcess, client: MPServe
 
 
 # ---------------------------------------------------------------------------------- Redis outage
-def test_redis_outage_is_a_fast_503_and_service_resumes(server: ServerProcess, client: MPServeClient,
+def test_redis_outage_is_a_fast_503_and_service_resumes(server: ApiProcess, client: MPServeClient,
                                                         redis_proc: RedisProcess, r: redis.Redis) -> None:
     assert redis_proc.proc is not None
     version = serving(r)
@@ -705,7 +637,7 @@ def pending_records(r: redis.Redis) -> set[str]:
     return out
 
 
-def test_holdout_admin_needs_the_token(server: ServerProcess, replica: ServerProcess, store: ModelStore) -> None:
+def test_holdout_admin_needs_the_token(server: ApiProcess, replica: ApiProcess, store: ModelStore) -> None:
     body = {"inputs": images(1).tolist(), "labels": [1]}
     for method in ("PUT", "GET", "DELETE"):
         kw: dict[str, Any] = {"json": body} if method == "PUT" else {}
@@ -718,7 +650,7 @@ def test_holdout_admin_needs_the_token(server: ServerProcess, replica: ServerPro
     assert not store.holdout_path(MODEL).exists()
 
 
-def test_malformed_holdout_is_a_clear_4xx_and_writes_nothing(server: ServerProcess, client: MPServeClient,
+def test_malformed_holdout_is_a_clear_4xx_and_writes_nothing(server: ApiProcess, client: MPServeClient,
                                                              store: ModelStore, r: redis.Redis) -> None:
     good = images(3, seed=40).tolist()
     row = [[0.0] * 28] * 28

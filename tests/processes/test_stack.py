@@ -25,7 +25,7 @@ from tests.helpers import free_port, wait_until
 from worker.guard import ValidationGuard
 from worker.settings import WorkerSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from marketplace.engine import Engine, leader_seeds
 from model_store import ModelStore
 from redis_io.keys import ModelKeys
 from server.main import settings_from_args
-from tests.helpers import RedisProcess, ServerProcess, clean_env
+from tests.helpers import ApiProcess, RedisProcess
 
 MODEL = "fashion"
 SHAPE = (1, 28, 28)
@@ -27,19 +27,11 @@ KEYS = ModelKeys(MODEL)
 
 @pytest.fixture(scope="module")
 def server(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[ServerProcess]:
-    with ServerProcess(tmp_path_factory.mktemp("logs"), "static",
-                         ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "16",
-                          "--max-wait-ms", "5"],
-                         clean_env(MPSERVE_LEARNING="false")) as proc:  # the env form; the flag form is below
+           ) -> Iterator[ApiProcess]:
+    with ApiProcess(["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "16",
+                     "--max-wait-ms", "5"], tmp_path_factory.mktemp("logs") / "server-static.log",
+                    env={"MPSERVE_LEARNING": "false"}) as proc:  # the env form; the flag form is below
         yield proc
-
-
-@pytest.fixture(scope="module")
-def r(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=False)
-    yield client
-    client.close()
 
 
 def record_keys(r: redis.Redis) -> list[bytes]:
@@ -59,7 +51,7 @@ def test_flag_and_env_switch_learning_off(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings_from_args(["--learning"]).learning is True
 
 
-def test_predictions_are_the_leaders_and_leave_nothing_in_redis(server: ServerProcess, store: ModelStore,
+def test_predictions_are_the_leaders_and_leave_nothing_in_redis(server: ApiProcess, store: ModelStore,
                                                                  r: redis.Redis) -> None:
     x = images(5)
     reply = httpx.post(server.url + "/predict", json={"inputs": x.tolist()}, timeout=30)
@@ -82,7 +74,7 @@ def test_predictions_are_the_leaders_and_leave_nothing_in_redis(server: ServerPr
     assert record_keys(r) == []
 
 
-def test_labels_are_refused_with_a_clear_409(server: ServerProcess, r: redis.Redis) -> None:
+def test_labels_are_refused_with_a_clear_409(server: ApiProcess, r: redis.Redis) -> None:
     x = images(2, seed=1)
     attempts = [
         ("/predict", {"inputs": x.tolist(), "labels": [1, 2]}),
@@ -96,7 +88,7 @@ def test_labels_are_refused_with_a_clear_409(server: ServerProcess, r: redis.Red
     assert record_keys(r) == []
 
 
-def test_models_say_learning_is_off(server: ServerProcess) -> None:
+def test_models_say_learning_is_off(server: ApiProcess) -> None:
     info = httpx.get(server.url + f"/models/{MODEL}", timeout=30).json()
     assert info["learning"] is False and info["version"] == 0
     schema = httpx.get(server.url + "/openapi.json", timeout=30).json()

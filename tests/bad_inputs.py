@@ -1,0 +1,154 @@
+"""The one table of malformed requests: each is a clear 4xx that touches nothing.
+
+Two tests go through it against a live replica: tests/processes/test_server.py (/predict and /label: the status,
+a well-formed error, Redis and the engine untouched) and tests/processes/test_hardening.py (every route: the
+status, ``message`` in the error's detail, no ``mp:*`` key and no feedback entry written). Each case says which
+of them sends it (``used_by``); a case both send is written once. The limits are the replica's own
+(``--max-inputs-per-request``, ``--max-body-bytes``), so the table is built for them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SHAPE, CLASSES = (1, 28, 28), 10
+RID = "a" * 32  # a well-formed prediction id that no prediction has
+SERVER, HARDENING = "server", "hardening"
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    method: str
+    path: str
+    body: str | bytes
+    status: int
+    message: str | None  # a part of the error's detail (checked by test_hardening; None where it does not send it)
+    used_by: frozenset[str]
+
+
+def predict_body(inputs: Any, **extra: Any) -> str:
+    return json.dumps({"inputs": inputs, **extra})
+
+
+def zeros(n: int = 1) -> list[Any]:
+    return np.zeros((n, *SHAPE), dtype=int).tolist()
+
+
+def images(n: int, seed: int = 0) -> list[Any]:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *SHAPE)).tolist()
+
+
+def with_value(value: Any, where: tuple[int, ...] = (0, 0, 5, 5)) -> list[Any]:
+    """One input of zeros with one pixel set to ``value`` (anything JSON can write, NaN and Infinity included)."""
+    x = zeros()
+    i, c, h, w = where
+    x[i][c][h][w] = value
+    return x
+
+
+def with_literal(literal: str) -> str:
+    """A well-shaped /predict body with its first pixel spelled ``literal`` (NaN, Infinity: not JSON)."""
+    return predict_body(zeros()).replace("0", literal, 1)
+
+
+def nested(depth: int, field: str = "inputs") -> str:
+    return '{"' + field + '": ' + "[" * depth + "]" * depth + "}"
+
+
+def ragged(row: int, cut: int) -> list[Any]:
+    x = zeros()
+    x[0][0][row] = x[0][0][row][:-cut]
+    return x
+
+
+def bad_requests(max_inputs: int, max_body: int) -> dict[str, BadRequest]:
+    """Every case, by name ("<route>: <what is wrong>"), for a replica with these limits."""
+    S, H, B = frozenset({SERVER}), frozenset({HARDENING}), frozenset({SERVER, HARDENING})
+    predict: list[tuple[str, str | bytes, int, str | None, frozenset[str]]] = [  # (case, body, status, message, by)
+        ("NaN literal", with_literal("NaN"), 422, "NaN is not a JSON number", H),
+        ("Infinity literal", with_literal("Infinity"), 422, "Infinity is not a JSON number", H),
+        ("-Infinity literal", with_literal("-Infinity"), 422, "Infinity is not a JSON", H),
+        ("1e400 (infinite once parsed)", with_literal("1e400"), 422, "finite number", B),
+        ("beyond float32", with_literal("1e39"), 422, "float32 range", H),
+        ("NaN label", predict_body(images(1))[:-1] + ', "labels": [NaN]}', 422, "NaN is not a JSON number", H),
+        ("nested 10,000 deep", nested(10_000), 422, "nested too deeply", H),
+        ("nested 200 deep", nested(200), 422, "valid number", H),
+        ("ragged input", predict_body(ragged(3, 2)), 422, "items where the input shape", H),
+        ("missing channel dim", predict_body(np.zeros((1, 28, 28)).tolist()), 422, "shape", B),
+        ("too many inputs", predict_body(zeros(max_inputs + 1)), 413, f"the limit is {max_inputs}", B),
+        ("body over max_body_bytes", predict_body(images(1)) + " " * max_body, 413, "larger than the limit", H),
+        ("not UTF-8", b'{"inputs": [[1]], "model": "\xff\xfe"}', 422, "not UTF-8", H),
+        ("model as a relative path", predict_body(images(1), model="../etc"), 422, "should match pattern", H),
+        ("model as an absolute path", predict_body(images(1), model="/etc/passwd"), 422, "should match pattern", H),
+        ("unknown model", predict_body(zeros(1), model="digits"), 404, "unknown model 'digits'", B),
+        ("wrong shape (28x27)", predict_body(np.zeros((1, 1, 28, 27)).tolist()), 422, None, S),
+        ("extra dim", predict_body(np.zeros((1, 1, 1, 28, 28)).tolist()), 422, None, S),
+        ("NaN", predict_body(with_value(float("nan"))), 422, None, S),
+        ("Infinity", predict_body(with_value(float("inf"))), 422, None, S),
+        ("-Infinity", predict_body(with_value(float("-inf"))), 422, None, S),
+        ("beyond float32 (1e+39)", predict_body(with_value(1e39)), 422, None, S),
+        ("ragged", predict_body(ragged(7, 1)), 422, None, S),
+        ("nested deeper than the shape", predict_body(with_value([[1.0]])), 422, None, S),
+        ("very deep nesting", nested(100_000), 422, None, S),
+        ("string pixel", predict_body(with_value("7")), 422, None, S),
+        ("bool pixel", predict_body(with_value(True)), 422, None, S),
+        ("null pixel", predict_body(with_value(None)), 422, None, S),
+        ("inputs not a list", predict_body("abc"), 422, None, S),
+        ("no inputs", predict_body([]), 422, None, S),
+        ("missing inputs", json.dumps({"labels": [1]}), 422, None, S),
+        ("labels shorter than inputs", predict_body(zeros(2), labels=[1]), 422, None, S),
+        ("label out of range", predict_body(zeros(1), labels=[CLASSES]), 422, None, S),
+        ("negative label", predict_body(zeros(1), labels=[-1]), 422, None, S),
+        ("bool label", predict_body(zeros(1), labels=[True]), 422, None, S),
+        ("float label", predict_body(zeros(1), labels=[1.5]), 422, None, S),
+        ("unknown field", predict_body(zeros(1), label=[1]), 422, None, S),
+        ("bad model name", predict_body(zeros(1), model="../etc"), 422, None, S),
+        ("invalid JSON", '{"inputs": [[1, 2]', 422, None, S),
+        ("not an object", "[1, 2, 3]", 422, None, S),
+        ("oversized body", predict_body(zeros(1)) + " " * max_body, 413, None, S),
+    ]
+    too_many = json.dumps({"labels": [{"id": f"x{i}", "label": 1} for i in range(max_inputs + 1)]})
+    label: list[tuple[str, str | bytes, int, str | None, frozenset[str]]] = [
+        ("NaN label", f'{{"id": "{RID}", "label": NaN}}', 422, "NaN is not a JSON number", H),
+        ("Infinity label", f'{{"id": "{RID}", "label": Infinity}}', 422, "not a JSON number", H),
+        ("id as a path", json.dumps({"id": "../../etc/passwd", "label": 1}), 422, "should match pattern", H),
+        ("nested 10,000 deep", nested(10_000, "labels"), 422, "nested too deeply", H),
+        ("too many labels", too_many, 413, f"the limit is {max_inputs}", B),
+        ("unknown id", json.dumps({"id": RID, "label": 1}), 404, "no prediction", H),
+        ("missing label", json.dumps({"id": RID}), 422, None, S),
+        ("bad id characters", json.dumps({"id": "a b", "label": 1}), 422, None, S),
+        ("id too long", json.dumps({"id": "a" * 65, "label": 1}), 422, None, S),
+        ("bool label", json.dumps({"id": RID, "label": False}), 422, None, S),
+        ("string label", json.dumps({"id": RID, "label": "1"}), 422, None, S),
+        ("both forms", json.dumps({"id": RID, "label": 1, "labels": [{"id": "b", "label": 1}]}), 422, None, S),
+        ("empty batch", json.dumps({"labels": []}), 422, None, S),
+        ("unknown model", json.dumps({"id": RID, "label": 1, "model": "digits"}), 404, None, S),
+    ]
+    other: list[tuple[str, str, str, str | bytes, int, str]] = [  # (case, method, path, body, status, message)
+        ("rollback: version past the store's range", "POST", "/admin/rollback", '{"version": 100000000}', 422,
+         "less than 100000000"),
+        ("rollback: huge version", "POST", "/admin/rollback", '{"version": 123456789012345678901234567890}', 422,
+         "less than"),
+        ("rollback: NaN version", "POST", "/admin/rollback", '{"version": NaN}', 422, "NaN is not a JSON number"),
+        ("rollback: model as a path", "POST", "/admin/rollback", '{"version": 0, "model": "../../x"}', 422,
+         "should match pattern"),
+        ("reconcile: nested 10,000 deep", "POST", "/admin/reconcile", nested(10_000, "model"), 422,
+         "nested too deeply"),
+        ("models: invalid name", "GET", "/models/Not_Valid", b"", 422, "should match pattern"),
+    ]
+    table = {f"{route}: {case}": BadRequest("POST", f"/{route}", body, status, message, by)
+             for route, rows in (("predict", predict), ("label", label))
+             for case, body, status, message, by in rows}
+    table.update({case: BadRequest(method, path, body, status, message, H)
+                  for case, method, path, body, status, message in other})
+    return table
+
+
+def sent_by(test: str, table: dict[str, BadRequest], path: str | None = None) -> dict[str, BadRequest]:
+    """The cases ``test`` sends (on ``path`` only, when given), in the table's order."""
+    return {name: case for name, case in table.items()
+            if test in case.used_by and (path is None or case.path == path)}

@@ -1,0 +1,1 @@
+"""Real processes: uvicorn replicas, workers, `mpserve up`, scripts and compilers run as children."""

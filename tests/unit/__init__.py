@@ -1,0 +1,1 @@
+"""Pure units: no Redis, no child process, no network (see README, Tests)."""

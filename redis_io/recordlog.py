@@ -1,8 +1,11 @@
 """One model's records, feedback stream, versions and lease in Redis, as the worker and the API use them.
 
-The sync :class:`RecordLog` (the worker, and the tests) and the async :class:`AsyncRecordLog` (the API
-replicas) are thin shells over the command builders and reply parsers of :mod:`redis_io.protocol`:
-they only differ in ``await``. Together with the Lua scripts (:mod:`redis_io.lua_scripts`) they are
+Each process has its side: the blocking :class:`RecordLog` is the leader's (the worker: the feedback stream
+and its consumer group, publish and refusals, the lease, retention), the asyncio :class:`AsyncRecordLog`
+the replicas' (the API: predictions, labels, the serving version, rollback). Both are thin shells over
+the command builders and reply parsers of :mod:`redis_io.protocol`, which are unit-tested without Redis;
+the few reads both sides need (the serving version, the history, stream figures) are written once there
+and only differ in ``await``. Together with the Lua scripts (:mod:`redis_io.lua_scripts`) they are
 the only code that reads or writes these keys (docs/DESIGN.md §2).
 
 The client must be created with ``decode_responses=False``: logits are stored as raw bytes.
@@ -19,7 +22,7 @@ import redis.asyncio
 from redis.exceptions import ResponseError
 
 from redis_io.keys import ModelKeys
-from redis_io.lua_scripts import Scripts, eval_many, eval_many_async
+from redis_io.lua_scripts import Scripts, eval_many_async
 from redis_io.protocol import (
     DEFAULT_GROUP,
     HISTORY_MAX,
@@ -80,7 +83,7 @@ class _Base:
 
 
 class RecordLog(_Base):
-    """Blocking access to one model's records, feedback, versions and lease (used by the worker)."""
+    """The leader's side, blocking (the worker): the feedback stream and its group, publish, lease, retention."""
 
     def __init__(
         self,
@@ -91,44 +94,6 @@ class RecordLog(_Base):
         history_max: int = HISTORY_MAX,
     ) -> None:
         super().__init__(client, model, label_window_s, group, history_max)
-
-    # predictions and labels
-
-    def write_predictions(self, items: Sequence[PredictionRecord], now_ms: int | None = None) -> None:
-        """Store a served batch (and the feedback of labels given with it) in one round trip.
-
-        Idempotent: a replay (redis-py re-sends after a connection error) adds no feedback entry.
-        """
-        if not items:
-            return
-        now = clock_ms() if now_ms is None else now_ms
-        prelude, calls = prediction_batch(self.keys, items, self.label_window_ms, now)
-        replies = eval_many(self.client, self.scripts.attach_label, calls, prelude, transaction=True)
-        p_predict_labels(calls, replies)
-
-    def fetch_logits(self, ids: Sequence[str]) -> dict[str, StoredPrediction | None]:
-        """Stored (version, path, logits) per id, None when unknown or expired; one round trip."""
-        if not ids:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        q_fetch(pipe, self.keys, ids)
-        return p_fetch(ids, pipe.execute())
-
-    def attach_labels_detailed(
-        self, items: Sequence[LabelItem], now_ms: int | None = None, client: str | None = None
-    ) -> list[AttachResult]:
-        """Attach (id, label, loss[, correct]) items atomically each, in one round trip; ``client`` gave them."""
-        if not items:
-            return []
-        calls = attach_calls(self.keys, items, self.keys.feedback, clock_ms() if now_ms is None else now_ms,
-                             [client] * len(items))
-        return [p_attach(r) for r in eval_many(self.client, self.scripts.attach_label, calls)]
-
-    def attach_labels(self, items: Sequence[LabelItem], now_ms: int | None = None) -> list[str]:
-        """Statuses ok / duplicate / conflict / not_found, one per item."""
-        return [r.status for r in self.attach_labels_detailed(items, now_ms)]
-
-    # feedback stream
 
     def ensure_group(self) -> bool:
         """Create the consumer group from the stream's start (id 0), so no entry is missed."""
@@ -202,10 +167,6 @@ class RecordLog(_Base):
         q_stats(pipe, self.keys)
         return p_stats(pipe.execute(raise_on_error=False), self.group)
 
-    def backlog(self) -> int:
-        """Entries not yet used by a published version (pending + undelivered)."""
-        return self.stream_stats().backlog
-
     # versions
 
     def publish(
@@ -241,11 +202,6 @@ class RecordLog(_Base):
                                   self.history_max, refused_base=base_version)
         return p_publish(self.scripts.publish_version(keys, args), token, expected_version)
 
-    def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
-        """Point serving at ``version`` (an older one) and notify the replicas."""
-        keys, args = rollback_call(self.keys, version, history_record or {}, self.history_max)
-        p_status_ok(self.scripts.rollback_version(keys, args), "rollback")
-
     def current_version(self) -> int | None:
         return p_version(self.client.get(self.keys.version))
 
@@ -258,11 +214,6 @@ class RecordLog(_Base):
         pipe = self.client.pipeline(transaction=True)
         q_retention(pipe, self.keys, deleted, clock_ms())
         return int(pipe.execute()[0])
-
-    def retention_deleted_total(self) -> int:
-        return p_retention_total(self.client.hget(self.keys.retention, "deleted_total"))
-
-    # leader lease
 
     def acquire_lease(self, owner: str, ttl_ms: int) -> int | None:
         """Take the lease if free; returns the new fencing token, or None when someone holds it."""
@@ -285,7 +236,7 @@ class RecordLog(_Base):
 
 
 class AsyncRecordLog(_Base):
-    """The asyncio twin of :class:`RecordLog` (used by the FastAPI replicas)."""
+    """The replicas' side, on asyncio (the API): predictions, labels, the serving version, rollback, stats."""
 
     def __init__(
         self,
@@ -298,6 +249,10 @@ class AsyncRecordLog(_Base):
         super().__init__(client, model, label_window_s, group, history_max)
 
     async def write_predictions(self, items: Sequence[PredictionRecord], now_ms: int | None = None) -> None:
+        """Store a served batch (and the feedback of labels given with it) in one round trip.
+
+        Idempotent: a replay (redis-py re-sends after a connection error) adds no feedback entry.
+        """
         if not items:
             return
         now = clock_ms() if now_ms is None else now_ms
@@ -306,6 +261,7 @@ class AsyncRecordLog(_Base):
         p_predict_labels(calls, replies)
 
     async def fetch_logits(self, ids: Sequence[str]) -> dict[str, StoredPrediction | None]:
+        """Stored (version, path, logits) per id, None when unknown or expired; one round trip."""
         if not ids:
             return {}
         pipe = self.client.pipeline(transaction=False)
@@ -315,68 +271,17 @@ class AsyncRecordLog(_Base):
     async def attach_labels_detailed(
         self, items: Sequence[LabelItem], now_ms: int | None = None, client: str | None = None
     ) -> list[AttachResult]:
+        """Attach (id, label, loss[, correct]) items atomically each, in one round trip; ``client`` gave them."""
         if not items:
             return []
         calls = attach_calls(self.keys, items, self.keys.feedback, clock_ms() if now_ms is None else now_ms,
                              [client] * len(items))
         return [p_attach(r) for r in await eval_many_async(self.client, self.scripts.attach_label, calls)]
 
-    async def attach_labels(
-        self, items: Sequence[LabelItem], now_ms: int | None = None
-    ) -> list[str]:
-        return [r.status for r in await self.attach_labels_detailed(items, now_ms)]
-
-    async def ensure_group(self) -> bool:
-        try:
-            await self.client.xgroup_create(self.keys.feedback, self.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-            return False
-        return True
-
-    async def _xreadgroup(self, consumer: str, start: str, count: int, block_ms: int | None) -> list[Any]:
-        kwargs = xreadgroup_kwargs(self.keys, self.group, consumer, start, count, block_ms)
-        try:
-            return stream_pairs(await self.client.xreadgroup(**kwargs))
-        except ResponseError as exc:
-            if not is_nogroup(exc):
-                raise
-            log.warning("consumer group %s missing on %s; recreating it", self.group, self.keys.feedback)
-            await self.ensure_group()
-            return stream_pairs(await self.client.xreadgroup(**kwargs))
-
-    async def _accept(self, pairs: list[Any]) -> list[FeedbackEntry]:
-        good, bad = p_entries(pairs)
-        if bad:
-            await self.client.xack(self.keys.feedback, self.group, *bad)
-        return good
-
-    async def read_feedback(
-        self, consumer: str, count: int, block_ms: int | None = None
-    ) -> list[FeedbackEntry]:
-        return await self._accept(await self._xreadgroup(consumer, ">", count, block_ms))
-
     async def stream_stats(self) -> StreamStats:
         pipe = self.client.pipeline(transaction=False)
         q_stats(pipe, self.keys)
         return p_stats(await pipe.execute(raise_on_error=False), self.group)
-
-    async def backlog(self) -> int:
-        return (await self.stream_stats()).backlog
-
-    async def publish(
-        self,
-        token: int,
-        new_version: int,
-        history_record: Mapping[str, Any],
-        entry_ids: Sequence[str],
-        *,
-        expected_version: int | None,
-    ) -> int:
-        keys, args = publish_call(self.keys, self.group, token, new_version, history_record, entry_ids,
-                                  expected_version, self.history_max)
-        return p_publish(await self.scripts.publish_version(keys, args), token, expected_version)
 
     async def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
         keys, args = rollback_call(self.keys, version, history_record or {}, self.history_max)

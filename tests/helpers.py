@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -11,23 +12,74 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import redis
+import redis.asyncio
 
 from common.loading import fallback_base
 from model_store import ModelStore
 from mpserve.stack import free_port
-from redis_io.recordlog import RecordLog
+from redis_io.protocol import AttachResult, LabelItem, PredictionRecord, StoredPrediction
+from redis_io.recordlog import AsyncRecordLog, RecordLog
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
+
+
+class ModelLog(RecordLog):
+    """A model's record log with both sides, for tests that play the API and the worker from one thread.
+
+    The leader's calls are :class:`RecordLog`'s own; the replicas' (predictions, labels, rollback, retention
+    figures) run :class:`AsyncRecordLog`, the very code the API runs, on an event loop and connection of
+    their own per call, against the same Redis.
+    """
+
+    def __init__(self, client: redis.Redis, model: str, **kwargs: Any) -> None:
+        super().__init__(client, model, **kwargs)
+        self._kwargs = kwargs
+        conn = client.connection_pool.connection_kwargs
+        self._address = {"host": conn.get("host", "127.0.0.1"), "port": conn.get("port", 6379),
+                         "db": conn.get("db", 0), "password": conn.get("password")}
+
+    def _replica(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            client = redis.asyncio.Redis(**self._address)
+            try:
+                return await getattr(AsyncRecordLog(client, self.model, **self._kwargs), method)(*args, **kwargs)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(call())
+
+    def write_predictions(self, items: Sequence[PredictionRecord], now_ms: int | None = None) -> None:
+        self._replica("write_predictions", items, now_ms)
+
+    def fetch_logits(self, ids: Sequence[str]) -> dict[str, StoredPrediction | None]:
+        return self._replica("fetch_logits", ids)
+
+    def attach_labels_detailed(self, items: Sequence[LabelItem], now_ms: int | None = None,
+                               client: str | None = None) -> list[AttachResult]:
+        return self._replica("attach_labels_detailed", items, now_ms, client)
+
+    def attach_labels(self, items: Sequence[LabelItem], now_ms: int | None = None) -> list[str]:
+        """Statuses ok / duplicate / conflict / not_found, one per item."""
+        return [r.status for r in self.attach_labels_detailed(items, now_ms)]
+
+    def rollback(self, version: int, history_record: Mapping[str, Any] | None = None) -> None:
+        self._replica("rollback", version, history_record)
+
+    def retention_deleted_total(self) -> int:
+        return self._replica("retention_deleted_total")
+
+    def backlog(self) -> int:
+        return self.stream_stats().backlog
 
 
 def serving_version(client: redis.Redis, model: str, store: ModelStore) -> int:
@@ -245,16 +297,13 @@ def feed_labels(client: redis.Redis, model: str, n: int, version: int = 0, now_m
     """
     import numpy as np
 
-    from redis_io.protocol import PredictionRecord
-    from redis_io.recordlog import RecordLog
-
     records = [
         PredictionRecord(f"p{next(_record_ids)}", version, tuple(int(v) for v in rng.integers(0, vendors, groups)),
                          np.zeros(classes, np.float32), label=int(rng.integers(classes)),
                          loss=float(rng.exponential(1.0)))
         for _ in range(n)
     ]
-    log_ = RecordLog(client, model)
+    log_ = ModelLog(client, model)
     log_.write_predictions(records, now_ms)
     return [eid.decode() for eid, _ in reversed(client.xrevrange(log_.keys.feedback, count=n))]
 

@@ -34,7 +34,7 @@ from mpserve.plot import from_store, from_url, render_png
 from mpserve.plot import main as plot_main
 from redis_io.keys import ModelKeys
 from redis_io.recordlog import RecordLog
-from tests.helpers import ApiProcess, RedisProcess, serving_version
+from tests.helpers import ApiProcess, ModelLog, RedisProcess, serving_version
 
 MODEL = "fashion"
 KEYS = ModelKeys(MODEL)
@@ -152,7 +152,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def serving_state(r: redis.Redis, store: ModelStore) -> None:
     """This module's Redis (conftest.r) serving version SERVING, with one refused candidate in the history."""
     r.flushall()
-    RecordLog(r, MODEL).rollback(SERVING, {"by": "test"})
+    ModelLog(r, MODEL).rollback(SERVING, {"by": "test"})
     r.rpush(KEYS.history, json.dumps(REFUSED))
 
 

@@ -32,6 +32,7 @@ from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ApiProcess,
     ChildProcess,
+    ModelLog,
     RedisProcess,
     api_args,
     feed_labels,
@@ -303,7 +304,7 @@ def test_worker_does_not_build_on_a_corrupt_serving_version(
             assert not out.published and out.reason.startswith("base version 1 is not usable: IntegrityError")
     assert sum("base version 1 is not usable" in m for m in caplog.messages) == 1
     assert version_key(redis_client) == 1 and sorted(pending_ids(redis_client, MODEL)) == sorted(ids)
-    RecordLog(redis_client, MODEL).rollback(0, {"by": "test"})
+    ModelLog(redis_client, MODEL).rollback(0, {"by": "test"})
     on_0 = feed_labels(redis_client, MODEL, 32, version=0, rng=rng)
     out = rec.run_once()
     assert out.published and out.parent == 0 and inputs(store, out.version) == (on_0, ids)  # v1's: stale
@@ -600,7 +601,7 @@ def test_a_truncated_or_corrupt_version_is_refused_and_the_last_good_one_keeps_s
             assert predicted_version(p.url) == good
             assert f"version {bad} cannot be served" in p.log_tail(20_000)
     finally:
-        RecordLog(stack.r, MODEL).rollback(good, {"by": "test"})  # leave the module serving a good version
+        ModelLog(stack.r, MODEL).rollback(good, {"by": "test"})  # leave the module serving a good version
     for p in (stack.a, stack.b):
         wait_until(lambda p=p: readiness(p)["models"][MODEL]["error"] is None, timeout=30, interval=0.05)
 
@@ -639,6 +640,6 @@ def test_a_replica_starting_while_the_current_version_is_corrupt_serves_its_newe
         assert f"serving version {good} instead" in log
     finally:
         d.stop()
-        RecordLog(stack.r, MODEL).rollback(good, {"by": "test"})
+        ModelLog(stack.r, MODEL).rollback(good, {"by": "test"})
     for p in (stack.a, stack.b):
         wait_until(lambda p=p: readiness(p)["models"][MODEL]["error"] is None, timeout=30, interval=0.05)

@@ -35,6 +35,7 @@ from redis_io.recordlog import RecordLog
 from tests.helpers import (
     ApiProcess,
     ChildProcess,
+    ModelLog,
     RedisProcess,
     api_args,
     feed_labels,
@@ -226,7 +227,7 @@ def test_stale_and_rolled_back_cohorts_are_dropped_and_counted(
     assert RecordLog(redis_client, MODEL).history()[-1]["stale_dropped"] == 30
     assert pending(redis_client) == []  # dropped entries were acknowledged with the publish
 
-    RecordLog(redis_client, MODEL).rollback(1, {"reason": "test"})
+    ModelLog(redis_client, MODEL).rollback(1, {"reason": "test"})
     branch = feed(redis_client, 20, version=3)  # served by the rolled-back branch
     on_line = feed(redis_client, 32, version=1)
     out = rec.run_once()
@@ -239,7 +240,7 @@ def test_invalid_entries_are_dropped_instead_of_blocking_reconciliation(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
     good = feed(redis_client, 32)
     zeros = np.zeros(CLASSES, np.float32)
-    RecordLog(redis_client, MODEL).write_predictions([
+    ModelLog(redis_client, MODEL).write_predictions([
         PredictionRecord("bad-vendor", 0, (0, VENDORS), zeros, label=1, loss=0.5),
         PredictionRecord("bad-groups", 0, (0, 1, 2), zeros, label=1, loss=0.5),
         PredictionRecord("bad-label", 0, (0, 1), zeros, label=CLASSES, loss=0.5),
@@ -308,7 +309,7 @@ def test_a_rollback_during_reconciliation_is_not_undone(
 
     def admin_rolls_back(name: str) -> None:  # lands after the worker planned on `planned_on`
         if name == "after_store_write":
-            RecordLog(redis_client, MODEL).rollback(base, {"by": "admin"})
+            ModelLog(redis_client, MODEL).rollback(base, {"by": "admin"})
 
     monkeypatch.setattr(reconciler_module, "fault_point", admin_rolls_back)
     out = rec.run_once()
@@ -346,7 +347,7 @@ def test_retention_after_each_publish_keeps_what_cohorts_and_rollbacks_need(
         kept = protected | {v - 1 for v in protected if v > 0} | {0, pinned}
         deleted |= set(range(n + 1)) - kept
         assert store.versions(MODEL) == sorted(kept), n
-    assert deleted == {2, 3} and RecordLog(redis_client, MODEL).retention_deleted_total() == 2
+    assert deleted == {2, 3} and ModelLog(redis_client, MODEL).retention_deleted_total() == 2
     rec.close()
 
 
@@ -365,7 +366,7 @@ def feed_served(client: redis.Redis, n: int, version: int, seed: int) -> dict[st
     records = [PredictionRecord(f"s{next(_served_ids)}", version,
                                 tuple(int(v) for v in rng.integers(0, VENDORS, GROUPS)),
                                 logits[i], label=int(labels[i]), loss=float(loss[i])) for i in range(n)]
-    RecordLog(client, MODEL).write_predictions(records)
+    ModelLog(client, MODEL).write_predictions(records)
     ids = [eid.decode() for eid, _ in reversed(client.xrevrange(K.feedback, count=n))]
     return dict(zip(ids, records, strict=True))
 

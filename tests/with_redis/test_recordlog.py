@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from redis_io.protocol import (
     label_item,
 )
 from redis_io.recordlog import AsyncRecordLog, RecordLog
-from tests.helpers import start_redis, wait_until
+from tests.helpers import ModelLog, start_redis, wait_until
 
 MODEL = "fashion"
 K = ModelKeys(MODEL)
@@ -47,26 +49,35 @@ def stream_ids(client: redis.Redis) -> list[str]:
     return [eid.decode() for eid, _ in client.xrange(K.feedback)]
 
 
-def counting_client(url: str) -> tuple[redis.Redis, type]:
-    """A client whose connections count socket writes, i.e. round trips."""
+def replica_round_trips(url: str, call: Callable[[AsyncRecordLog], Awaitable[Any]]) -> tuple[int, Any]:
+    """(socket writes, i.e. round trips, result) of ``call`` on the API's record log, connected and with its
+    script loaded beforehand (the steady state)."""
 
-    class Counting(redis.Connection):
+    class Counting(redis.asyncio.Connection):
         sends = 0
 
-        def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        async def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
             type(self).sends += 1
-            return super().send_packed_command(command, check_health)
+            return await super().send_packed_command(command, check_health)
 
-    pool = redis.ConnectionPool.from_url(url, connection_class=Counting)
-    client = redis.Redis(connection_pool=pool)
-    client.ping()  # connect (handshake) before counting
-    Counting.sends = 0
-    return client, Counting
+    async def main() -> tuple[int, Any]:
+        client = redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool.from_url(
+            url, connection_class=Counting))
+        try:
+            replica = AsyncRecordLog(client, MODEL, label_window_s=600)
+            await client.script_load(replica.scripts.attach_label.script)
+            Counting.sends = 0
+            result = await call(replica)
+            return Counting.sends, result
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
 
 
 @pytest.fixture
-def log(redis_client: redis.Redis) -> RecordLog:
-    rl = RecordLog(redis_client, MODEL, label_window_s=3600)
+def log(redis_client: redis.Redis) -> ModelLog:
+    rl = ModelLog(redis_client, MODEL, label_window_s=3600)
     assert rl.ensure_group() is True
     return rl
 
@@ -94,20 +105,16 @@ def test_model_keys_use_hash_tag_and_validate() -> None:
 def test_rejects_decoding_client(redis_server) -> None:  # type: ignore[no-untyped-def]
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     with pytest.raises(ValueError, match="decode_responses"):
-        RecordLog(client, MODEL)
+        ModelLog(client, MODEL)
 
 
 # --------------------------------------------------------------------------- predictions
 
 
 def test_write_predictions_is_one_round_trip_and_sets_ttl(redis_server, redis_client) -> None:  # type: ignore[no-untyped-def]
-    client, counter = counting_client(redis_server.url)
-    rl = RecordLog(client, MODEL, label_window_s=600)
-    client.script_load(rl.scripts.attach_label.script)  # steady state: the script is loaded
-    counter.sends = 0
     items = [rec(0), rec(1), rec(2, label=3, loss=1.25)]
-    rl.write_predictions(items, now_ms=1234)
-    assert counter.sends == 1
+    sends, _ = replica_round_trips(redis_server.url, lambda replica: replica.write_predictions(items, now_ms=1234))
+    assert sends == 1
 
     h = redis_client.hgetall(K.pred("id1"))
     assert h[b"version"] == b"1" and h[b"path"] == b"1,1,0" and h[b"created"] == b"1234"
@@ -162,13 +169,10 @@ def test_write_predictions_validates_whole_batch_first(log: RecordLog, redis_cli
 
 
 def test_fetch_logits_round_trip(redis_server, redis_client) -> None:  # type: ignore[no-untyped-def]
-    client, counter = counting_client(redis_server.url)
-    rl = RecordLog(client, MODEL)
     items = [rec(0, version=7), rec(1, version=8)]
-    rl.write_predictions(items)
-    counter.sends = 0
-    got = rl.fetch_logits(["id0", "id1", "nope"])
-    assert counter.sends == 1
+    ModelLog(redis_client, MODEL).write_predictions(items)
+    sends, got = replica_round_trips(redis_server.url, lambda replica: replica.fetch_logits(["id0", "id1", "nope"]))
+    assert sends == 1
     assert got["nope"] is None
     version, path, logits, leader = got["id1"]
     assert (version, path, leader) == (8, (1, 1, 0), None)
@@ -178,7 +182,7 @@ def test_fetch_logits_round_trip(redis_server, redis_client) -> None:  # type: i
 
 def test_paired_record_carries_the_leader_loss_into_the_feedback_entry(redis_client) -> None:  # type: ignore[no-untyped-def]
     """Paired probes: the hash keeps the leader's logits, and a label (late or given) records both losses."""
-    rl = RecordLog(redis_client, MODEL)
+    rl = ModelLog(redis_client, MODEL)
     probe, leader = np.array([2.0, 0.0, -1.0], np.float32), np.array([0.0, 3.0, -1.0], np.float32)
     rl.write_predictions([PredictionRecord("late", 4, (1, 2, 0), probe, leader_logits=leader),
                           PredictionRecord("given", 4, (2, 0, 1), probe, label=1, leader_logits=leader)])
@@ -230,7 +234,7 @@ def test_attach_label_statuses(log: RecordLog, redis_client: redis.Redis) -> Non
 
 
 def test_attach_label_after_expiry_is_not_found(redis_client: redis.Redis) -> None:
-    rl = RecordLog(redis_client, MODEL, label_window_s=1)
+    rl = ModelLog(redis_client, MODEL, label_window_s=1)
     rl.write_predictions([rec(0)])
     assert redis_client.exists(K.pred("id0")) == 1
     wait_until(lambda: redis_client.exists(K.pred("id0")) == 0, timeout=5, what="prediction expired")
@@ -259,9 +263,9 @@ def test_read_feedback_and_pending_after_restart(log: RecordLog, redis_client: r
     assert [x.id for x in log.read_feedback("w2", count=10, block_ms=10)] == ["id3", "id4"]
 
     # A restarted worker (new object, same consumer name) sees what it had not acked.
-    again = RecordLog(redis_client, MODEL).pending_entries("w1", count=2)
+    again = ModelLog(redis_client, MODEL).pending_entries("w1", count=2)
     assert [x.entry_id for x in again] == [x.entry_id for x in first]
-    assert RecordLog(redis_client, MODEL).pending_entries("nobody") == []
+    assert ModelLog(redis_client, MODEL).pending_entries("nobody") == []
 
 
 def test_read_feedback_splits_between_consumers(log: RecordLog) -> None:
@@ -274,7 +278,7 @@ def test_read_feedback_splits_between_consumers(log: RecordLog) -> None:
 
 
 def test_read_feedback_recreates_missing_group(redis_client: redis.Redis) -> None:
-    rl = RecordLog(redis_client, MODEL)
+    rl = ModelLog(redis_client, MODEL)
     labelled(rl, 2)  # stream exists, group does not
     assert [e.id for e in rl.read_feedback("w", count=10)] == ["id0", "id1"]
     assert rl.ensure_group() is False  # BUSYGROUP is not an error
@@ -434,7 +438,7 @@ def test_publish_refuses_a_token_above_the_fence(log: RecordLog, redis_client: r
 
 
 def test_history_keeps_only_the_newest_entries(redis_client: redis.Redis) -> None:
-    rl = RecordLog(redis_client, MODEL, history_max=3)
+    rl = ModelLog(redis_client, MODEL, history_max=3)
     rl.ensure_group()
     token = rl.acquire_lease("w", 10_000)
     assert token is not None
@@ -448,7 +452,7 @@ def test_history_keeps_only_the_newest_entries(redis_client: redis.Redis) -> Non
     assert [(h["type"], h["version"]) for h in rl.history()] == [("publish", 4), ("rollback", 2), ("rollback", 3)]
     assert redis_client.llen(K.history) == 3
     with pytest.raises(ValueError):
-        RecordLog(redis_client, MODEL, history_max=0)
+        ModelLog(redis_client, MODEL, history_max=0)
 
 
 def test_publish_rejects_bad_input_before_writing(log: RecordLog) -> None:
@@ -461,7 +465,7 @@ def test_publish_rejects_bad_input_before_writing(log: RecordLog) -> None:
 
 
 def test_publish_without_group_changes_nothing(redis_client: redis.Redis) -> None:
-    rl = RecordLog(redis_client, MODEL)  # ensure_group never called
+    rl = ModelLog(redis_client, MODEL)  # ensure_group never called
     with pytest.raises(RuntimeError, match="no_group"):
         rl.publish(0, 1, {}, ["1-0"], expected_version=None)
     assert rl.current_version() is None and rl.history() == []
@@ -509,7 +513,7 @@ def test_stream_stats(log: RecordLog) -> None:
 
 
 def test_stats_without_stream(redis_client: redis.Redis) -> None:
-    rl = RecordLog(redis_client, "empty")
+    rl = ModelLog(redis_client, "empty")
     assert tuple(rl.stream_stats()) == (0, 0, 0)
 
 
@@ -569,24 +573,28 @@ def test_lease_ownership_expiry_and_fence(log: RecordLog, redis_client: redis.Re
     assert log.acquire_lease("a", 10_000) == 4
 
 
-# --------------------------------------------------------------------------- async twin
+# --------------------------------------------------------------------------- the two sides, one event loop
 
 
-def test_async_record_log_round_trip(redis_server, log: RecordLog) -> None:  # type: ignore[no-untyped-def]
+def test_the_replica_side_and_the_leader_side_share_one_record_log(redis_server, redis_client) -> None:  # type: ignore[no-untyped-def]
+    """The API's async calls and the worker's blocking ones, interleaved on the same keys (no test driver)."""
+    leader = RecordLog(redis_client, MODEL, label_window_s=60)
+    leader.ensure_group()
+
     async def main() -> tuple:
         client = redis.asyncio.Redis.from_url(redis_server.url)
         try:
-            alog = AsyncRecordLog(client, MODEL, label_window_s=60)
-            await alog.ensure_group()
-            await alog.write_predictions([rec(0, version=3), rec(1, version=3, label=2, loss=0.5)])
-            fetched = await alog.fetch_logits(["id0", "zzz"])
-            statuses = await alog.attach_labels([("id0", 1, 0.25), ("id1", 0, 0.1), ("zzz", 1, 0.1)])
-            read = await alog.read_feedback("w", count=10)
-            before = await alog.backlog()
-            token = log.acquire_lease("w", 10_000)
-            acked = await alog.publish(token, 4, {"n": 2}, [e.entry_id for e in read], expected_version=None)
-            await alog.rollback(3, {})
-            return fetched, statuses, read, before, acked, await alog.current_version(), await alog.history()
+            replica = AsyncRecordLog(client, MODEL, label_window_s=60)
+            await replica.write_predictions([rec(0, version=3), rec(1, version=3, label=2, loss=0.5)])
+            fetched = await replica.fetch_logits(["id0", "zzz"])
+            attached = await replica.attach_labels_detailed([("id0", 1, 0.25), ("id1", 0, 0.1), ("zzz", 1, 0.1)])
+            read = leader.read_feedback("w", count=10)
+            before = (await replica.stream_stats()).backlog
+            token = leader.acquire_lease("w", 10_000)
+            acked = leader.publish(token, 4, {"n": 2}, [e.entry_id for e in read], expected_version=None)
+            await replica.rollback(3, {})
+            return (fetched, [r.status for r in attached], read, before, acked, await replica.current_version(),
+                    await replica.history())
         finally:
             await client.aclose()
 
@@ -598,7 +606,7 @@ def test_async_record_log_round_trip(redis_server, log: RecordLog) -> None:  # t
     assert [e.id for e in read] == ["id1", "id0"]
     assert (before, acked, version) == (2, 2, 3)
     assert [(h["type"], h["version"]) for h in history] == [("publish", 4), ("rollback", 3)]
-    assert log.backlog() == 0
+    assert leader.stream_stats().backlog == 0
 
 
 # --------------------------------------------------------------------------- durability
@@ -608,7 +616,7 @@ def test_aof_always_keeps_labels_and_pending_across_a_crash(tmp_path) -> None:  
     server = start_redis(tmp_path, appendonly=True, appendfsync="always")
     try:
         client = redis.Redis.from_url(server.url)
-        rl = RecordLog(client, MODEL)
+        rl = ModelLog(client, MODEL)
         rl.ensure_group()
         labelled(rl, 3)
         read = rl.read_feedback("w", count=10)
@@ -616,7 +624,7 @@ def test_aof_always_keeps_labels_and_pending_across_a_crash(tmp_path) -> None:  
         server.kill()  # SIGKILL: no shutdown flush
         server.start()
         client = redis.Redis.from_url(server.url)
-        again = RecordLog(client, MODEL).pending_entries("w")
+        again = ModelLog(client, MODEL).pending_entries("w")
         assert [e.entry_id for e in again] == [e.entry_id for e in read]
         assert client.hget(K.pred("id2"), "label") == b"2"
         client.close()

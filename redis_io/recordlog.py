@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 class _Base:
     """State shared by the sync and async classes."""
 
-    def __init__(self, client: Any, model: str, label_window_s: int, group: str, history_max: int) -> None:
+    def __init__(self, client: Any, model: str, label_window_s: int = 86400, group: str = DEFAULT_GROUP,
+                 history_max: int = HISTORY_MAX) -> None:
         kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
         if kwargs.get("decode_responses"):
             raise ValueError("RecordLog needs a Redis client with decode_responses=False")
@@ -85,15 +86,7 @@ class _Base:
 class RecordLog(_Base):
     """The leader's side, blocking (the worker): the feedback stream and its group, publish, lease, retention."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        model: str,
-        label_window_s: int = 86400,
-        group: str = DEFAULT_GROUP,
-        history_max: int = HISTORY_MAX,
-    ) -> None:
-        super().__init__(client, model, label_window_s, group, history_max)
+    client: redis.Redis
 
     def ensure_group(self) -> bool:
         """Create the consumer group from the stream's start (id 0), so no entry is missed."""
@@ -238,15 +231,7 @@ class RecordLog(_Base):
 class AsyncRecordLog(_Base):
     """The replicas' side, on asyncio (the API): predictions, labels, the serving version, rollback, stats."""
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis,
-        model: str,
-        label_window_s: int = 86400,
-        group: str = DEFAULT_GROUP,
-        history_max: int = HISTORY_MAX,
-    ) -> None:
-        super().__init__(client, model, label_window_s, group, history_max)
+    client: redis.asyncio.Redis
 
     async def write_predictions(self, items: Sequence[PredictionRecord], now_ms: int | None = None) -> None:
         """Store a served batch (and the feedback of labels given with it) in one round trip.

@@ -126,7 +126,7 @@ class Streams:
     base_train: Split  # what an on-the-fly base model trains on: the known data without the holdout slice
 
 
-def make_streams(protocol: Protocol, data: dict[str, Split], holdout_size: int = 2000, seed: int = 0) -> Streams:
+def make_streams(protocol: Protocol, data: dict[str, Split], holdout_size: int = 1000, seed: int = 0) -> Streams:
     """Split Fashion-MNIST into the protocol's pools; the holdout is a fixed slice of the known train data."""
     train_split, test = data["train"], data["test"]
     known_train = train_split.without(protocol.exclude_class)

@@ -123,10 +123,10 @@ def seed_default_model(store: ModelStore, model: str) -> bool:
     params, manifest = shipped.read_version(DEFAULT_ASSET, 0)
     manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "weights_file", "model")}
     manifest["model"] = model
+    holdout = shipped.read_holdout_bytes(DEFAULT_ASSET, "default")
+    if holdout is not None:  # before the version: a crash in between must not leave the model unguarded
+        size = len(store.write_holdout_bytes(model, holdout, "default"))
     store.write_version(model, 0, params, manifest)
-    holdout = shipped.read_holdout(DEFAULT_ASSET)
-    if holdout is not None and store.read_holdout(model) is None:  # the guard is on for the shipped model
-        store.write_holdout(model, holdout.inputs.astype(np.uint8), holdout.labels)
     log.info("seeded model %s version 0 from the shipped default%s", model,
-             f" with its holdout set ({len(holdout)} images)" if holdout is not None else "")
+             f" with its holdout set ({size} images)" if holdout is not None else "")
     return True

@@ -1,8 +1,11 @@
 """Holdout sets for the validation guard: labelled inputs a candidate version is checked on before it serves.
 
-One per model, kept beside its versions as `{root}/{model}/holdout.safetensors` (tensors `inputs` float32,
-or uint8 for raw pixels, and `labels` int64), replaced atomically by an upload; or an operator's own file
-(safetensors with those two tensors, or an `.npz` with arrays `inputs` and `labels`, read without pickle).
+Kept beside a model's versions (tensors `inputs` float32, or uint8 for raw pixels, and `labels` int64):
+`{root}/{model}/holdout.safetensors`, an operator's upload, replaced atomically; and
+`{root}/{model}/holdout.default.safetensors`, the set the model came with (the shipped model's, or the one
+`mpserve train` wrote). Or an operator's own file (safetensors with those two tensors, or an `.npz` with
+arrays `inputs` and `labels`, read without pickle). The guard takes the upload, else the operator's file,
+else the default.
 The sha256 of the bytes names the set, so figures measured on different holdouts are never compared.
 """
 
@@ -12,6 +15,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -19,6 +23,9 @@ from .errors import ModelStoreError
 from .safetensors_io import encode_safetensors, load_safetensors
 
 HOLDOUT_FILE = "holdout.safetensors"
+DEFAULT_HOLDOUT_FILE = "holdout.default.safetensors"
+#: an operator's upload, or the set the model came with (shipped, or written by `mpserve train`)
+HoldoutKind = Literal["uploaded", "default"]
 
 
 @dataclass(frozen=True)

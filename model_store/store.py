@@ -40,7 +40,7 @@ from .errors import (
     VersionExistsError,
     VersionNotFound,
 )
-from .holdout import HOLDOUT_FILE, Holdout, decode_holdout, encode_holdout
+from .holdout import DEFAULT_HOLDOUT_FILE, HOLDOUT_FILE, Holdout, HoldoutKind, decode_holdout, encode_holdout
 from .manifest import check_version, manifest_from_json, manifest_to_json, validate_manifest
 from .safetensors_io import encode_safetensors, load_safetensors
 
@@ -389,21 +389,37 @@ class ModelStore:
 
     # ------------------------------------------------------------------------------------- holdout
 
-    def holdout_path(self, model: str) -> Path:
-        """Where the model's uploaded holdout set lives (a fixed name: no caller chooses a path)."""
-        return self.root / validate_model_name(model) / HOLDOUT_FILE
+    def holdout_path(self, model: str, kind: HoldoutKind = "uploaded") -> Path:
+        """Where the model's holdout set of that kind lives (fixed names: no caller chooses a path).
 
-    def write_holdout(self, model: str, inputs: np.ndarray, labels: np.ndarray) -> Holdout:
-        """Replace the model's holdout set; returns it as the guard will read it."""
-        data = encode_holdout(inputs, labels)
-        path = self.holdout_path(model)
+        "uploaded": an operator's (``PUT /admin/holdout``); "default": the one the model came with (the shipped
+        model's, or the one ``mpserve train`` wrote), which the guard uses when there is no other.
+        """
+        return self.root / validate_model_name(model) / (HOLDOUT_FILE if kind == "uploaded" else DEFAULT_HOLDOUT_FILE)
+
+    def write_holdout(self, model: str, inputs: np.ndarray, labels: np.ndarray,
+                      kind: HoldoutKind = "uploaded") -> Holdout:
+        """Replace the model's holdout set of that kind; returns it as the guard will read it."""
+        return self.write_holdout_bytes(model, encode_holdout(inputs, labels), kind)
+
+    def write_holdout_bytes(self, model: str, data: bytes, kind: HoldoutKind = "uploaded") -> Holdout:
+        """Replace the model's holdout set of that kind with safetensors bytes, checked first (a copy keeps its
+        sha256 and dtypes)."""
+        holdout = decode_holdout(data)
+        path = self.holdout_path(model, kind)
         self._fs_makedirs(path.parent)
         self._fs_replace(path, data)
-        return decode_holdout(data)
+        return holdout
 
-    def read_holdout(self, model: str) -> Holdout | None:
-        """The model's uploaded holdout set, or None."""
-        path = self.holdout_path(model)
+    def read_holdout_bytes(self, model: str, kind: HoldoutKind = "uploaded") -> bytes | None:
+        try:
+            return self._fs_read(self.holdout_path(model, kind))
+        except FileNotFoundError:
+            return None
+
+    def read_holdout(self, model: str, kind: HoldoutKind = "uploaded") -> Holdout | None:
+        """The model's holdout set of that kind, or None."""
+        path = self.holdout_path(model, kind)
         try:
             data = self._fs_read(path)
         except FileNotFoundError:

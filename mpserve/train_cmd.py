@@ -87,7 +87,7 @@ def run_train(arch: str, model_name: str, store_dir: Path | None, export_dir: Pa
     for target in filter(None, [store_dir, export_dir]):
         store = ModelStore(target)
         written = store.write_version(model_name, 0, result.params, manifest)
-        store.write_holdout(model_name, holdout.x, holdout.y)  # the validation guard is on from the start
+        store.write_holdout(model_name, holdout.x, holdout.y, "default")  # the validation guard is on from the start
         log.info("wrote %s v0 and a holdout set of %d test images to %s (test accuracy %.4f)", model_name,
                  len(holdout.y), target, result.test_accuracy)
     if plot:

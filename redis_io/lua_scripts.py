@@ -1,7 +1,7 @@
 """The Lua scripts of the Redis layer (``redis_io/lua/*.lua``), loaded from package files, registered with redis-py.
 
 Single calls go through redis-py's ``Script`` (EVALSHA, SCRIPT LOAD + retry on NOSCRIPT).
-Batches go through :func:`eval_many`: redis-py's own pipeline support sends a SCRIPT EXISTS round
+Batches go through :func:`eval_many_async`: redis-py's own pipeline support sends a SCRIPT EXISTS round
 trip before every batch; here the batch is one round trip and the script is loaded only when the
 server answers NOSCRIPT (after a restart or SCRIPT FLUSH). A batch may start with plain commands
 (``prelude``) that travel in the same round trip, ahead of the script calls.
@@ -90,9 +90,9 @@ def _first_pipe(
     return pipe, skip
 
 
-def eval_many(
-    client: redis.Redis,
-    script: Script,
+async def eval_many_async(
+    client: redis.asyncio.Redis,
+    script: AsyncScript,
     calls: Sequence[Call],
     prelude: Prelude | None = None,
     transaction: bool = False,
@@ -102,28 +102,8 @@ def eval_many(
     ``prelude`` queues plain commands that run first, in the same round trip (and, with
     ``transaction``, in the same MULTI/EXEC). Only the script calls are retried after NOSCRIPT, in a
     second round trip (outside any transaction); the replies returned are those of the script calls.
+    (Only the replicas batch script calls: the worker's publish is one call.)
     """
-    replies: list[Any] = [None] * len(calls)
-    pipe, skip = _first_pipe(client, script, calls, prelude, transaction)
-    raw = pipe.execute(raise_on_error=False)
-    _raise_errors(raw[:skip])
-    todo = _merge(replies, range(len(calls)), raw[skip:])
-    if todo:
-        script.sha = client.script_load(script.script)
-        pipe = client.pipeline(transaction=False)
-        _queue(pipe, script, calls, todo)
-        _merge(replies, todo, pipe.execute(raise_on_error=False))
-    return _raise_errors(replies)
-
-
-async def eval_many_async(
-    client: redis.asyncio.Redis,
-    script: AsyncScript,
-    calls: Sequence[Call],
-    prelude: Prelude | None = None,
-    transaction: bool = False,
-) -> list[Any]:
-    """Async twin of :func:`eval_many`."""
     replies: list[Any] = [None] * len(calls)
     pipe, skip = _first_pipe(client, script, calls, prelude, transaction)
     raw = await pipe.execute(raise_on_error=False)

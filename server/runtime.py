@@ -73,6 +73,7 @@ class ModelRuntime:
         self.error: str | None = None  # why the target is not what this replica serves, if it is not
         self._ancestor_of: int | None = None  # serving a fallback ancestor of this version (see _serve_ancestor)
         self._unset = False  # Redis named no serving version at the last look (see _target_version)
+        self._seen_set = False  # Redis has named one since this replica started
         self._failed: dict[int, tuple[str, float]] = {}
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -209,13 +210,13 @@ class ModelRuntime:
         async with redis_op("read the serving version", self.redis_timeout_s):
             current = await self.records.current_version()
         if current is not None:
-            self._unset = False
+            self._unset, self._seen_set = False, True
             return current
         if self.served is not None:
-            if not self._unset:  # once, not once per poll
-                self._unset = True
-                log.warning("model %s: Redis names no serving version; still serving version %d", self.name,
-                            self.served.version)
+            if not self._unset and self._seen_set:  # the key was there and is gone: say so, once
+                log.warning("model %s: Redis names no serving version any more (did it lose its data?); still "
+                            "serving version %d", self.name, self.served.version)
+            self._unset = True
             return self.served.version
         async with redis_op("read the version history", self.redis_timeout_s):
             history = await self.records.history()

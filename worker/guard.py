@@ -1,14 +1,14 @@
 """The validation guard: a candidate version must hold its accuracy on a holdout set before it serves.
 
 Forward-only learning from traffic can drift: poisoned labels, a burst of one class, a step too large.
-With a holdout set configured (an operator's file, `holdout_path`, or one uploaded through
-`PUT /admin/holdout`, which takes precedence), every candidate is evaluated with its unperturbed
-weights before publishing and refused when its accuracy falls more than `guard_tolerance` below the
-reference, or when any one class's holdout accuracy falls more than `guard_class_tolerance` below that
-class's reference (a class-wide label flip trades one class's errors for another's gains and barely moves
-the aggregate: the poison bench saw class 0 fall 79% -> 49% behind an aggregate-only guard). The
-reference is, by default, the *anchor*: the figures of the first version that was checked on this
-holdout, carried from manifest to manifest, so many small drops cannot add up to a large one;
+With a holdout set (one uploaded through `PUT /admin/holdout`, else an operator's file, `holdout_path`, else
+the one the model came with: the shipped model's, or the one `mpserve train` wrote), every candidate is
+evaluated with its unperturbed weights before publishing and refused when its accuracy falls more than
+`guard_tolerance` below the reference, or when any one class's holdout accuracy falls more than
+`guard_class_tolerance` below that class's reference (a class-wide label flip trades one class's errors
+for another's gains and barely moves the aggregate: the poison bench saw class 0 fall 79% -> 49% behind an
+aggregate-only guard). The reference is, by default, the *anchor*: the figures of the first version that
+was checked on this holdout, carried from manifest to manifest, so many small drops cannot add up to a large one;
 `guard_reference=parent` compares with the serving version instead (drift may accumulate).
 The shipped model comes with a holdout set (docs/DESIGN.md §3), so the guard is on by default.
 """
@@ -40,7 +40,7 @@ class Verdict:
     @property
     def reason(self) -> str:
         v = self.validation
-        if v["accuracy"] < v["reference_accuracy"] - v["tolerance"]:
+        if v["accuracy"] < v["reference_accuracy"] - v["tolerance"] - _SLACK:
             return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
                     f"{v['reference_accuracy']:.4f} ({v['reference']})")
         c = v["worst_class"]
@@ -68,9 +68,19 @@ def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Hold
             "class_accuracy": class_accuracy(correct, holdout.labels, logits.shape[1])}
 
 
-def _worst_class(own: list[float | None], ref: list[float | None]) -> int | None:
-    """The class that lost most against its reference (None when no class has both figures)."""
-    drops = [(r - o, c) for c, (o, r) in enumerate(zip(own, ref, strict=False)) if o is not None and r is not None]
+#: accuracies compare with this slack, so a drop of exactly the tolerance (in whole examples) is not refused
+#: by a float's last bit
+_SLACK = 1e-9
+
+
+def _worst_class(own: list[float | None], ref: list[float | None], counts: list[int], least: int) -> int | None:
+    """The class that lost most against its reference, among those with ``least`` examples or more (None: none).
+
+    A class with few examples is skipped: one image of twenty is already five points, so a per-class
+    tolerance there would refuse nearly every candidate.
+    """
+    drops = [(r - o, c) for c, (o, r, n) in enumerate(zip(own, ref, counts, strict=False))
+             if o is not None and r is not None and n >= least]
     return max(drops)[1] if drops else None
 
 
@@ -81,7 +91,8 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
 
     ``parent_validation`` is the parent's recorded "validation" block (its manifest's); the anchor it carries
     counts only when it was measured on this very holdout (same sha256), else the parent becomes the anchor.
-    Per-class figures (``class_accuracy``) are judged only where both sides have them; an anchor recorded
+    Per-class figures (``class_accuracy``) are judged only where both sides have them and the holdout has at
+    least 2/``class_tolerance`` examples of the class (40 at 0.05); an anchor recorded
     before per-class figures existed takes the parent's per-class figures as its own.
     """
     same = bool(parent_validation) and (parent_validation or {}).get("holdout_sha256") == holdout.sha256
@@ -92,9 +103,11 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
     ref = anchor if reference == "anchor" else before["accuracy"]
     ref_classes = anchor_classes if reference == "anchor" else before_classes
     own_classes = own.get("class_accuracy") or []
-    worst = _worst_class(own_classes, ref_classes)
-    class_ok = worst is None or own_classes[worst] >= ref_classes[worst] - class_tolerance
-    accepted = own["accuracy"] >= ref - tolerance and class_ok
+    counts = np.bincount(holdout.labels, minlength=len(own_classes)).tolist()
+    least = int(np.ceil(2 / class_tolerance)) if class_tolerance > 0 else 1  # two examples within the tolerance
+    worst = _worst_class(own_classes, ref_classes, counts, least)
+    class_ok = worst is None or own_classes[worst] >= ref_classes[worst] - class_tolerance - _SLACK
+    accepted = own["accuracy"] >= ref - tolerance - _SLACK and class_ok
     return Verdict(accepted, {
         "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],
         "loss": own["loss"], "parent_accuracy": before["accuracy"], "anchor_accuracy": anchor,
@@ -124,19 +137,24 @@ class ValidationGuard:
         self._engines: dict[str, Engine] = {}
         self._holdout_key: tuple[Any, ...] | None = None
         self._holdout: Holdout | None = None
-        self._parents: dict[tuple[int, str], dict[str, float | None]] = {}
+        self._parents: dict[tuple[int, str], dict[str, Any]] = {}
 
     def holdout(self) -> Holdout | None:
-        """The uploaded holdout, else the configured file, else None; reread only when the file changes."""
+        """The uploaded holdout, else the configured file, else the one the model came with, else None.
+
+        Reread only when the file changes.
+        """
         uploaded = self.store.holdout_path(self.model)
-        path = uploaded if uploaded.exists() else self.settings.holdout_path
+        default = self.store.holdout_path(self.model, "default")
+        path = uploaded if uploaded.exists() else self.settings.holdout_path or (default if default.exists() else None)
         if path is None:
             self._holdout_key, self._holdout = None, None
             return None
         stat = path.stat()
         key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)  # an upload is a new inode
         if key != self._holdout_key:
-            holdout = self.store.read_holdout(self.model) if path == uploaded else read_holdout_file(path)
+            kind = "uploaded" if path == uploaded else "default" if path == default else None
+            holdout = self.store.read_holdout(self.model, kind) if kind else read_holdout_file(path)
             self._holdout_key, self._holdout = key, holdout
             log.info("%s: holdout set %s: %d examples (sha256 %s)", self.model, path,
                      len(holdout) if holdout else 0, holdout.sha256[:12] if holdout else "-")

@@ -467,7 +467,7 @@ class Reconciler:
         """
         before = verdict.validation
         validation = {**before, "accuracy": before["parent_accuracy"], "loss": None, "accepted": True,
-                      "class_accuracy": before.get("parent_class_accuracy"),
+                      "class_accuracy": before.get("parent_class_accuracy"), "worst_class": None,
                       "reseed_of": parent.version}
         try:
             reseed = ReconcileStats.of_reseed(stats.trigger, before)

@@ -125,7 +125,7 @@ class WorkerSettings(BaseSettings):
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "baseline", "step", "shrink", "max_step", "probe_scale", "vendors", "antithetic",
-                "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_reference",
-                "reseed_on_refusal", "min_cohort", "max_cohort_age", "min_records", "interval_s",
+                "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
+                "guard_reference", "reseed_on_refusal", "min_cohort", "max_cohort_age", "min_records", "interval_s",
                 "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

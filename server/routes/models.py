@@ -19,6 +19,8 @@ async def describe(state: AppState, ctx: ModelContext) -> ModelInfo:
     async with redis_op("read the version history", state.settings.redis_timeout_s):
         target = await ctx.records.current_version()
         history = await ctx.records.history()
+    if target is None:  # nothing published yet: replicas serve the store's base (see ModelRuntime._target_version)
+        target = ctx.runtime.target
     stored = await asyncio.to_thread(state.store.versions, ctx.name)
     served = ctx.runtime.served
     loaded = served.loaded if served is not None else None

@@ -46,6 +46,8 @@ async def model_versions(
     async with redis_op("read the version history", state.settings.redis_timeout_s):
         target = await ctx.records.current_version()
         history = await ctx.records.history()
+    if target is None:  # nothing published yet: replicas serve the store's base (see ModelRuntime._target_version)
+        target = ctx.runtime.target
     rows, stored = await asyncio.to_thread(summary_cache(request, state).rows, ctx.name, limit)
     try:
         pins = await asyncio.to_thread(state.store.pins, ctx.name)

@@ -85,7 +85,7 @@ def test_mpserve_train_writes_version_zero_with_its_manifest(tmp_path, data):
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert json.loads(out.read_text())["test_accuracy"] == manifest["validation"]["test_accuracy"]
     # and a holdout set for the validation guard: 100 test images of each class it was trained on
-    holdout = ModelStore(tmp_path / "store").read_holdout("base")
+    holdout = ModelStore(tmp_path / "store").read_holdout("base", "default")
     assert holdout is not None and np.bincount(holdout.labels).tolist() == [100] * 9
     test_images = {img.tobytes() for img in data["test"].x}
     assert all(img.astype(np.uint8).tobytes() in test_images for img in holdout.inputs)

@@ -80,14 +80,16 @@ def test_the_shipped_default_model_loads_and_says_how_it_was_trained():
 
 
 def test_the_shipped_model_comes_with_a_holdout_so_the_guard_is_on_by_default(tmp_path):
-    """Seeding a store copies the shipped holdout (100 test images per class), and a worker with default
-    settings judges candidates on it: learning on the shipped model is guarded without any flag."""
-    shipped = shipped_store().read_holdout("fashion")
+    """Seeding a store copies the shipped holdout (100 test images per class, byte for byte) as the model's
+    default set, and a worker with default settings judges candidates on it: learning on the shipped model is
+    guarded without any flag. An operator's file, or an upload, takes precedence over it."""
+    shipped = shipped_store().read_holdout("fashion", "default")
     assert shipped is not None and np.bincount(shipped.labels).tolist() == [100] * 10
     test_images = {img.tobytes() for img in load_fashion_mnist()["test"].x}
     assert all(img.astype(np.uint8).tobytes() in test_images for img in shipped.inputs)  # never trained on
     store = ModelStore(tmp_path / "store")
     assert seed_default_model(store, "mine")
+    assert store.read_holdout("mine") is None  # nothing uploaded: the default slot holds it
     guard = ValidationGuard(WorkerSettings(_env_file=None), store, "mine")
     held = guard.holdout()
     assert held is not None and held.sha256 == shipped.sha256
@@ -95,8 +97,14 @@ def test_the_shipped_model_comes_with_a_holdout_so_the_guard_is_on_by_default(tm
     verdict = guard.judge(parent, parent.params)
     assert verdict is not None and verdict.accepted
     assert verdict.validation["accuracy"] >= 0.88 and min(verdict.validation["class_accuracy"]) >= 0.6
-    store.delete_holdout("mine")
-    assert not seed_default_model(store, "mine") and store.read_holdout("mine") is None  # seeds only once
+
+    own = tmp_path / "own.npz"  # an operator's file wins over the default, an upload over both
+    np.savez(own, inputs=shipped.inputs[:50], labels=shipped.labels[:50])
+    configured = ValidationGuard(WorkerSettings(_env_file=None, holdout_path=own), store, "mine")
+    assert len(configured.holdout()) == 50
+    uploaded = store.write_holdout("mine", shipped.inputs[:30], shipped.labels[:30])
+    assert configured.holdout().sha256 == uploaded.sha256 and len(guard.holdout()) == 30
+    assert not seed_default_model(store, "mine")  # seeds only once
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from worker.guard import judge_candidate, verdict
 
 HOLDOUT = decode_holdout(encode_holdout(np.zeros((4, 1, 28, 28), np.float32), np.arange(4)))
 OTHER = decode_holdout(encode_holdout(np.ones((4, 1, 28, 28), np.float32), np.arange(4)))
+#: 50 examples of each of 4 classes: enough for each class to be judged on its own (40 at a tolerance of 0.05)
+CLASSES = decode_holdout(encode_holdout(np.zeros((200, 1, 28, 28), np.float32), np.arange(200) % 4))
 
 
 def fig(acc: float) -> dict[str, float]:
@@ -77,28 +79,28 @@ def classes(*acc: float) -> dict[str, object]:
 
 def test_a_class_wide_drop_is_refused_even_when_the_aggregate_holds() -> None:
     """A label flip trades one class's errors for another's gains: the aggregate stays, one class falls."""
-    anchor = verdict(classes(0.80, 0.60, 0.70, 0.90), classes(0.80, 0.60, 0.70, 0.90), None, HOLDOUT, 0.01,
+    anchor = verdict(classes(0.80, 0.60, 0.70, 0.90), classes(0.80, 0.60, 0.70, 0.90), None, CLASSES, 0.01,
                      "anchor", class_tolerance=0.05)
     assert anchor.accepted and anchor.validation["anchor_class_accuracy"] == [0.80, 0.60, 0.70, 0.90]
     flipped = classes(0.70, 0.70, 0.70, 0.90)  # class 0 -10 points, class 1 +10: the same aggregate
-    refused = verdict(flipped, classes(0.80, 0.60, 0.70, 0.90), anchor.validation, HOLDOUT, 0.01, "anchor",
+    refused = verdict(flipped, classes(0.80, 0.60, 0.70, 0.90), anchor.validation, CLASSES, 0.01, "anchor",
                       class_tolerance=0.05)
     assert not refused.accepted and refused.validation["worst_class"] == 0
     assert refused.reason.startswith("class 0's holdout accuracy 0.7000 is more than 0.0500 below its reference 0.8000")
     # within the class tolerance it passes; without per-class figures (an older manifest) only the aggregate counts
-    assert verdict(flipped, classes(0.80, 0.60, 0.70, 0.90), anchor.validation, HOLDOUT, 0.01, "anchor",
+    assert verdict(flipped, classes(0.80, 0.60, 0.70, 0.90), anchor.validation, CLASSES, 0.01, "anchor",
                    class_tolerance=0.11).accepted
-    assert verdict(fig(0.80), fig(0.80), None, HOLDOUT, 0.01, "anchor", class_tolerance=0.0).accepted
+    assert verdict(fig(0.80), fig(0.80), None, CLASSES, 0.01, "anchor", class_tolerance=0.0).accepted
 
 
 def test_per_class_drops_are_judged_against_the_anchor_not_the_parent() -> None:
     """Small per-class drops cannot add up: each class keeps the anchor's figure as its reference."""
-    first = verdict(classes(0.77, 0.60), classes(0.80, 0.60), None, HOLDOUT, 1.0, "anchor", class_tolerance=0.05)
+    first = verdict(classes(0.77, 0.60), classes(0.80, 0.60), None, CLASSES, 1.0, "anchor", class_tolerance=0.05)
     assert first.accepted  # class 0: 3 points below the anchor
-    second = verdict(classes(0.74, 0.60), classes(0.77, 0.60), first.validation, HOLDOUT, 1.0, "anchor",
+    second = verdict(classes(0.74, 0.60), classes(0.77, 0.60), first.validation, CLASSES, 1.0, "anchor",
                      class_tolerance=0.05)
     assert not second.accepted and second.validation["reference_class_accuracy"] == [0.80, 0.60]
-    assert verdict(classes(0.74, 0.60), classes(0.77, 0.60), first.validation, HOLDOUT, 1.0, "parent",
+    assert verdict(classes(0.74, 0.60), classes(0.77, 0.60), first.validation, CLASSES, 1.0, "parent",
                    class_tolerance=0.05).accepted  # against the parent (0.77) it is a 3-point drop
 
 
@@ -125,3 +127,16 @@ def test_raw_pixel_holdouts_stay_bytes_and_read_as_float() -> None:
     assert len(data) < x.size * 2
     h = decode_holdout(data)
     assert h.inputs.dtype == np.float32 and np.array_equal(h.inputs, x.astype(np.float32))
+
+
+def test_a_class_with_few_examples_is_not_judged_alone_and_an_exact_tolerance_passes() -> None:
+    """One image of ten is ten points: a per-class tolerance of five would refuse every step; and a drop of exactly
+    the tolerance, in whole examples, passes whatever the float rounding."""
+    small = decode_holdout(encode_holdout(np.zeros((110, 1, 28, 28), np.float32), np.array([0] * 100 + [1] * 10)))
+    ref = classes(0.70, 0.70)
+    assert verdict(classes(0.70, 0.60), ref, None, small, 1.0, "parent", class_tolerance=0.05).accepted  # 10 < 40
+    assert not verdict(classes(0.60, 0.70), ref, None, small, 1.0, "parent", class_tolerance=0.05).accepted
+    assert verdict(classes(0.65, 0.70), ref, None, small, 1.0, "parent", class_tolerance=0.05).accepted  # exactly 5
+    big = decode_holdout(encode_holdout(np.zeros((1000, 1, 28, 28), np.float32), np.arange(1000) % 10))
+    assert verdict({"accuracy": 895 / 1000, "loss": 1.0}, {"accuracy": 900 / 1000, "loss": 1.0}, None, big, 0.005,
+                   "parent").accepted  # 5 fewer right of 1,000 at a tolerance of 0.005

@@ -9,7 +9,7 @@ up:
 test:
 	scripts/bootstrap.sh --test
 	.venv/bin/ruff check .
-	.venv/bin/pytest -q
+	.venv/bin/pytest -q -n 2 --dist loadfile --durations 10
 
 lint:
 	.venv/bin/ruff check .

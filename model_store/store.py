@@ -412,6 +412,7 @@ class ModelStore:
         return holdout
 
     def read_holdout_bytes(self, model: str, kind: HoldoutKind = "uploaded") -> bytes | None:
+        """The stored bytes of the model's holdout set of that kind, or None."""
         try:
             return self._fs_read(self.holdout_path(model, kind))
         except FileNotFoundError:
@@ -419,12 +420,8 @@ class ModelStore:
 
     def read_holdout(self, model: str, kind: HoldoutKind = "uploaded") -> Holdout | None:
         """The model's holdout set of that kind, or None."""
-        path = self.holdout_path(model, kind)
-        try:
-            data = self._fs_read(path)
-        except FileNotFoundError:
-            return None
-        return decode_holdout(data, str(path))
+        data = self.read_holdout_bytes(model, kind)
+        return None if data is None else decode_holdout(data, str(self.holdout_path(model, kind)))
 
     def delete_holdout(self, model: str) -> bool:
         path = self.holdout_path(model)

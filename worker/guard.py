@@ -95,8 +95,8 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
     least 2/``class_tolerance`` examples of the class (40 at 0.05); an anchor recorded
     before per-class figures existed takes the parent's per-class figures as its own.
     """
-    same = bool(parent_validation) and (parent_validation or {}).get("holdout_sha256") == holdout.sha256
-    carried = parent_validation if same and parent_validation else {}
+    carried = parent_validation if parent_validation and parent_validation.get("holdout_sha256") == holdout.sha256 \
+        else {}  # an anchor measured on another holdout does not count
     anchor = float(carried.get("anchor_accuracy", before["accuracy"]))
     before_classes = before.get("class_accuracy") or []
     anchor_classes = carried.get("anchor_class_accuracy") or before_classes

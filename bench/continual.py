@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from marketplace.training import TrainConfig, train
 from marketplace.update import online_metrics, previous_step, propose_update
 from model_store import Holdout
 from model_store.holdout import decode_holdout, encode_holdout
-from worker.guard import holdout_figures, judge_candidate
+from worker.guard import TrafficCheck, correct_answers, holdout_figures, judge_candidate
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("bench.continual")
@@ -58,7 +59,8 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
                  "step", "shrink", "max_step", "outlier", "outlier_z", "outlier_quantile", "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
-                 "guard_reference", "reseed_on_refusal", "min_cohort")
+                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
+                 "reseed_on_refusal", "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -254,9 +256,12 @@ class EngineRun:
     exploration: str = "paired"  # the server's setting: paired probes (users get the leader) or single path
     vendors: int | None = None  # None: the worker's setting, else the shipped model's 4
     seed: int = 0
+    replay_share: float = 0.125  # the API's share of labelled inputs kept for the guard (ServerSettings.replay_share)
+    replay_size: int = 512  # and how many of the newest it keeps (ServerSettings.replay_size)
     eps: float = 0.05
     version: int = 0
     refused: int = 0
+    refused_traffic: int = 0  # of which the recent-traffic check refused (the holdout may have refused them too)
     grandparent: dict[str, np.ndarray] | None = None
     parent_validation: dict[str, Any] | None = None
     before: dict[str, float] | None = None
@@ -267,7 +272,7 @@ class EngineRun:
         S = len(self.spec.groups)
         self.vendors = self.vendors or self.settings.vendors or 4
         self.engine = Engine(self.spec, self.vendors, buckets=[256])
-        self.eval_engine = Engine(self.spec, 1, buckets=[1000])
+        self.eval_engine = Engine(self.spec, 1, buckets=[64, self.replay_size, 1000] if self.replay_size else [1000])
         self.seed_rng = np.random.default_rng([self.seed, 1])
         self.path_rng = np.random.default_rng([self.seed, 2])
         self.eps = self.settings.probe_scale or self.eps
@@ -277,6 +282,22 @@ class EngineRun:
         self.base_params = self.params
         self.frozen_weights = self.engine.materialize(self.params, self.seeds, self.eps, 0, self.antithetic)
         self.frozen_rng = np.random.default_rng([self.seed, 7])
+        self.replay_rng = np.random.default_rng([self.seed, 9])
+        self.replay: deque[tuple[np.ndarray, int, bool]] = deque(maxlen=self.replay_size)
+
+    def keep_for_replay(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Keep a share of the labelled inputs as the API does, with whether the anchor (the base) gets them right."""
+        pick = self.replay_rng.random(len(y)) < self.replay_share
+        if pick.any():
+            anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
+            self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), strict=True))
+
+    def traffic_check(self) -> TrafficCheck | None:
+        """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0)."""
+        if not self.settings.guard_traffic or len(self.replay) < self.settings.guard_traffic_min:
+            return None
+        xs, ys, anchor = zip(*self.replay, strict=True)
+        return TrafficCheck(np.stack(xs), np.array(ys), np.array(anchor), 0, self.settings.guard_traffic_tolerance)
 
     def frozen_answer(self, x: np.ndarray) -> np.ndarray:
         """What the base model, never learning, serves for ``x`` (same exploration, its own vendor paths)."""
@@ -310,11 +331,14 @@ class EngineRun:
         if self.guard:
             if self.before is None:
                 self.before = holdout_figures(self.eval_engine, self.params, self.holdout)
+            self.keep_for_replay(x, y)
             verdict = judge_candidate(self.eval_engine, result.params, self.holdout, self.before,
                                       self.parent_validation, self.settings.guard_tolerance,
-                                      self.settings.guard_reference, self.settings.guard_class_tolerance)
+                                      self.settings.guard_reference, self.settings.guard_class_tolerance,
+                                      self.traffic_check())
             if not verdict.accepted:
                 self.refused += 1
+                self.refused_traffic += verdict.validation.get("traffic", {}).get("accepted") is False
                 if self.settings.reseed_on_refusal:  # as the worker does: the same weights under fresh seeds
                     self.version += 1
                     self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
@@ -353,6 +377,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
     label_rng = np.random.default_rng([seed, 6])
     curve = Curve()
     evals = eval_steps(steps, eval_every)
+    frozen_val: float | None = None
     start = time.perf_counter()
     bar = tqdm(range(steps + 1), desc=desc, disable=not progress, mininterval=2.0)
     for step in bar:
@@ -374,9 +399,10 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
                              logits.argmax(1) == y if frozen else None)
             old_x = None if drift is None else drift(streams.old_test.x, step / steps)
             old_val, new_val = validation(run.eval_engine, run.params, streams, old_x)
-            frozen_val = validation(run.eval_engine, run.base_params, streams, old_x)[0] if frozen else None
+            if frozen and (drift is not None or frozen_val is None):  # the base does not change; its data may
+                frozen_val = validation(run.eval_engine, run.base_params, streams, old_x)[0]
             point = curve.row(step, old_val, new_val, frozen_val)
-            point["refused"] = run.refused
+            point["refused"], point["refused_traffic"] = run.refused, run.refused_traffic
             if extra_eval:
                 point.update(extra_eval(run))
             bar.set_postfix(old=f"{old_val:.3f}", new="-" if new_val is None else f"{new_val:.3f}",
@@ -384,6 +410,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
             if on_row:
                 on_row(point)
     return {"curve": curve.rows, "seconds": time.perf_counter() - start, "refused": run.refused,
+            "refused_traffic": run.refused_traffic,
             "versions": run.version, "settings": {**{k: getattr(settings, k) for k in LEARNING_KEYS},
                                                   "vendors": run.vendors,
                                                   "exploration": run.exploration},
@@ -483,6 +510,10 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--guard-tolerance", type=float)
     ap.add_argument("--guard-class-tolerance", type=float)
     ap.add_argument("--guard-reference", choices=["anchor", "parent"])
+    ap.add_argument("--guard-traffic", action=argparse.BooleanOptionalAction, default=None,
+                    help="also judge candidates on recent labelled traffic against the base (worker default: on)")
+    ap.add_argument("--guard-traffic-tolerance", type=float)
+    ap.add_argument("--guard-traffic-min", type=int)
 
 
 def base_model(args: argparse.Namespace, protocol: Protocol, streams: Streams) -> tuple[ModelSpec, dict, str]:

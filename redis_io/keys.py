@@ -34,6 +34,12 @@ class ModelKeys:
         return f"{self.prefix}:feedback"
 
     @property
+    def replay(self) -> str:
+        """Stream of recent labelled inputs (``x`` float32 bytes, ``label``, ``id``), capped by the API's
+        ``replay_size``; the worker's guard judges candidates on them."""
+        return f"{self.prefix}:replay"
+
+    @property
     def version(self) -> str:
         """String: the version serving must use."""
         return f"{self.prefix}:version"

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "reconciler"
 HISTORY_MAX = 1000  # publish and rollback records kept in mp:{m}:history (the newest ones)
+REPLAY_READ_MAX = 4096  # most replay entries the guard reads (the API caps the stream at its replay_size)
 ATTACH_STATUSES = ("ok", "duplicate", "conflict", "not_found")
 _PRED_FIELDS = ("version", "path", "logits", "leader")
 _ENTRY_ID_RE = re.compile(r"^\d+-\d+$")
@@ -77,6 +78,7 @@ class PredictionRecord:
     loss: float | None = None
     client: str | None = None
     leader_logits: np.ndarray | None = None
+    kept_input: np.ndarray | None = None  # the input itself, for the share the API keeps for the guard's replay
 
 
 class StoredPrediction(NamedTuple):
@@ -224,7 +226,7 @@ def _history_json(kind: str, version: int, record: Mapping[str, Any]) -> str:
 
 
 def prediction_batch(
-    keys: ModelKeys, items: Sequence[PredictionRecord], window_ms: int, now_ms: int
+    keys: ModelKeys, items: Sequence[PredictionRecord], window_ms: int, now_ms: int, replay_max: int = 0
 ) -> tuple[Prelude, list[Call]]:
     """Validate everything first, then queue: a bad item must not leave half a batch queued.
 
@@ -247,6 +249,8 @@ def prediction_batch(
             mapping["client"] = _client(it.client)
         if it.leader_logits is not None:
             mapping["leader"] = _encode_logits(it.leader_logits)
+        if it.kept_input is not None:  # moved to the replay stream when the label comes (attach_label.lua)
+            mapping["x"] = np.ascontiguousarray(it.kept_input, dtype="<f4").tobytes()
         rows.append((keys.pred(it.id), mapping))
         if it.label is not None:
             if it.loss is None and it.leader_logits is None:
@@ -256,7 +260,7 @@ def prediction_batch(
             else:
                 labels.append((it.id, it.label, it.loss, bool(int(np.argmax(it.logits)) == it.label)))
             clients.append(it.client)
-    calls = attach_calls(keys, labels, keys.feedback, now_ms, clients)  # validates label and loss
+    calls = attach_calls(keys, labels, keys.feedback, now_ms, clients, replay_max)  # validates label and loss
 
     def prelude(pipe: Any) -> None:
         for key, mapping in rows:
@@ -301,16 +305,19 @@ def _client(name: str | None) -> str:
 
 def attach_calls(
     keys: ModelKeys, items: Sequence[LabelItem], feedback: str, now_ms: int,
-    clients: Sequence[str | None] | None = None,
+    clients: Sequence[str | None] | None = None, replay_max: int = 0,
 ) -> list[Call]:
-    """One attach_label call per item; ``clients`` (one per item, default none) go into the feedback entries."""
+    """One attach_label call per item; ``clients`` (one per item, default none) go into the feedback entries.
+
+    ``replay_max``: how many labelled inputs the replay stream keeps (0: a kept input is not moved there).
+    """
     names = [_client(c) for c in (clients if clients is not None else [None] * len(items))]
     calls: list[Call] = []
     for (record_id, label, loss, *rest), client in zip(items, names, strict=True):
         correct, base, probe = (*rest, None, None, None)[:3]
-        calls.append(((keys.pred(record_id), feedback),
+        calls.append(((keys.pred(record_id), feedback, keys.replay),
                       (nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, _flag(correct), client,
-                       "" if base is None else _encode_loss(base), _flag(probe))))
+                       "" if base is None else _encode_loss(base), _flag(probe), nonneg_int(replay_max, "replay_max"))))
     return calls
 
 
@@ -366,6 +373,28 @@ def p_entries(pairs: Iterable[Any]) -> tuple[list[FeedbackEntry], list[str]]:
             log.warning("dropping malformed feedback entry %s: %r", entry_id, exc)
             bad.append(entry_id)
     return good, bad
+
+
+class ReplayEntry(NamedTuple):
+    """One recent labelled input of the replay stream, as the API kept it."""
+
+    entry_id: str
+    record_id: str
+    inputs: bytes  # float32, little-endian, the model's input shape flattened
+    label: int
+
+
+def p_replay(pairs: Iterable[Any]) -> list[ReplayEntry]:
+    """Parse XREVRANGE pairs of the replay stream (newest first); a malformed entry is skipped (logged)."""
+    out: list[ReplayEntry] = []
+    for raw_id, fields in pairs:
+        try:
+            f = {as_str(k): v for k, v in fields.items()}
+            out.append(ReplayEntry(as_str(raw_id), as_str(f.get("id", b"")), bytes(f["x"]),
+                                   nonneg_int(int(f["label"]), "label")))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("skipping malformed replay entry %r: %r", raw_id, exc)
+    return out
 
 
 def stream_pairs(raw: Any) -> list[Any]:

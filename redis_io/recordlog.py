@@ -26,10 +26,12 @@ from redis_io.lua_scripts import Scripts, eval_many_async
 from redis_io.protocol import (
     DEFAULT_GROUP,
     HISTORY_MAX,
+    REPLAY_READ_MAX,
     AttachResult,
     FeedbackEntry,
     LabelItem,
     PredictionRecord,
+    ReplayEntry,
     StoredPrediction,
     StreamStats,
     as_str,
@@ -46,6 +48,7 @@ from redis_io.protocol import (
     p_lease_holder,
     p_predict_labels,
     p_publish,
+    p_replay,
     p_retention_total,
     p_stats,
     p_status_ok,
@@ -68,7 +71,7 @@ class _Base:
     """State shared by the sync and async classes."""
 
     def __init__(self, client: Any, model: str, label_window_s: int = 86400, group: str = DEFAULT_GROUP,
-                 history_max: int = HISTORY_MAX) -> None:
+                 history_max: int = HISTORY_MAX, replay_size: int = 0) -> None:
         kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
         if kwargs.get("decode_responses"):
             raise ValueError("RecordLog needs a Redis client with decode_responses=False")
@@ -80,6 +83,7 @@ class _Base:
         self.group = group
         self.label_window_ms = positive_int(label_window_s, "label_window_s") * 1000
         self.history_max = positive_int(history_max, "history_max")
+        self.replay_size = nonneg_int(replay_size, "replay_size")  # API: labelled inputs the replay stream keeps
         self.scripts = Scripts.register(client)
 
 
@@ -153,6 +157,10 @@ class RecordLog(_Base):
             if is_cursor_done(cursor):
                 break
         return out
+
+    def recent_inputs(self, count: int = REPLAY_READ_MAX) -> list[ReplayEntry]:
+        """The newest labelled inputs the API kept (the replay stream), newest first, for the guard."""
+        return p_replay(self.client.xrevrange(self.keys.replay, count=positive_int(count, "count")))
 
     def stream_stats(self) -> StreamStats:
         """Stream length, pending and undelivered counts, in one round trip."""
@@ -241,7 +249,7 @@ class AsyncRecordLog(_Base):
         if not items:
             return
         now = clock_ms() if now_ms is None else now_ms
-        prelude, calls = prediction_batch(self.keys, items, self.label_window_ms, now)
+        prelude, calls = prediction_batch(self.keys, items, self.label_window_ms, now, self.replay_size)
         replies = await eval_many_async(self.client, self.scripts.attach_label, calls, prelude, transaction=True)
         p_predict_labels(calls, replies)
 
@@ -260,7 +268,7 @@ class AsyncRecordLog(_Base):
         if not items:
             return []
         calls = attach_calls(self.keys, items, self.keys.feedback, clock_ms() if now_ms is None else now_ms,
-                             [client] * len(items))
+                             [client] * len(items), self.replay_size)
         return [p_attach(r) for r in await eval_many_async(self.client, self.scripts.attach_label, calls)]
 
     async def stream_stats(self) -> StreamStats:

@@ -59,9 +59,11 @@ class MicroBatcher:
 
     def __init__(self, runtime: ModelRuntime, records: AsyncRecordLog, engine_thread: EngineThread,
                  metrics: ServerMetrics, max_batch: int, max_wait_ms: float, redis_timeout_s: float,
-                 learning: bool = True, paired: bool = False) -> None:
+                 learning: bool = True, paired: bool = False, replay_share: float = 0.0) -> None:
         self.runtime, self.records, self.engine_thread, self.metrics = runtime, records, engine_thread, metrics
         self.learning, self.paired = learning, paired
+        self.replay_share = replay_share  # inputs kept until labelled, for the worker's guard (replay stream)
+        self.keep_rng = np.random.default_rng()  # which inputs are kept; used on the event loop only
         self.max_batch, self.max_wait_s, self.redis_timeout_s = max_batch, max_wait_ms / 1000.0, redis_timeout_s
         self.rng = np.random.default_rng()  # path choices; used on the engine thread only
         self._pending: deque[_Item] = deque()
@@ -213,12 +215,13 @@ class MicroBatcher:
                 continue
             ids = [uuid.uuid4().hex for _ in range(item.n)]
             losses = cross_entropy(lg, item.labels) if item.labels is not None and lead is None else None
+            keep = self.keep_rng.random(item.n) < self.replay_share
             for i in range(item.n):
                 records.append(PredictionRecord(
                     ids[i], served.version, tuple(int(v) for v in pth[i]), lg[i],
                     None if item.labels is None else int(item.labels[i]),
                     None if losses is None else float(losses[i]), item.client,
-                    None if lead is None else lead[i]))
+                    None if lead is None else lead[i], item.x[i] if keep[i] else None))
             answers.append((item, Answer(served.version, ids, answer)))
         if not records:
             return

@@ -55,6 +55,10 @@ class ServerSettings(BaseSettings):
     exploration: Literal["paired", "single"] = Field(
         "paired", description="paired: every input also runs through the leader, whose answer the user gets "
                               "(exploration invisible, 2x FLOPs); single: the user gets the perturbed path's answer")
+    replay_share: float = Field(0.125, ge=0, le=1, description="share of predictions whose input is kept until "
+                                "labelled, then moved to the replay stream the worker's guard judges candidates on")
+    replay_size: int = Field(512, ge=0, le=100_000, description="labelled inputs the replay stream keeps, newest "
+                                                               "(0: none; the guard then judges on its holdout only)")
 
     @field_validator("default_model")
     @classmethod

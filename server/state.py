@@ -79,12 +79,14 @@ class AppState:
         metrics = metrics or ServerMetrics()
         models: dict[str, ModelContext] = {}
         for name in settings.models:
-            records = AsyncRecordLog(client, name, settings.label_window_s)
+            records = AsyncRecordLog(client, name, settings.label_window_s,
+                                     replay_size=settings.replay_size if settings.replay_share > 0 else 0)
             paired = settings.learning and settings.exploration == "paired"
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
                                    device, t, settings.learning, paired)
             batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
-                                   settings.max_wait_ms, t, settings.learning, paired)
+                                   settings.max_wait_ms, t, settings.learning, paired,
+                                   settings.replay_share if settings.replay_size else 0.0)
             models[name] = ModelContext(name, records, runtime, batcher)
         watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
         access = ClientAccess(settings.api_keys, settings.disabled_clients, settings.rate_limit_per_s,

@@ -22,11 +22,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from common.loading import LoadedVersion
+from common.loading import LoadedVersion, load_version
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
 from marketplace.reconcile import cross_entropy
 from model_store import Holdout, ModelStore, ModelStoreError, read_holdout_file
+from redis_io.protocol import ReplayEntry
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,48 @@ class Verdict:
         if v["accuracy"] < v["reference_accuracy"] - v["tolerance"] - _SLACK:
             return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
                     f"{v['reference_accuracy']:.4f} ({v['reference']})")
+        traffic = v.get("traffic")
+        if traffic and not traffic["accepted"]:
+            return (f"accuracy {traffic['accuracy']:.4f} on {traffic['size']} recent labelled inputs is more than "
+                    f"{traffic['tolerance']:.4f} below the anchor's {traffic['anchor_accuracy']:.4f} on the same "
+                    f"inputs (version {traffic['anchor_version']}, the model kept frozen)")
         c = v["worst_class"]
         return (f"class {c}'s holdout accuracy {v['class_accuracy'][c]:.4f} is more than "
                 f"{v['class_tolerance']:.4f} below its reference {v['reference_class_accuracy'][c]:.4f} "
                 f"({v['reference']})")
+
+
+@dataclass(frozen=True)
+class TrafficCheck:
+    """Recent labelled traffic and whether the anchor (the model as it was, kept frozen) got each input right.
+
+    The holdout set is fixed; what users are served is not. Under drift or a new class a candidate can hold its
+    holdout figures and still serve today's traffic worse than the frozen model would, which is the very
+    comparison the product's rule is stated in. So a candidate also answers the last labelled inputs the API
+    kept (redis_io: the replay stream) and must be right on at least as many of them, less ``tolerance``, as
+    the anchor version, evaluated on the same inputs.
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    anchor_correct: np.ndarray
+    anchor_version: int
+    tolerance: float
+
+
+def correct_answers(engine: Engine, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray
+                    ) -> np.ndarray:
+    """Whether the unperturbed weights answer each input right (a non-finite logit row counts as wrong)."""
+    logits = leader_logits(engine, params, inputs)
+    return (logits.argmax(1) == labels) & np.isfinite(logits).all(axis=1)
+
+
+def traffic_figures(correct: np.ndarray, check: TrafficCheck) -> dict[str, Any]:
+    """The manifest's ``validation.traffic`` block: the candidate against the anchor on the same recent inputs."""
+    accuracy, anchor = float(np.mean(correct)), float(np.mean(check.anchor_correct))
+    return {"size": len(correct), "accuracy": accuracy, "anchor_accuracy": anchor,
+            "anchor_version": check.anchor_version, "tolerance": check.tolerance,
+            "accepted": accuracy >= anchor - check.tolerance - _SLACK}
 
 
 def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
@@ -62,7 +101,7 @@ def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Hold
     """
     logits = leader_logits(engine, params, holdout.inputs)
     finite = np.isfinite(logits).all(axis=1)
-    correct = (logits.argmax(1) == holdout.labels) & finite
+    correct = (logits.argmax(1) == holdout.labels) & finite  # as correct_answers, with the logits kept for the loss
     loss = float(np.mean(cross_entropy(logits, holdout.labels))) if finite.all() else None
     return {"accuracy": float(np.mean(correct)), "loss": loss if loss is not None and np.isfinite(loss) else None,
             "class_accuracy": class_accuracy(correct, holdout.labels, logits.shape[1])}
@@ -119,14 +158,29 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
 
 def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, Any],
                     parent_validation: dict[str, Any] | None, tolerance: float,
-                    reference: Literal["anchor", "parent"], class_tolerance: float = 1.0) -> Verdict:
-    """Evaluate a candidate's unperturbed weights on the holdout and judge it against its parent.
+                    reference: Literal["anchor", "parent"], class_tolerance: float = 1.0,
+                    traffic: TrafficCheck | None = None) -> Verdict:
+    """Evaluate a candidate's unperturbed weights on the holdout (and recent traffic) and judge it.
 
     The one guard decision: the worker calls it before publishing, and bench/continual.py in its loop, so
     the experiments measure what the server does. ``before`` is the parent's holdout figures.
     """
-    return verdict(holdout_figures(engine, candidate, holdout), before, parent_validation, holdout, tolerance,
+    held = verdict(holdout_figures(engine, candidate, holdout), before, parent_validation, holdout, tolerance,
                    reference, class_tolerance)
+    if traffic is None:
+        return held
+    figures = traffic_figures(correct_answers(engine, candidate, traffic.inputs, traffic.labels), traffic)
+    accepted = held.accepted and figures["accepted"]
+    return Verdict(accepted, {**held.validation, "traffic": figures, "accepted": accepted})
+
+
+def traffic_anchor(parent_version: int, parent_validation: dict[str, Any] | None) -> int:
+    """The version recent traffic is judged against: the one carried from manifest to manifest, else the parent.
+
+    Like the holdout's anchor, it is the first version judged, so many small losses cannot add up.
+    """
+    carried = (parent_validation or {}).get("traffic") or {}
+    return int(carried.get("anchor_version", parent_version))
 
 
 class ValidationGuard:
@@ -138,6 +192,8 @@ class ValidationGuard:
         self._holdout_key: tuple[Any, ...] | None = None
         self._holdout: Holdout | None = None
         self._parents: dict[tuple[int, str], dict[str, Any]] = {}
+        self._anchor: tuple[int, dict[str, np.ndarray]] | None = None  # the traffic anchor's weights
+        self._anchor_correct: dict[tuple[int, str], bool] = {}  # (anchor version, replay entry id) -> right?
 
     def holdout(self) -> Holdout | None:
         """The uploaded holdout, else the configured file, else the one the model came with, else None.
@@ -160,8 +216,13 @@ class ValidationGuard:
                      len(holdout) if holdout else 0, holdout.sha256[:12] if holdout else "-")
         return self._holdout
 
-    def judge(self, parent: LoadedVersion, candidate: dict[str, np.ndarray]) -> Verdict | None:
-        """None without a holdout set; else whether ``candidate`` may replace ``parent``, with its figures."""
+    def judge(self, parent: LoadedVersion, candidate: dict[str, np.ndarray],
+              recent: list[ReplayEntry] | None = None) -> Verdict | None:
+        """None without a holdout set; else whether ``candidate`` may replace ``parent``, with its figures.
+
+        ``recent``: the replay stream's labelled inputs (newest first); with ``guard_traffic`` and enough of
+        them, the candidate must also serve them at least as well as the anchor version (`TrafficCheck`).
+        """
         try:
             holdout = self.holdout()
         except (OSError, ModelStoreError, ValueError) as exc:
@@ -177,9 +238,57 @@ class ValidationGuard:
                       int(holdout.labels.max()), bool(np.isfinite(holdout.inputs).all()))
             return None
         engine = self._engine(spec)
-        return judge_candidate(engine, candidate, holdout, self._parent_figures(parent, holdout, engine),
-                               parent.manifest.get("validation"), self.settings.guard_tolerance,
-                               self.settings.guard_reference, self.settings.guard_class_tolerance)
+        traffic = self._traffic_check(parent, recent or [], engine) if self.settings.guard_traffic else None
+        judged = judge_candidate(engine, candidate, holdout, self._parent_figures(parent, holdout, engine),
+                                 parent.manifest.get("validation"), self.settings.guard_tolerance,
+                                 self.settings.guard_reference, self.settings.guard_class_tolerance, traffic)
+        if self.settings.guard_traffic and traffic is None:  # too little traffic yet: the anchor still carries on
+            anchor = traffic_anchor(parent.version, parent.manifest.get("validation"))
+            judged.validation["traffic"] = {"anchor_version": anchor}
+        return judged
+
+    def _traffic_check(self, parent: LoadedVersion, recent: list[ReplayEntry], engine: Engine) -> TrafficCheck | None:
+        """Recent labelled inputs that fit the model, with the anchor's answers (cached per entry); None: too few."""
+        spec = parent.spec
+        size = int(np.prod(spec.input_shape))
+        fit = [e for e in recent if len(e.inputs) == 4 * size and e.label < spec.num_classes]
+        if len(fit) < self.settings.guard_traffic_min:
+            return None
+        inputs = np.stack([np.frombuffer(e.inputs, "<f4").reshape(spec.input_shape) for e in fit])
+        finite = np.isfinite(inputs).reshape(len(fit), -1).all(axis=1)
+        fit, inputs = [e for e, ok in zip(fit, finite, strict=True) if ok], inputs[finite]
+        if len(fit) < self.settings.guard_traffic_min:
+            return None
+        labels = np.array([e.label for e in fit], np.int64)
+        version, anchor = self._anchor_params(parent)
+        missing = [i for i, e in enumerate(fit) if (version, e.entry_id) not in self._anchor_correct]
+        if missing:
+            right = correct_answers(engine, anchor, inputs[missing], labels[missing])
+            self._anchor_correct.update({(version, fit[i].entry_id): bool(r) for i, r in zip(missing, right,
+                                                                                           strict=True)})
+        keep = {(version, e.entry_id) for e in fit}  # what the stream still holds: the cache stays that size
+        self._anchor_correct = {k: v for k, v in self._anchor_correct.items() if k in keep}
+        anchor_correct = np.array([self._anchor_correct[(version, e.entry_id)] for e in fit])
+        return TrafficCheck(inputs, labels, anchor_correct, version, self.settings.guard_traffic_tolerance)
+
+    def _anchor_params(self, parent: LoadedVersion) -> tuple[int, dict[str, np.ndarray]]:
+        """The traffic anchor's version and weights; the parent becomes the anchor when the carried one is gone."""
+        version = traffic_anchor(parent.version, parent.manifest.get("validation"))
+        if version == parent.version:
+            return version, parent.params
+        if self._anchor is None or self._anchor[0] != version:
+            try:
+                anchor = load_version(self.store, self.model, version)
+            except (OSError, ModelStoreError, ValueError) as exc:
+                log.warning("%s: the traffic anchor, version %d, cannot be read (%s); version %d becomes the anchor",
+                            self.model, version, exc, parent.version)
+                return parent.version, parent.params
+            if anchor.spec.param_shapes() != parent.spec.param_shapes():
+                log.warning("%s: the traffic anchor, version %d, has another architecture; version %d becomes the "
+                            "anchor", self.model, version, parent.version)
+                return parent.version, parent.params
+            self._anchor = (version, anchor.params)
+        return self._anchor
 
     def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine) -> dict[str, Any]:
         recorded = parent.manifest.get("validation") or {}

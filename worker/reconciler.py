@@ -367,7 +367,8 @@ class Reconciler:
             result = propose_update(parent.spec, parent.params, feedback_records(batch.usable),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
                                     self.settings.update_config(), self._last_step(parent))
-            verdict = self.guard.judge(parent, result.params)
+            recent = self.records.recent_inputs() if self.settings.guard_traffic else None
+            verdict = self.guard.judge(parent, result.params, recent)
         if not self.lease.held:
             self._lost("the lease expired while the candidate was built and validated")
             return ReconcileOutcome(False, None, parent.version, {}, "lost leadership: the lease expired while "
@@ -469,6 +470,8 @@ class Reconciler:
         validation = {**before, "accuracy": before["parent_accuracy"], "loss": None, "accepted": True,
                       "class_accuracy": before.get("parent_class_accuracy"), "worst_class": None,
                       "reseed_of": parent.version}
+        if before.get("traffic"):  # the anchor carries on; the refused candidate's figures do not
+            validation["traffic"] = {"anchor_version": before["traffic"]["anchor_version"]}
         try:
             reseed = ReconcileStats.of_reseed(stats.trigger, before)
             version, manifest = self.publisher.write(parent, parent.params, reseed, describe_entries([]), validation,

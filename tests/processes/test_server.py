@@ -75,13 +75,15 @@ def redis_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProces
 @pytest.fixture(scope="module")
 def servers(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[ApiProcess, ApiProcess]]:
-    """Replica A (admin token) and replica B (no token), started together."""
+    """Replica A (admin token; keeps no input) and replica B (no token; keeps every labelled input, the newest 6,
+    for the guard's replay: fewer than the worker's guard_traffic_min, so this module's guard never judges on
+    recent traffic, and what the stream holds does not depend on which inputs a random share would keep)."""
     logs = tmp_path_factory.mktemp("logs")
     common = ["--redis-url", redis_proc.url, "--store-dir", str(store.root), "--max-batch", "32",
               "--max-wait-ms", "20", "--max-inputs-per-request", str(MAX_INPUTS), "--max-body-bytes", str(MAX_BODY),
               "--poll-interval-s", "0.5", "--redis-timeout-s", str(REDIS_TIMEOUT_S), "--log-level", "info"]
-    a = ApiProcess([*common, "--admin-token", TOKEN], logs / "server-a.log")
-    b = ApiProcess(common, logs / "server-b.log")
+    a = ApiProcess([*common, "--admin-token", TOKEN, "--replay-share", "0"], logs / "server-a.log")
+    b = ApiProcess([*common, "--replay-share", "1", "--replay-size", "6"], logs / "server-b.log")
     try:
         for s in (a, b):
             s.start()
@@ -244,6 +246,22 @@ def test_predict_with_labels_records_loss_in_the_feedback_stream(client: MPServe
         probe = np.frombuffer(r.hget(KEYS.pred(p["id"]), "logits"), dtype="<f4")
         assert float(fields[b"loss"]) == pytest.approx(float(cross_entropy(probe[None], np.array([y]))[0]), rel=1e-5)
         assert int(r.hget(KEYS.pred(p["id"]), "label")) == y
+
+
+def test_labelled_inputs_a_replica_keeps_reach_the_capped_replay_stream(client: MPServeClient,
+                                                                        client_b: MPServeClient,
+                                                                        r: redis.Redis) -> None:
+    def replay() -> list[tuple[str, int, bytes]]:
+        return [(f[b"id"].decode(), int(f[b"label"]), f[b"x"]) for _, f in r.xrevrange(KEYS.replay, count=100)]
+
+    x = images(8, seed=12)
+    out = client_b.predict(x, labels=[i % 10 for i in range(8)], model=MODEL)
+    ids = [p["id"] for p in out["predictions"]]
+    assert replay() == [(ids[i], i % 10, x[i].tobytes()) for i in range(7, 1, -1)]  # the newest 6, newest first
+    later = client_b.predict(x[:2], model=MODEL)["predictions"]
+    assert replay()[0][0] == ids[7]  # not labelled yet: kept in the prediction's hash only
+    assert client_b.label(later[1]["id"], 5)["status"] == "ok"
+    assert replay()[0] == (later[1]["id"], 5, x[1].tobytes()) and r.hget(KEYS.pred(later[1]["id"]), "x") is None
 
 
 def test_label_later_statuses(client: MPServeClient, r: redis.Redis) -> None:

@@ -11,7 +11,7 @@ from marketplace.engine import Engine
 from marketplace.models import mlp
 from model_store.holdout import decode_holdout, encode_holdout
 from tests.helpers import fitted_mlp, numpy_mlp
-from worker.guard import judge_candidate, verdict
+from worker.guard import TrafficCheck, judge_candidate, traffic_anchor, verdict
 
 HOLDOUT = decode_holdout(encode_holdout(np.zeros((4, 1, 28, 28), np.float32), np.arange(4)))
 OTHER = decode_holdout(encode_holdout(np.ones((4, 1, 28, 28), np.float32), np.arange(4)))
@@ -71,6 +71,43 @@ def test_judge_candidate_evaluates_the_unperturbed_candidate_on_the_holdout() ->
     assert refused.validation["loss"] == pytest.approx(after["loss"], rel=1e-5)
     assert refused.validation["reference_accuracy"] == before["accuracy"]
     assert judge_candidate(engine, worse, holdout, before, None, gap + 0.01, "parent").accepted
+
+
+def test_recent_traffic_refuses_what_the_holdout_lets_through_and_judges_against_the_anchor() -> None:
+    """A candidate that serves recent labelled inputs worse than the anchor (the model kept frozen) did is refused,
+    even by a holdout check that accepts anything; the figures are those of an independent forward."""
+    data = load_fashion_mnist()
+    spec = mlp(hidden=(32,))
+    parent = fitted_mlp(spec, data["train"].x[:3000], data["train"].y[:3000])
+    noise = np.random.default_rng(3)
+    worse = {k: v + (noise.normal(0, 0.5 * v.std(), v.shape).astype(np.float32) if k.startswith("1.") else 0)
+             for k, v in parent.items()}
+    x, y = data["test"].x[:300].astype(np.float32), data["test"].y[:300]
+    anchor_right = numpy_mlp(spec, parent, x).argmax(1) == y
+    worse_right = numpy_mlp(spec, worse, x).argmax(1) == y
+    assert worse_right.mean() < anchor_right.mean() - 0.05
+    holdout = decode_holdout(encode_holdout(x[:50], y[:50]))
+    engine = Engine(spec, 1, buckets=[64])
+    before = independent_figures(spec, parent, holdout)
+    check = TrafficCheck(x, y, anchor_right, 0, tolerance=0.0)
+
+    same = judge_candidate(engine, parent, holdout, before, None, 1.0, "anchor", 1.0, check)
+    assert same.accepted and same.validation["traffic"] == {
+        "size": 300, "accuracy": float(anchor_right.mean()), "anchor_accuracy": float(anchor_right.mean()),
+        "anchor_version": 0, "tolerance": 0.0, "accepted": True}
+    refused = judge_candidate(engine, worse, holdout, before, None, 1.0, "anchor", 1.0, check)
+    assert not refused.accepted and refused.validation["traffic"]["accuracy"] == float(worse_right.mean())
+    assert "recent labelled inputs" in refused.reason and "version 0" in refused.reason
+    assert judge_candidate(engine, worse, holdout, before, None, 1.0, "anchor", 1.0, None).accepted  # holdout alone
+    gap = float(anchor_right.mean() - worse_right.mean())
+    loose = TrafficCheck(x, y, anchor_right, 0, tolerance=gap + 0.01)
+    assert judge_candidate(engine, worse, holdout, before, None, 1.0, "anchor", 1.0, loose).accepted
+
+
+def test_the_traffic_anchor_is_carried_from_manifest_to_manifest() -> None:
+    assert traffic_anchor(7, None) == 7  # nothing recorded: the parent is the anchor
+    assert traffic_anchor(7, {"accuracy": 0.5}) == 7
+    assert traffic_anchor(7, {"traffic": {"anchor_version": 2, "accepted": True}}) == 2
 
 
 def classes(*acc: float) -> dict[str, object]:

@@ -1,7 +1,8 @@
 """Per-version learning metrics, read from manifests: what the dashboard and `mpserve plot` show.
 
 A published version's manifest carries ``metrics`` (online loss/accuracy of the served predictions whose
-labels went into it, validation figures of the candidate on a holdout set). Older manifests have no
+labels went into it, validation figures of the candidate on a holdout set, and on the recent labelled inputs
+the guard judged it on, beside the frozen anchor's on the same inputs). Older manifests have no
 ``metrics``: their figures are taken from the fields they do have (``loss.mean`` of the reconciled
 records; the offline test accuracy of a trained base version), so a store written before the metrics
 existed still plots. Manifests are immutable, so a summary is computed once per version and cached.
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 
 #: The figures plotted per version (all but ``records`` may be null).
 METRIC_FIELDS: tuple[str, ...] = ("online_loss", "online_accuracy", "validation_accuracy", "validation_loss",
-                                  "holdout_size", "records", "leader_accuracy", "probe_accuracy")
+                                  "holdout_size", "records", "leader_accuracy", "probe_accuracy",
+                                  "traffic_accuracy", "traffic_anchor_accuracy")
 #: The curves drawn against version, in the order of their legend.
 CURVES: tuple[str, ...] = ("online_loss", "online_accuracy", "validation_accuracy")
 DEFAULT_LIMIT = 200
@@ -74,6 +76,8 @@ def metrics_of(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         "records": records,
         "leader_accuracy": None,
         "probe_accuracy": None,
+        "traffic_accuracy": None,
+        "traffic_anchor_accuracy": None,
     }, "legacy"
 
 

@@ -74,6 +74,10 @@ class ServerMetrics:
             "mpserve_version_accuracy", "accuracy of the labelled answers behind the serving version: what users got "
             "(served), the leader's, the perturbed paths' (served - leader: the cost of exploration)",
             ("model", "answers"), registry=r)
+        self.recent_accuracy = Gauge(
+            "mpserve_recent_traffic_accuracy", "accuracy on the recent labelled inputs the guard judged the serving "
+            "version on: its own (weights=serving) and the anchor's, the model kept frozen (weights=frozen)",
+            ("model", "weights"), registry=r)
         self.redis_up = Gauge("mpserve_redis_up", "whether Redis answered the last scrape", registry=r)
 
     def render(self) -> str:

@@ -161,6 +161,10 @@ class VersionMetrics(BaseModel):
     validation_loss: float | None = Field(description="mean loss on the holdout set; null without one")
     holdout_size: int | None = Field(description="inputs in the holdout set")
     records: int | None = Field(description="labelled records reconciled into this version")
+    traffic_accuracy: float | None = Field(None, description="accuracy of this version's leader on the recent "
+                                                             "labelled inputs the guard judged it on")
+    traffic_anchor_accuracy: float | None = Field(None, description="the anchor's (the model kept frozen) on the "
+                                                                    "same inputs: what not learning would serve")
 
 
 class VersionRow(BaseModel):

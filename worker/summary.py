@@ -45,7 +45,7 @@ def feedback_records(entries: Sequence[FeedbackEntry]) -> Records:
 
 def served_metrics(used: Sequence[FeedbackEntry], validation: Mapping[str, Any] | None) -> dict[str, Any]:
     """How the answers behind a candidate fared (online loss and accuracy, the leader's and the probes'), and its
-    figures on the holdout set when the validation guard judged it."""
+    figures on the holdout set and on recent traffic (with the frozen anchor's) when the guard judged it."""
     correct = [e.correct for e in used]
     hits = None if any(c is None for c in correct) else np.array(correct, dtype=bool)
     probes = [e.probe_correct for e in used]
@@ -58,6 +58,8 @@ def served_metrics(used: Sequence[FeedbackEntry], validation: Mapping[str, Any] 
     if validation is not None:
         metrics.update(validation_accuracy=validation["accuracy"], validation_loss=validation["loss"],
                        holdout_size=validation["size"])
+    traffic = (validation or {}).get("traffic") or {}
+    metrics.update(traffic_accuracy=traffic.get("accuracy"), traffic_anchor_accuracy=traffic.get("anchor_accuracy"))
     return metrics
 
 
@@ -91,7 +93,7 @@ class ReconcileStats:
                   "direction_norm": 0.0, "loss_gap": None, "learning_rate": 0.0}
         metrics = {"online_loss": None, "online_accuracy": None, "records": 0, "leader_accuracy": None,
                    "probe_accuracy": None, "validation_accuracy": judged["parent_accuracy"], "validation_loss": None,
-                   "holdout_size": judged["size"]}
+                   "holdout_size": judged["size"], "traffic_accuracy": None, "traffic_anchor_accuracy": None}
         return cls(update, 0, 0, 0, 0, trigger, metrics)
 
     def as_dict(self) -> dict[str, Any]:

@@ -67,6 +67,11 @@ async def metrics(state: StateDep) -> PlainTextResponse:
                 m.version_accuracy.remove(name, answers)
             else:
                 m.version_accuracy.labels(name, answers).set(figures[key])
+        for weights, key in (("serving", "traffic_accuracy"), ("frozen", "traffic_anchor_accuracy")):
+            if figures.get(key) is None:
+                m.recent_accuracy.remove(name, weights)
+            else:
+                m.recent_accuracy.labels(name, weights).set(figures[key])
     try:
         async with asyncio.timeout(state.settings.redis_timeout_s):
             stats = {name: await ctx.records.stream_stats() for name, ctx in state.models.items()}

@@ -52,7 +52,9 @@ def version_metrics(v: int) -> dict[str, Any]:
             "validation_accuracy": round(0.55 + 0.04 * v, 4) if holdout else None,
             "validation_loss": round(1.1 - 0.08 * v, 4) if holdout else None,
             "holdout_size": 500 if holdout else None, "records": 32 * v,
-            "leader_accuracy": round(0.6 + 0.01 * v, 4), "probe_accuracy": round(0.4 + 0.02 * v, 4) if v else None}
+            "leader_accuracy": round(0.6 + 0.01 * v, 4), "probe_accuracy": round(0.4 + 0.02 * v, 4) if v else None,
+            "traffic_accuracy": round(0.7 + 0.01 * v, 4) if holdout else None,
+            "traffic_anchor_accuracy": 0.7 if holdout else None}
 
 
 def add_version(store: ModelStore, parent: int, metrics: dict[str, Any]) -> int:
@@ -189,6 +191,15 @@ def test_versions_endpoint_reports_each_stored_version(server: ApiProcess, store
 
     newest = get_versions(server, limit=2).json()
     assert [row["version"] for row in newest["versions"]] == stored[-2:] and newest["stored"] == len(stored)
+    # /metrics: the serving version's recent-traffic figures beside the frozen anchor's (none for a legacy v0)
+    figures = store.read_manifest(MODEL, serving)["metrics"] if serving else {}
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    for weights, key in (("serving", "traffic_accuracy"), ("frozen", "traffic_anchor_accuracy")):
+        line = f'mpserve_recent_traffic_accuracy{{model="{MODEL}",weights="{weights}"}}'
+        if figures.get(key) is None:
+            assert line not in text
+        else:
+            assert f"{line} {figures[key]}" in text
 
 
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 100_000}, {"limit": "many"}])
@@ -327,16 +338,18 @@ def plotted(dom: DashboardDom, series_name: str) -> list[int]:
 def assert_page_matches_api(dom: DashboardDom, api: dict[str, Any]) -> None:
     rows = api["versions"]
     assert dom.table[MODEL] == sorted((r["version"] for r in rows), reverse=True)  # newest first
-    for name in ("online_loss", "online_accuracy", "validation_accuracy", "validation_loss"):
+    for name in ("online_loss", "online_accuracy", "validation_accuracy", "validation_loss", "traffic_accuracy",
+                 "traffic_anchor_accuracy"):
         assert plotted(dom, name) == [r["version"] for r in rows if r["metrics"][name] is not None], name
     values = {(s, v): x for s, v, x, _ in dom.points[MODEL]}
     for r in rows:
-        for name in ("online_loss", "online_accuracy", "validation_accuracy"):
+        for name in ("online_loss", "online_accuracy", "validation_accuracy", "traffic_accuracy",
+                     "traffic_anchor_accuracy"):
             if r["metrics"][name] is not None:
                 assert values[(name, r["version"])] == pytest.approx(r["metrics"][name])
     serving = api["serving_version"]
     assert dom.serving_rows[MODEL] == [serving]
-    assert dom.serving_lines[MODEL] == [serving] * 3  # one per chart
+    assert dom.serving_lines[MODEL] == [serving] * 4  # one per chart
     assert {v for _, v, _, is_serving in dom.points[MODEL] if is_serving} == {serving}
     assert dom.refused[MODEL] == {c["version"] for c in api["refused"]}
 

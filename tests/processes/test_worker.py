@@ -550,6 +550,8 @@ def test_the_traffic_anchor_stays_the_first_version_judged(
         right, _ = evaluate(store, version, x, y)
         assert (traffic["anchor_version"], traffic["anchor_accuracy"], traffic["size"]) == (0, 1.0, 150)
         assert traffic["accuracy"] == pytest.approx(right)
+        metrics = store.read_manifest(MODEL, version)["metrics"]  # the dashboard's and /metrics' figures
+        assert (metrics["traffic_accuracy"], metrics["traffic_anchor_accuracy"]) == (traffic["accuracy"], 1.0)
     rec.close()
 
 

@@ -33,6 +33,11 @@ class ModelKeys:
         """Stream of labelled examples, read by the ``reconciler`` consumer group."""
         return f"{self.prefix}:feedback"
 
+    def kept_input(self, record_id: str) -> str:
+        """String: the input of a prediction the API kept for the replay (float32 bytes), until it is labelled
+        or ``replay_window_s`` passes; then the label script moves it to :attr:`replay`."""
+        return f"{self.prefix}:x:{validate_record_id(record_id)}"
+
     @property
     def replay(self) -> str:
         """Stream of recent labelled inputs (``x`` float32 bytes, ``label``, ``id``), capped by the API's

@@ -226,7 +226,8 @@ def _history_json(kind: str, version: int, record: Mapping[str, Any]) -> str:
 
 
 def prediction_batch(
-    keys: ModelKeys, items: Sequence[PredictionRecord], window_ms: int, now_ms: int, replay_max: int = 0
+    keys: ModelKeys, items: Sequence[PredictionRecord], window_ms: int, now_ms: int, replay_max: int = 0,
+    replay_window_ms: int = 3_600_000,
 ) -> tuple[Prelude, list[Call]]:
     """Validate everything first, then queue: a bad item must not leave half a batch queued.
 
@@ -236,6 +237,7 @@ def prediction_batch(
     adding a second stream entry.
     """
     rows = []
+    kept: list[tuple[str, bytes]] = []
     labels: list[LabelItem] = []
     clients: list[str | None] = []
     for it in items:
@@ -249,9 +251,9 @@ def prediction_batch(
             mapping["client"] = _client(it.client)
         if it.leader_logits is not None:
             mapping["leader"] = _encode_logits(it.leader_logits)
-        if it.kept_input is not None:  # moved to the replay stream when the label comes (attach_label.lua)
-            mapping["x"] = np.ascontiguousarray(it.kept_input, dtype="<f4").tobytes()
         rows.append((keys.pred(it.id), mapping))
+        if it.kept_input is not None:  # moved to the replay stream when the label comes (attach_label.lua)
+            kept.append((keys.kept_input(it.id), np.ascontiguousarray(it.kept_input, dtype="<f4").tobytes()))
         if it.label is not None:
             if it.loss is None and it.leader_logits is None:
                 raise ValueError(f"record {it.id}: a label needs its loss")
@@ -266,6 +268,8 @@ def prediction_batch(
         for key, mapping in rows:
             pipe.hset(key, mapping=mapping)
             pipe.pexpire(key, window_ms)
+        for key, data in kept:
+            pipe.set(key, data, px=min(replay_window_ms, window_ms))
 
     return prelude, calls
 
@@ -315,7 +319,7 @@ def attach_calls(
     calls: list[Call] = []
     for (record_id, label, loss, *rest), client in zip(items, names, strict=True):
         correct, base, probe = (*rest, None, None, None)[:3]
-        calls.append(((keys.pred(record_id), feedback, keys.replay),
+        calls.append(((keys.pred(record_id), feedback, keys.replay, keys.kept_input(record_id)),
                       (nonneg_int(label, "label"), _encode_loss(loss), now_ms, record_id, _flag(correct), client,
                        "" if base is None else _encode_loss(base), _flag(probe), nonneg_int(replay_max, "replay_max"))))
     return calls

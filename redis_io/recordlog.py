@@ -71,7 +71,7 @@ class _Base:
     """State shared by the sync and async classes."""
 
     def __init__(self, client: Any, model: str, label_window_s: int = 86400, group: str = DEFAULT_GROUP,
-                 history_max: int = HISTORY_MAX, replay_size: int = 0) -> None:
+                 history_max: int = HISTORY_MAX, replay_size: int = 0, replay_window_s: int = 3600) -> None:
         kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
         if kwargs.get("decode_responses"):
             raise ValueError("RecordLog needs a Redis client with decode_responses=False")
@@ -84,6 +84,8 @@ class _Base:
         self.label_window_ms = positive_int(label_window_s, "label_window_s") * 1000
         self.history_max = positive_int(history_max, "history_max")
         self.replay_size = nonneg_int(replay_size, "replay_size")  # API: labelled inputs the replay stream keeps
+        self.replay_window_ms = positive_int(replay_window_s, "replay_window_s") * 1000  # API: how long a kept
+        # input waits for its label
         self.scripts = Scripts.register(client)
 
 
@@ -249,7 +251,8 @@ class AsyncRecordLog(_Base):
         if not items:
             return
         now = clock_ms() if now_ms is None else now_ms
-        prelude, calls = prediction_batch(self.keys, items, self.label_window_ms, now, self.replay_size)
+        prelude, calls = prediction_batch(self.keys, items, self.label_window_ms, now, self.replay_size,
+                                          self.replay_window_ms)
         replies = await eval_many_async(self.client, self.scripts.attach_label, calls, prelude, transaction=True)
         p_predict_labels(calls, replies)
 

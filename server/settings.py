@@ -57,6 +57,8 @@ class ServerSettings(BaseSettings):
                               "(exploration invisible, 2x FLOPs); single: the user gets the perturbed path's answer")
     replay_share: float = Field(0.125, ge=0, le=1, description="share of predictions whose input is kept until "
                                 "labelled, then moved to the replay stream the worker's guard judges candidates on")
+    replay_window_s: int = Field(3600, ge=1, description="how long a kept input waits for its label (Redis memory: "
+                                                         "requests/s x replay_share x input bytes x this)")
     replay_size: int = Field(512, ge=0, le=100_000, description="labelled inputs the replay stream keeps, newest "
                                                                "(0: none; the guard then judges on its holdout only)")
 

@@ -1,10 +1,11 @@
 -- Attach a label to a served prediction and queue it for reconciliation, atomically.
--- KEYS[1] pred hash, KEYS[2] feedback stream, KEYS[3] replay stream (recent labelled inputs)
+-- KEYS[1] pred hash, KEYS[2] feedback stream, KEYS[3] replay stream (recent labelled inputs), KEYS[4] the
+-- prediction's kept input (a string, present for the share of predictions the API keeps)
 -- ARGV[1] label, ARGV[2] loss, ARGV[3] now_ms, ARGV[4] prediction id,
 -- ARGV[5] '1'/'0' whether the answer the user got was right ('' when unknown), ARGV[6] API client ('' for none),
 -- ARGV[7] paired probes: the leader's loss on the same input ('' for none), ARGV[8] '1'/'0' whether the probe
 -- path was right ('' for none), ARGV[9] how many labelled inputs the replay stream keeps ('0': none)
--- A prediction the API kept the input of (its hash's 'x') moves that input, with its label, to the replay stream.
+-- A prediction the API kept the input of moves that input, with its label, to the replay stream.
 -- Returns {status} or {status, existing_label}; status in ok | duplicate | conflict | not_found.
 local h = redis.call('HMGET', KEYS[1], 'version', 'path', 'label')
 if not h[1] then
@@ -32,11 +33,11 @@ if ARGV[7] and ARGV[7] ~= '' then
 end
 redis.call('XADD', KEYS[2], '*', unpack(entry))
 local keep = tonumber(ARGV[9] or '0') or 0
-if keep > 0 and KEYS[3] then
-  local x = redis.call('HGET', KEYS[1], 'x')
+if keep > 0 and KEYS[4] then
+  local x = redis.call('GET', KEYS[4])
   if x then
     redis.call('XADD', KEYS[3], 'MAXLEN', keep, '*', 'x', x, 'label', label, 'id', ARGV[4])
-    redis.call('HDEL', KEYS[1], 'x')
+    redis.call('DEL', KEYS[4])
   end
 end
 return {'ok'}

@@ -259,9 +259,9 @@ def test_labelled_inputs_a_replica_keeps_reach_the_capped_replay_stream(client: 
     ids = [p["id"] for p in out["predictions"]]
     assert replay() == [(ids[i], i % 10, x[i].tobytes()) for i in range(7, 1, -1)]  # the newest 6, newest first
     later = client_b.predict(x[:2], model=MODEL)["predictions"]
-    assert replay()[0][0] == ids[7]  # not labelled yet: kept in the prediction's hash only
+    assert replay()[0][0] == ids[7] and r.exists(KEYS.kept_input(later[1]["id"])) == 1  # kept until labelled
     assert client_b.label(later[1]["id"], 5)["status"] == "ok"
-    assert replay()[0] == (later[1]["id"], 5, x[1].tobytes()) and r.hget(KEYS.pred(later[1]["id"]), "x") is None
+    assert replay()[0] == (later[1]["id"], 5, x[1].tobytes()) and r.exists(KEYS.kept_input(later[1]["id"])) == 0
 
 
 def test_label_later_statuses(client: MPServeClient, r: redis.Redis) -> None:

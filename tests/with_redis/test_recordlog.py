@@ -234,7 +234,7 @@ def test_attach_label_statuses(log: RecordLog, redis_client: redis.Redis) -> Non
 
 
 def test_a_kept_input_moves_to_the_capped_replay_stream_once_when_labelled(redis_client: redis.Redis) -> None:
-    api = ModelLog(redis_client, MODEL, label_window_s=3600, replay_size=3)
+    api = ModelLog(redis_client, MODEL, label_window_s=3600, replay_size=3, replay_window_s=60)
     x = np.random.default_rng(0).random((6, 1, 2, 2)).astype(np.float32)
 
     def kept(i: int, label: int | None = None) -> PredictionRecord:
@@ -242,21 +242,22 @@ def test_a_kept_input_moves_to_the_capped_replay_stream_once_when_labelled(redis
         return PredictionRecord(r.id, r.version, r.path, r.logits, r.label, r.loss, kept_input=x[i])
 
     api.write_predictions([kept(0), rec(1), kept(2), kept(3, label=1)])  # id1's input was not kept
-    assert redis_client.hget(K.pred("id0"), "x") == x[0].tobytes()
-    assert redis_client.hget(K.pred("id1"), "x") is None
+    assert redis_client.get(K.kept_input("id0")) == x[0].tobytes()
+    assert 0 < redis_client.pttl(K.kept_input("id0")) <= 60_000  # waits for its label an hour at most, not a day
+    assert redis_client.exists(K.kept_input("id1")) == 0
     assert redis_client.xlen(K.replay) == 1  # id3 came with its label
     assert api.attach_labels([("id0", 2, 0.1), ("id1", 0, 0.1), ("id0", 2, 0.1)]) == ["ok", "ok", "duplicate"]
-    assert redis_client.hget(K.pred("id0"), "x") is None  # moved, not copied
+    assert redis_client.exists(K.kept_input("id0")) == 0  # moved, not copied
     got = api.recent_inputs()
     assert [(e.record_id, e.label, e.inputs) for e in got] == [("id0", 2, x[0].tobytes()), ("id3", 1, x[3].tobytes())]
     assert api.attach_labels([("id2", 3, 0.1)]) == ["ok"]
     api.write_predictions([kept(4, label=0), kept(5, label=1)])
     assert [e.record_id for e in api.recent_inputs()] == ["id5", "id4", "id2"]  # the newest 3, newest first
     assert [e.record_id for e in api.recent_inputs(count=2)] == ["id5", "id4"]
-    # a replica set to keep no replay (replay_size 0) moves nothing: the input stays until the hash expires
+    # a replica set to keep no replay (replay_size 0) moves nothing: the input stays until it expires
     api.write_predictions([PredictionRecord("k9", 1, (0, 1, 0), rec(9).logits, kept_input=x[1])])
     assert ModelLog(redis_client, MODEL, label_window_s=3600).attach_labels([("k9", 1, 0.1)]) == ["ok"]
-    assert redis_client.hget(K.pred("k9"), "x") == x[1].tobytes()
+    assert redis_client.get(K.kept_input("k9")) == x[1].tobytes()
     assert [e.record_id for e in api.recent_inputs()] == ["id5", "id4", "id2"]
 
 

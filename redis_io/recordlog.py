@@ -160,9 +160,13 @@ class RecordLog(_Base):
                 break
         return out
 
-    def recent_inputs(self, count: int = REPLAY_READ_MAX) -> list[ReplayEntry]:
-        """The newest labelled inputs the API kept (the replay stream), newest first, for the guard."""
-        return p_replay(self.client.xrevrange(self.keys.replay, count=positive_int(count, "count")))
+    def recent_inputs(self, max_age_ms: int, count: int = REPLAY_READ_MAX, now_ms: int | None = None
+                      ) -> list[ReplayEntry]:
+        """The newest labelled inputs the API kept (the replay stream), newest first, none older than
+        ``max_age_ms`` (a stream id is its time): after traffic stops, old inputs stop judging."""
+        oldest = (clock_ms() if now_ms is None else now_ms) - positive_int(max_age_ms, "max_age_ms")
+        return p_replay(self.client.xrevrange(self.keys.replay, max="+", min=f"{max(oldest, 0)}-0",
+                                              count=positive_int(count, "count")))
 
     def stream_stats(self) -> StreamStats:
         """Stream length, pending and undelivered counts, in one round trip."""

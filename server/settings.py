@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.names import validate_model_name
 from common.settings_types import ApiKeys, ClientNames, ModelNames
+from redis_io.protocol import REPLAY_READ_MAX
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -58,9 +59,10 @@ class ServerSettings(BaseSettings):
     replay_share: float = Field(0.125, ge=0, le=1, description="share of predictions whose input is kept until "
                                 "labelled, then moved to the replay stream the worker's guard judges candidates on")
     replay_window_s: int = Field(3600, ge=1, description="how long a kept input waits for its label (Redis memory: "
-                                                         "requests/s x replay_share x input bytes x this)")
-    replay_size: int = Field(512, ge=0, le=100_000, description="labelled inputs the replay stream keeps, newest "
-                                                               "(0: none; the guard then judges on its holdout only)")
+                                                         "predictions/s x replay_share x input bytes x this)")
+    replay_size: int = Field(512, ge=0, le=REPLAY_READ_MAX,
+                             description="labelled inputs the replay stream keeps, newest (0: none; the guard then "
+                                         "judges on its holdout only)")
 
     @field_validator("default_model")
     @classmethod

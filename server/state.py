@@ -80,7 +80,7 @@ class AppState:
         models: dict[str, ModelContext] = {}
         for name in settings.models:
             records = AsyncRecordLog(client, name, settings.label_window_s,
-                                     replay_size=settings.replay_size if settings.replay_share > 0 else 0,
+                                     replay_size=settings.replay_size,  # moves what other replicas kept too
                                      replay_window_s=settings.replay_window_s)
             paired = settings.learning and settings.exploration == "paired"
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,

@@ -26,7 +26,7 @@ from common.loading import LoadedVersion, load_version
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
 from marketplace.reconcile import cross_entropy
-from model_store import Holdout, ModelStore, ModelStoreError, read_holdout_file
+from model_store import Holdout, ModelStore, ModelStoreError, VersionNotFound, read_holdout_file
 from redis_io.protocol import ReplayEntry
 from worker.settings import WorkerSettings
 
@@ -45,7 +45,7 @@ class Verdict:
             return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
                     f"{v['reference_accuracy']:.4f} ({v['reference']})")
         traffic = v.get("traffic")
-        if traffic and not traffic["accepted"]:
+        if traffic and traffic.get("accepted") is False:
             return (f"accuracy {traffic['accuracy']:.4f} on {traffic['size']} recent labelled inputs is more than "
                     f"{traffic['tolerance']:.4f} below the anchor's {traffic['anchor_accuracy']:.4f} on the same "
                     f"inputs (version {traffic['anchor_version']}, the model kept frozen)")
@@ -279,11 +279,11 @@ class ValidationGuard:
         if self._anchor is None or self._anchor[0] != version:
             try:
                 anchor = load_version(self.store, self.model, version)
-            except (OSError, ModelStoreError, ValueError) as exc:
-                log.warning("%s: the traffic anchor, version %d, cannot be read (%s); version %d becomes the anchor",
-                            self.model, version, exc, parent.version)
+            except VersionNotFound:
+                log.warning("%s: the traffic anchor, version %d, is gone; version %d becomes the anchor",
+                            self.model, version, parent.version)
                 return parent.version, parent.params
-            if anchor.spec.param_shapes() != parent.spec.param_shapes():
+            if anchor.spec.architecture != parent.spec.architecture:
                 log.warning("%s: the traffic anchor, version %d, has another architecture; version %d becomes the "
                             "anchor", self.model, version, parent.version)
                 return parent.version, parent.params

@@ -367,7 +367,8 @@ class Reconciler:
             result = propose_update(parent.spec, parent.params, feedback_records(batch.usable),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
                                     self.settings.update_config(), self._last_step(parent))
-            recent = self.records.recent_inputs() if self.settings.guard_traffic else None
+            recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
+                if self.settings.guard_traffic else None
             verdict = self.guard.judge(parent, result.params, recent)
         if not self.lease.held:
             self._lost("the lease expired while the candidate was built and validated")
@@ -403,7 +404,9 @@ class Reconciler:
         seconds = time.monotonic() - t0
         stats.seconds = round(seconds, 6)
         log.info("reconciled %s", stats.log_line(self.model, version, parent.version))
-        self.publisher.retain(version, parent.version, self._window[1] if self._window else ())
+        anchor = ((validation or {}).get("traffic") or {}).get("anchor_version")  # the guard reads its weights
+        self.publisher.retain(version, parent.version, [*(self._window[1] if self._window else ()),
+                                                        *([anchor] if anchor is not None else [])])
         return ReconcileOutcome(True, version, parent.version, stats.as_dict(), None, seconds)
 
     def _fenced(self, what: str, base: int, stats: ReconcileStats, t0: float, garbage: int | None,

@@ -80,6 +80,8 @@ class WorkerSettings(BaseSettings):
                                                   "keeps (its replay stream) against the anchor version, kept frozen")
     guard_traffic_tolerance: float = Field(0.0, ge=0, le=1, description="refuse a candidate whose accuracy on recent "
                                            "labelled inputs is more than this below the anchor's on the same inputs")
+    guard_traffic_max_age_s: int = Field(86400, ge=1, description="recent traffic: labelled inputs no older than "
+                                                                  "this")
     guard_traffic_min: int = Field(128, ge=1, description="judge on recent traffic once this many labelled inputs "
                                                           "are kept")
     reseed_on_refusal: bool = Field(True, description="after a refused candidate, publish the same weights with fresh "
@@ -132,7 +134,8 @@ class WorkerSettings(BaseSettings):
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "baseline", "step", "shrink", "max_step", "probe_scale", "vendors", "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
-                "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min", "reseed_on_refusal",
+                "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
+                "guard_traffic_max_age_s", "reseed_on_refusal",
                 "min_cohort", "max_cohort_age", "min_records", "interval_s",
                 "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

@@ -540,11 +540,13 @@ def test_the_traffic_anchor_stays_the_first_version_judged(
     np.savez(configured, inputs=holdout_images(50, 8), labels=np.zeros(50, np.int64))
     x, y = keep_replay(redis_client, store, 150, 150, seed=10)
     settings = make_settings(redis_server, store, holdout_path=configured, guard_tolerance=1.0,
-                             guard_class_tolerance=1.0, guard_traffic_tolerance=1.0)
+                             guard_class_tolerance=1.0, guard_traffic_tolerance=1.0, learning_rate=50.0, step="unit",
+                             keep_versions=1)  # large steps, so each version answers differently; retention on
     rec = Reconciler(settings, store, redis_client, MODEL)
     for version in (0, 1):
         feed_served(redis_client, 40, version, seed=50 + version)
         assert rec.run_once().version == version + 1
+    assert evaluate(store, 1, x, y)[0] < 0.9  # so a parent taken for the anchor would show in the figures
     for version in (1, 2):
         traffic = store.read_manifest(MODEL, version)["validation"]["traffic"]
         right, _ = evaluate(store, version, x, y)

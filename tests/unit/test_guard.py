@@ -104,6 +104,14 @@ def test_recent_traffic_refuses_what_the_holdout_lets_through_and_judges_against
     assert judge_candidate(engine, worse, holdout, before, None, 1.0, "anchor", 1.0, loose).accepted
 
 
+def test_a_class_refusal_with_too_little_traffic_to_judge_names_the_class() -> None:
+    """With fewer recent inputs than guard_traffic_min the worker records only the anchor it carries; the
+    refusal's reason is then the class's (it once read the traffic block's missing verdict and raised)."""
+    judged = verdict(classes(0.5, 1.0, 1.0, 1.0), classes(1.0, 1.0, 1.0, 0.5), None, CLASSES, 0.5, "anchor", 0.05)
+    judged.validation["traffic"] = {"anchor_version": 3}
+    assert not judged.accepted and judged.reason.startswith("class 0's holdout accuracy 0.5000")
+
+
 def test_the_traffic_anchor_is_carried_from_manifest_to_manifest() -> None:
     assert traffic_anchor(7, None) == 7  # nothing recorded: the parent is the anchor
     assert traffic_anchor(7, {"accuracy": 0.5}) == 7

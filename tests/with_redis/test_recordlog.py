@@ -248,17 +248,19 @@ def test_a_kept_input_moves_to_the_capped_replay_stream_once_when_labelled(redis
     assert redis_client.xlen(K.replay) == 1  # id3 came with its label
     assert api.attach_labels([("id0", 2, 0.1), ("id1", 0, 0.1), ("id0", 2, 0.1)]) == ["ok", "ok", "duplicate"]
     assert redis_client.exists(K.kept_input("id0")) == 0  # moved, not copied
-    got = api.recent_inputs()
+    got = api.recent_inputs(60_000)
     assert [(e.record_id, e.label, e.inputs) for e in got] == [("id0", 2, x[0].tobytes()), ("id3", 1, x[3].tobytes())]
     assert api.attach_labels([("id2", 3, 0.1)]) == ["ok"]
     api.write_predictions([kept(4, label=0), kept(5, label=1)])
-    assert [e.record_id for e in api.recent_inputs()] == ["id5", "id4", "id2"]  # the newest 3, newest first
-    assert [e.record_id for e in api.recent_inputs(count=2)] == ["id5", "id4"]
+    assert [e.record_id for e in api.recent_inputs(60_000)] == ["id5", "id4", "id2"]  # the newest 3, newest first
+    assert [e.record_id for e in api.recent_inputs(60_000, count=2)] == ["id5", "id4"]
+    newest_ms = int(redis_client.xrevrange(K.replay, count=1)[0][0].decode().split("-")[0])
+    assert api.recent_inputs(1000, now_ms=newest_ms + 2000) == []  # once traffic stops, old inputs stop judging
     # a replica set to keep no replay (replay_size 0) moves nothing: the input stays until it expires
     api.write_predictions([PredictionRecord("k9", 1, (0, 1, 0), rec(9).logits, kept_input=x[1])])
     assert ModelLog(redis_client, MODEL, label_window_s=3600).attach_labels([("k9", 1, 0.1)]) == ["ok"]
     assert redis_client.get(K.kept_input("k9")) == x[1].tobytes()
-    assert [e.record_id for e in api.recent_inputs()] == ["id5", "id4", "id2"]
+    assert [e.record_id for e in api.recent_inputs(60_000)] == ["id5", "id4", "id2"]
 
 
 def test_attach_label_after_expiry_is_not_found(redis_client: redis.Redis) -> None:

@@ -16,7 +16,9 @@ Two modes report the same figures:
 
 - engine (default): in process. The Engine (V vendors) serves each step's inputs, `propose_update` turns
   the labelled records into the next weights with the very configs the worker builds (`WorkerSettings`),
-  the validation guard is the worker's own `judge_candidate`, and every version gets fresh seeds.
+  the validation guard is the worker's own `judge_candidate` (its holdout checks, and its check on recent traffic:
+  one labelled input in eight is kept, the newest 512, as the API keeps them, judged against the base kept
+  frozen), and every version gets fresh seeds.
 - http: a client drives a stack exactly as client apps do: `/predict` without labels, `/label` a delay later,
   and reconciliation by the worker's own trigger or by `POST /admin/reconcile`. A client cannot read the
   weights, and probing them through `/predict` would itself perturb and train the model, so the validation

@@ -19,7 +19,7 @@ import numpy as np
 
 from marketplace.models import ModelSpec, spec_from_architecture
 from marketplace.reconcile import VersionSeeds, fresh_seeds
-from model_store import ModelStore, make_manifest, seeds_array
+from model_store import ModelStore, VersionExistsError, make_manifest, seeds_array
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def shipped_store() -> ModelStore:
 def seed_default_model(store: ModelStore, model: str) -> bool:
     """Copy the shipped model (and its holdout set) into an empty store as `model` version 0.
 
-    False if the store already has versions of ``model``.
+    False if the store already has versions of ``model``, or when another replica seeding the same empty
+    store (two API replicas starting together on Kubernetes) wrote version 0 first: the same bytes.
     """
     if store.versions(model):
         return False
@@ -126,7 +127,11 @@ def seed_default_model(store: ModelStore, model: str) -> bool:
     holdout = shipped.read_holdout_bytes(DEFAULT_ASSET, "default")
     if holdout is not None:  # before the version: a crash in between must not leave the model unguarded
         size = len(store.write_holdout_bytes(model, holdout, "default"))
-    store.write_version(model, 0, params, manifest)
+    try:
+        store.write_version(model, 0, params, manifest)
+    except VersionExistsError:
+        log.info("model %s version 0 was seeded by another process meanwhile", model)
+        return False
     log.info("seeded model %s version 0 from the shipped default%s", model,
              f" with its holdout set ({size} images)" if holdout is not None else "")
     return True

@@ -105,6 +105,11 @@ def test_the_shipped_model_comes_with_a_holdout_so_the_guard_is_on_by_default(tm
     uploaded = store.write_holdout("mine", shipped.inputs[:30], shipped.labels[:30])
     assert configured.holdout().sha256 == uploaded.sha256 and len(guard.holdout()) == 30
     assert not seed_default_model(store, "mine")  # seeds only once
+    # two replicas starting together on an empty store: the one that finds version 0 written meanwhile steps back
+    # (simulated: the listing it checked first still showed no version)
+    racing = ModelStore(tmp_path / "store")
+    racing.versions = lambda model: []  # type: ignore[method-assign]
+    assert not seed_default_model(racing, "mine") and store.versions("mine") == [0]
 
 
 @pytest.mark.slow

@@ -150,6 +150,7 @@ def check(report: dict | str, renderer: str, buckets: str) -> None:
     assert len(names) <= report["compiles"] <= launched  # each distinct kernel compiled once, none skipped
 
 
+@pytest.mark.slow  # ~20 s of CPU per renderer: in make test, not in the fast subset
 @pytest.mark.parametrize("renderer", RENDERERS)
 def test_every_kernel_compiles_for_cuda(largest: dict[str, dict | str], renderer: str) -> None:
     """Materialize, and forward and paired forward at the largest bucket, of a serving and a leader-only engine."""

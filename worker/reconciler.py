@@ -41,7 +41,7 @@ from redis_io.connect import CONNECTION_ERRORS, RedisError, SyncClient
 from redis_io.fenced import fenced_ack
 from redis_io.protocol import EntryNotPendingError, FeedbackEntry, StaleLeaderError, VersionMovedError
 from redis_io.recordlog import RecordLog
-from worker.guard import ValidationGuard, Verdict
+from worker.guard import ValidationGuard, Verdict, traffic_anchor
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
 from worker.publisher import Publisher
@@ -404,9 +404,8 @@ class Reconciler:
         seconds = time.monotonic() - t0
         stats.seconds = round(seconds, 6)
         log.info("reconciled %s", stats.log_line(self.model, version, parent.version))
-        anchor = ((validation or {}).get("traffic") or {}).get("anchor_version")  # the guard reads its weights
-        self.publisher.retain(version, parent.version, [*(self._window[1] if self._window else ()),
-                                                        *([anchor] if anchor is not None else [])])
+        anchor = traffic_anchor(version, validation)  # the guard reads its weights (itself, when none is carried)
+        self.publisher.retain(version, parent.version, [*(self._window[1] if self._window else ()), anchor])
         return ReconcileOutcome(True, version, parent.version, stats.as_dict(), None, seconds)
 
     def _fenced(self, what: str, base: int, stats: ReconcileStats, t0: float, garbage: int | None,

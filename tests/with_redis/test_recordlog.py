@@ -338,7 +338,12 @@ def test_reclaim_takes_a_dead_consumers_entries(log: RecordLog, redis_client: re
 def test_reclaim_respects_count(log: RecordLog) -> None:
     labelled(log, 5)
     log.read_feedback("dead", count=10)
-    got = wait_until(lambda: log.reclaim("alive", min_idle_ms=1, count=2), timeout=5)
+    # wait until every entry is idle past min_idle, so one reclaim sees all five (a first non-empty reclaim
+    # right at the boundary could see fewer than count)
+    wait_until(lambda: all(p["time_since_delivered"] >= 5 for p in
+                           log.client.xpending_range(K.feedback, "reconciler", "-", "+", 10)), timeout=5,
+               what="entries idle")
+    got = log.reclaim("alive", min_idle_ms=1, count=2)
     assert len(got) == 2
     rest = log.reclaim("alive2", min_idle_ms=0, count=100)
     assert len(rest) == 5  # min_idle 0 claims everything pending, including alive's

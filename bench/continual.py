@@ -45,7 +45,7 @@ from bench.common import save_figure, write_json
 from marketplace.data import Split, load_fashion_mnist
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec, get_model
-from marketplace.reconcile import Records, VersionSeeds, cross_entropy, fresh_seeds
+from marketplace.reconcile import Records, VersionSeeds, cross_entropy, fresh_seeds, learned_groups
 from marketplace.training import TrainConfig, train
 from marketplace.update import online_metrics, previous_step, propose_update
 from model_store import Holdout
@@ -59,7 +59,8 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
               "online_acc", "frozen_online_acc", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
-                 "step", "shrink", "max_step", "outlier", "outlier_z", "outlier_quantile", "antithetic", "momentum",
+                 "step", "shrink", "max_step", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
+                 "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
                  "reseed_on_refusal", "min_cohort")
@@ -279,13 +280,18 @@ class EngineRun:
         self.path_rng = np.random.default_rng([self.seed, 2])
         self.eps = self.settings.probe_scale or self.eps
         self.antithetic = self.settings.antithetic
-        self.seeds = fresh_seeds(S, self.vendors, self.seed_rng, self.antithetic)
+        self.learned = learned_groups(self.settings.learn_groups, S)
+        self.seeds = self.fresh_seeds()
         self.rc, self.uc = self.settings.reconcile_config(), self.settings.update_config()
         self.base_params = self.params
         self.frozen_weights = self.engine.materialize(self.params, self.seeds, self.eps, 0, self.antithetic)
         self.frozen_rng = np.random.default_rng([self.seed, 7])
         self.replay_rng = np.random.default_rng([self.seed, 9])
         self.replay: deque[tuple[np.ndarray, int, bool]] = deque(maxlen=self.replay_size)
+
+    def fresh_seeds(self) -> np.ndarray:
+        """A new version's seeds, as the worker draws them (unperturbed in the groups that do not learn)."""
+        return fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic, self.learned)
 
     def keep_for_replay(self, x: np.ndarray, y: np.ndarray) -> None:
         """Keep a share of the labelled inputs as the API does, with whether the anchor (the base) gets them right."""
@@ -343,14 +349,14 @@ class EngineRun:
                 self.refused_traffic += verdict.validation.get("traffic", {}).get("accepted") is False
                 if self.settings.reseed_on_refusal:  # as the worker does: the same weights under fresh seeds
                     self.version += 1
-                    self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
+                    self.seeds = self.fresh_seeds()
                 return served
             self.parent_validation = verdict.validation
             self.before = {k: verdict.validation[k] for k in ("accuracy", "loss", "class_accuracy")}
         self.grandparent = self.params
         self.params = result.params
         self.version += 1
-        self.seeds = fresh_seeds(len(self.spec.groups), self.vendors, self.seed_rng, self.antithetic)
+        self.seeds = self.fresh_seeds()
         return served
 
 
@@ -493,6 +499,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--probe-scale", type=float, help="default: the worker's, else the base's 0.05")
     ap.add_argument("--step", choices=["unit", "signal"])
     ap.add_argument("--max-step", type=float)
+    ap.add_argument("--learn-groups", help="layer groups that learn: head, all, or indices like 0,2")
     ap.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attribution", choices=["zscore", "rank"])
     ap.add_argument("--normalize", choices=["model", "group"])

@@ -24,12 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.common import LocalStack
-from bench.continual import Curve, Drift, Streams, eval_steps, step_batch, validation
+from bench.continual import Curve, Drift, Streams, eval_steps, step_batch, validation, worker_settings
 from bench.serve import TOKEN
 from common.loading import load_version
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
-from marketplace.reconcile import fresh_seeds
+from marketplace.reconcile import fresh_seeds, learned_groups
 from model_store import ModelStore, make_manifest
 from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
 
@@ -50,8 +50,9 @@ def own_stack(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, op
     """`mpserve up` on a temporary data dir whose store holds the base model as version 0."""
     with tempfile.TemporaryDirectory(prefix="mpserve-continual-") as tmp:
         root = Path(tmp)
+        learned = learned_groups(worker_settings(options).learn_groups, len(spec.groups))  # as the worker seeds
         seeds = fresh_seeds(len(spec.groups), args.vendors or 4, np.random.default_rng([args.seed, 1]),
-                            bool(options.get("antithetic")))
+                            bool(options.get("antithetic")), learned)
         extra = {"antithetic": True} if options.get("antithetic") else {}
         manifest = make_manifest(version=0, parent=None, model=args.http_model, architecture=spec.architecture,
                                  seeds=seeds, probe_scale=options.get("probe_scale", 0.05), learning_rate=0.0,

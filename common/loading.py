@@ -75,14 +75,15 @@ def version_sources(store: ModelStore, model: str, versions: set[int] | list[int
 def write_next_version(store: ModelStore, parent: LoadedVersion, version: int, params: dict[str, np.ndarray],
                        stats: dict[str, Any], learning_rate: float, rng: np.random.Generator,
                        eps: float | None = None, vendors: int | None = None, antithetic: bool = False,
-                       **extra: Any) -> dict[str, Any]:
-    """Store a reconciled update as a new immutable version with fresh seeds; returns its manifest."""
+                       learned: np.ndarray | None = None, **extra: Any) -> dict[str, Any]:
+    """Store a reconciled update as a new immutable version with fresh seeds (zero in the groups that do not
+    learn, ``learned``); returns its manifest."""
     S = len(parent.spec.groups)
     if antithetic:
         extra["antithetic"] = True
     manifest = make_manifest(
         version=version, parent=parent.version, model=parent.model, architecture=parent.spec.architecture,
-        seeds=fresh_seeds(S, vendors or parent.vendors, rng, antithetic),
+        seeds=fresh_seeds(S, vendors or parent.vendors, rng, antithetic, learned),
         probe_scale=parent.eps if eps is None else eps,
         learning_rate=learning_rate, records=int(stats.get("records", 0)), cohorts=stats.get("cohorts", []),
         outliers_dropped=int(stats.get("outliers_dropped", 0)),

@@ -75,6 +75,33 @@ class ReconcileConfig:
     normalize: Literal["model", "group"] = "model"
     min_cohort: int = 8
     class_weights: bool = False
+    learn_groups: str = "all"  # which layer groups move: "all", "head" (the last) or indices "0,2"
+
+
+LEARN_GROUPS_PATTERN = r"^(all|head|\d+(,\d+)*)$"
+
+
+def learned_groups(which: str, S: int) -> np.ndarray:
+    """(S,) bool: the layer groups that learn. "head" is the last group, "all" every one, "0,2" those indices.
+
+    Learning fewer groups is what makes a zeroth-order step worth taking: an SPSA estimate's noise grows with
+    the number of parameters it covers, so the head alone (a few thousand weights) gets a usable direction from
+    one batch where the whole model (10⁵) gets mostly noise. The features then stay as trained.
+    """
+    mask = np.zeros(S, dtype=bool)
+    if which == "all":
+        mask[:] = True
+    elif which == "head":
+        mask[-1] = True
+    else:
+        try:
+            idx = [int(i) for i in which.split(",")]
+        except ValueError:
+            raise ValueError(f"learn_groups must be all, head or group indices like 0,2; got {which!r}") from None
+        if min(idx) < 0 or max(idx) >= S:
+            raise ValueError(f"learn_groups {which!r} names a group outside 0..{S - 1}")
+        mask[idx] = True
+    return mask
 
 
 @dataclass
@@ -297,7 +324,9 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
                          for c in np.flatnonzero(live)}
 
     sizes = spec.group_sizes()
-    directions = [group_direction(credit_by_version, sources, s, sizes[s]) for s in range(S)]
+    learned = learned_groups(config.learn_groups, S)
+    directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
+                  for s in range(S)]
     norms = [float(np.linalg.norm(d)) for d in directions]
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
     if config.step == "signal":
@@ -391,13 +420,18 @@ def signal_scales(directions: list[np.ndarray], eps: float, records: int, params
     return scales, step
 
 
-def fresh_seeds(S: int, V: int, rng: np.random.Generator, antithetic: bool = False) -> np.ndarray:
+def fresh_seeds(S: int, V: int, rng: np.random.Generator, antithetic: bool = False,
+                learned: np.ndarray | None = None) -> np.ndarray:
     """Seeds for a new version: (S, V) uint64, vendor 0 the leader (seed 0), the others non-zero.
 
     With antithetic pairs each mirror (vendor 2j) repeats its partner's (2j-1) seed; see vendor_signs.
+    A group that does not learn (``learned`` False) gets seed 0 for every vendor: it runs unperturbed, so its
+    probes add no noise to the credits of the groups that do (and cost users nothing in single exploration).
     """
     seeds = rng.integers(1, 2**64 - 1, size=(S, V), dtype=np.uint64, endpoint=True)
     seeds[:, 0] = 0
+    if learned is not None:
+        seeds[~np.asarray(learned, dtype=bool)] = 0
     if antithetic:
         mirrors = np.arange(2, V, 2)
         seeds[:, mirrors] = seeds[:, mirrors - 1]

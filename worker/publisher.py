@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.loading import LoadedVersion, write_next_version
+from marketplace.reconcile import learned_groups
 from model_store import ModelStore, VersionExistsError
 from redis_io.connect import RedisError
 from redis_io.recordlog import RecordLog
@@ -48,7 +49,9 @@ class Publisher:
                 manifest = write_next_version(self.store, parent, version, params, stats.update,
                                               stats.update["learning_rate"], self._rng,
                                               eps=self.settings.probe_scale, vendors=self.settings.vendors,
-                                              antithetic=self.settings.antithetic, **extra)
+                                              antithetic=self.settings.antithetic,
+                                              learned=learned_groups(self.settings.learn_groups,
+                                                                     len(parent.spec.groups)), **extra)
                 return version, manifest
             except VersionExistsError:
                 if attempt == 2:

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings_types import ClientNames, ModelNames, VersionNumbers
-from marketplace.reconcile import ReconcileConfig
+from marketplace.reconcile import LEARN_GROUPS_PATTERN, ReconcileConfig
 from marketplace.update import UpdateConfig
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -58,8 +58,11 @@ class WorkerSettings(BaseSettings):
                               "η an SGD rate, that shrinks when the credits are noise")
     shrink: bool = Field(True, description="signal steps: weigh each vendor's credit by its evidence, "
                                            "max(0, 1 - 1/t^2), so credits that noise could explain move nothing")
-    max_step: float = Field(0.003, ge=0, description="signal steps: largest step of a group, as a share of its "
-                                                    "weights' norm (0: no cap)")
+    max_step: float = Field(0.03, ge=0, description="signal steps: largest step of a group, as a share of its "
+                                                   "weights' norm (0: no cap)")
+    learn_groups: str = Field("head", pattern=LEARN_GROUPS_PATTERN,
+                              description="layer groups that learn: head (the last, default), all, or indices like "
+                                          "0,2; the others keep their weights and run unperturbed in new versions")
     probe_scale: float | None = Field(None, gt=0, description="probe scale ε of new versions (unset: the parent's)")
     vendors: int | None = Field(None, ge=1, le=64, description="vendors per group of new versions (unset: the "
                                                                "parent's): more probe directions per update at the "
@@ -122,7 +125,7 @@ class WorkerSettings(BaseSettings):
             learning_rate=self.learning_rate, outlier=self.outlier, outlier_z=self.outlier_z,
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
             min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
-            max_step=self.max_step, shrink=self.shrink)
+            max_step=self.max_step, shrink=self.shrink, learn_groups=self.learn_groups)
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -132,7 +135,8 @@ class WorkerSettings(BaseSettings):
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "baseline", "step", "shrink", "max_step", "probe_scale", "vendors", "antithetic",
+                "class_weights", "baseline", "step", "shrink", "max_step", "learn_groups", "probe_scale", "vendors",
+                "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
                 "guard_traffic_max_age_s", "reseed_on_refusal",

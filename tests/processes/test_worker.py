@@ -392,8 +392,8 @@ def test_guard_records_metrics_validation_momentum_and_follows_a_new_upload(
     configured = tmp_path / "configured.npz"  # an operator's file: the upload takes precedence over it
     np.savez(configured, inputs=holdout_images(50, 3), labels=np.zeros(50, np.int64))
     settings = make_settings(redis_server, store, momentum=0.5, guard_tolerance=0.5, holdout_path=configured,
-                             guard_class_tolerance=0.5, step="unit", learning_rate=0.5)
-    # (unit steps: the momentum term is as large as a step)
+                             guard_class_tolerance=0.5, step="unit", learning_rate=0.5, learn_groups="all")
+    # (unit steps: the momentum term is as large as a step; spread over every group, as this test was sized)
     rec = Reconciler(settings, store, redis_client, MODEL)
 
     fed = feed_served(redis_client, 40, 0, seed=10)
@@ -575,7 +575,8 @@ def test_a_refusal_reseeds_the_same_weights_so_the_next_candidate_probes_new_dir
     v0, v1 = load_version(store, MODEL, 0), load_version(store, MODEL, 1)
     for k in v0.params:
         np.testing.assert_array_equal(v1.params[k], v0.params[k])  # the same weights
-    assert (v1.seeds[:, 1:] != v0.seeds[:, 1:]).all() and (v1.seeds[:, 0] == 0).all()  # fresh probes, same leader
+    assert (v1.seeds[-1, 1:] != v0.seeds[-1, 1:]).all() and (v1.seeds[:, 0] == 0).all()  # fresh probes, same leader
+    assert (v1.seeds[:-1] == 0).all()  # only the head learns (the default), so only the head is probed
     assert v1.manifest["training"]["kind"] == "reseed after a refused candidate" and v1.manifest["records"] == 0
     assert v1.manifest["validation"]["anchor_accuracy"] == v1.manifest["validation"]["parent_accuracy"]
     assert [h["type"] for h in RecordLog(redis_client, MODEL).history()] == ["refused", "publish"]
@@ -588,9 +589,9 @@ def test_a_refusal_reseeds_the_same_weights_so_the_next_candidate_probes_new_dir
 
 def test_learning_options_reach_the_published_versions(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
-    """antithetic, probe_scale, baseline=class and the loss_gap schedule, as the worker applies them."""
+    """antithetic, probe_scale, baseline=class, the loss_gap schedule and learn_groups, as the worker applies them."""
     settings = make_settings(redis_server, store, antithetic=True, probe_scale=0.02, baseline="class",
-                             lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0, step="unit")
+                             lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0, step="unit", learn_groups="0")
     rec = Reconciler(settings, store, redis_client, MODEL)
     feed_served(redis_client, 40, 0, seed=30)
     assert rec.run_once().version == 1
@@ -598,6 +599,7 @@ def test_learning_options_reach_the_published_versions(
     seeds = np.array(m1["seeds"], dtype=np.uint64)
     assert m1["antithetic"] is True and m1["probe_scale"] == 0.02 and m1["reconciler"]["baseline"] == "class"
     assert np.array_equal(seeds[:, 2], seeds[:, 1]) and not np.array_equal(seeds[:, 3], seeds[:, 1])
+    assert m1["reconciler"]["learn_groups"] == "0" and (seeds[1:] == 0).all() and (seeds[0, 1:] != 0).all()
 
     fed = feed_served(redis_client, 40, 1, seed=31)  # served by the mirrored version 1
     assert rec.run_once().version == 2
@@ -608,7 +610,8 @@ def test_learning_options_reach_the_published_versions(
     p1, p2 = store.read_version(MODEL, 1)[0], store.read_version(MODEL, 2)[0]
     spec = load_version(store, MODEL, 1).spec
     sources = {1: VersionSeeds(seeds, 0.02, antithetic=True)}  # built from the manifest, not by the worker's code
-    rc = ReconcileConfig(learning_rate=settings.learning_rate, min_cohort=8, baseline="class", step="unit")
+    rc = ReconcileConfig(learning_rate=settings.learning_rate, min_cohort=8, baseline="class", step="unit",
+                         learn_groups="0")
     expected = propose_update(spec, p1, records, sources, rc,
                               UpdateConfig(lr_schedule="loss_gap", lr_min_ratio=0.2, gap_scale=5.0))
     gap = class_loss_gap(records.loss, records.label, CLASSES)
@@ -616,6 +619,7 @@ def test_learning_options_reach_the_published_versions(
     assert m2["training"]["loss_gap"] == pytest.approx(gap)
     for k in p1:
         np.testing.assert_allclose(p2[k], expected.params[k], rtol=0, atol=1e-6)
+        assert np.array_equal(p2[k], p1[k]) != k.startswith("0.")  # group 0 learns, the head keeps its weights
     rec.close()
 
 

@@ -14,6 +14,7 @@ from marketplace.reconcile import (
     cross_entropy,
     fresh_seeds,
     keep_mask,
+    learned_groups,
     reconcile,
 )
 
@@ -486,3 +487,39 @@ def test_shrinkage_stills_noise_and_keeps_evidence():
     signal = Records(version, path, base + diff + effect, label, base)
     kept, full = reconcile(SPEC, params, signal, sources, on), reconcile(SPEC, params, signal, sources, off)
     assert kept.stats["step_norm"] > 0.8 * full.stats["step_norm"] and kept.stats["shrink"] > quiet.stats["shrink"]
+
+
+def test_learned_groups_names_the_head_all_or_indices():
+    assert learned_groups("head", 3).tolist() == [False, False, True]
+    assert learned_groups("all", 3).tolist() == [True, True, True]
+    assert learned_groups("0,2", 3).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="outside 0..2"):
+        learned_groups("3", 3)
+    with pytest.raises(ValueError, match="all, head or group indices"):
+        learned_groups("first", 3)
+
+
+def test_fresh_seeds_leave_groups_that_do_not_learn_unperturbed_and_draw_the_same_stream():
+    plain = fresh_seeds(3, 4, np.random.default_rng(7))
+    head = fresh_seeds(3, 4, np.random.default_rng(7), learned=learned_groups("head", 3))
+    assert (head[:2] == 0).all()  # every vendor of groups 0 and 1 is the leader
+    np.testing.assert_array_equal(head[2], plain[2])  # the head's seeds are those an unmasked draw gives
+    assert (head[2, 1:] != 0).all()
+
+
+def test_groups_that_do_not_learn_keep_their_weights_and_the_head_steps_as_it_would_alone():
+    """The cap is per group and the credits do not depend on what learns, so the head's step is unchanged."""
+    params, sources, path, label, diff, base = _paired_setup()
+    effect = np.array([0.0, 0.1, -0.1, 0.05])[path].sum(1)  # a per-vendor signal in every group
+    records = Records(np.zeros(len(diff), np.int64), path, base + diff + effect, label, base)
+    config = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0.01)
+    every = reconcile(SPEC, params, records, sources, config)
+    head = reconcile(SPEC, params, records, sources, ReconcileConfig(**{**config.__dict__, "learn_groups": "head"}))
+    for s in range(S):
+        for k in SPEC.group_shapes(s):
+            if s == S - 1:
+                np.testing.assert_array_equal(head.params[k], every.params[k])
+                assert np.abs(head.params[k] - params[k]).max() > 0
+            else:
+                np.testing.assert_array_equal(head.params[k], params[k])
+                assert np.abs(every.params[k] - params[k]).max() > 0

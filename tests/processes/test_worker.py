@@ -623,6 +623,17 @@ def test_learning_options_reach_the_published_versions(
     rec.close()
 
 
+def test_learn_groups_naming_a_group_the_model_lacks_fails_with_the_fix_and_loses_nothing(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    rec = Reconciler(make_settings(redis_server, store, learn_groups="0,2"), store, redis_client, MODEL)
+    ids = feed(redis_client, 40)
+    with pytest.raises(ValueError, match=r"learn_groups '0,2' names a group outside 0..1"):
+        rec.run_once()
+    assert store.versions(MODEL) == [0] and version_key(redis_client) is None
+    assert sorted(pending(redis_client)) == sorted(ids)  # delivered, not acknowledged: a fixed worker gets them
+    rec.close()
+
+
 def test_guard_counts_non_finite_logits_as_wrong_and_skips_a_holdout_that_does_not_fit(
         redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
     from worker.guard import ValidationGuard

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.common import LocalStack
-from bench.continual import Curve, Drift, Streams, eval_steps, step_batch, validation, worker_settings
+from bench.continual import LEARNING_KEYS, Curve, Drift, Streams, eval_steps, step_batch, validation, worker_settings
 from bench.serve import TOKEN
 from common.loading import load_version
 from marketplace.engine import Engine, leader_logits
@@ -42,6 +42,15 @@ def stack_env(options: dict[str, Any], reconcile: str, per_step: int, holdout: P
     if holdout is not None:
         env["MPSERVE_HOLDOUT_PATH"] = str(holdout)
     return env
+
+
+def stack_settings(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """The learning settings of the run: all of the worker's when the bench started the stack, else those given."""
+    given = {k: v for k, v in options.items() if k != "guard"}
+    if args.http != "local":
+        return given
+    effective = worker_settings(options)
+    return {**{k: getattr(effective, k) for k in LEARNING_KEYS}, **given}
 
 
 @contextmanager
@@ -187,5 +196,5 @@ def drive(url: str, token: str | None, store_dir: Path | None, spec: ModelSpec, 
     return {"curve": curve.rows, "seconds": time.perf_counter() - start, "refused": refused,
             "versions": published, "final_version": version, "served_by_versions": sorted(served_by),
             "url": url if args.http != "local" else "own stack (mpserve up)", "reconcile": args.reconcile,
-            "label_delay_s": args.label_delay_s, "settings": {k: v for k, v in options.items() if k != "guard"},
+            "label_delay_s": args.label_delay_s, "settings": stack_settings(args, options),
             "guard": bool(options.get("guard"))}

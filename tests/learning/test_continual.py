@@ -16,6 +16,7 @@ import pytest
 
 from bench import continual
 from bench.continual import CURVE_KEYS
+from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +105,6 @@ def test_http_run_against_a_real_stack_publishes_versions(tmp_path: Path, monkey
     assert payload["versions"] == steps and payload["final_version"] == steps  # one publish per step
     assert payload["served_by_versions"] == list(range(steps))  # each step was served by the newest version
     assert payload["curve"][0]["old_val_acc"] > 0.5  # the base model knows the known classes
+    # the stack's worker ran at its defaults, and the figures say which (every learning setting, not just the given)
+    assert payload["config"]["learn_groups"] == WorkerSettings().learn_groups
+    assert payload["config"]["max_step"] == WorkerSettings().max_step

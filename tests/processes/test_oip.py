@@ -1,0 +1,287 @@
+"""The Open Inference Protocol (KServe v2 REST) routes, end to end: a real uvicorn replica, a real redis-server.
+
+The client side is written from the protocol, not from the server's code: bodies are built by hand (JSON
+with ``httpx``, binary tensor data with NumPy's little-endian bytes), so a server that drifted from the
+protocol fails here. The replica requires an API key, as /predict and /label do when keys are configured.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from model_store import ModelStore
+from redis_io.keys import ModelKeys
+from tests.helpers import ApiProcess, RedisProcess, api_args, metric, serving_version
+
+MODEL = "fashion"
+SHAPE = [1, 28, 28]  # tests.helpers.make_store: an mlp on 1x28x28 images, 10 classes
+CLASSES = 10
+PIXELS = 28 * 28
+MAX_INPUTS = 8
+MAX_BODY = 64 * 1024
+KEY = "oip-test-key-0123456789abcdef0123"
+AUTH = {"X-API-Key": KEY}
+KEYS = ModelKeys(MODEL)
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@pytest.fixture(scope="module")
+def server(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[ApiProcess]:
+    args = api_args(redis_proc.url, str(store.root), "--max-inputs-per-request", str(MAX_INPUTS),
+                    "--max-body-bytes", str(MAX_BODY))
+    with ApiProcess(args, tmp_path_factory.mktemp("logs") / "server.log",
+                    env={"MPSERVE_API_KEYS": f"oip-client:{KEY}"}) as api:
+        yield api
+
+
+# ---------------------------------------------------------------------------------- the client side, by hand
+def images(n: int, seed: int) -> np.ndarray:
+    """``n`` images of integer pixel values in [0, 255], as float32."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *SHAPE)).astype(np.float32)
+
+
+def tensor(x: np.ndarray, datatype: str = "FP32", nested: bool = False) -> dict[str, Any]:
+    data = x.tolist() if nested else x.ravel().tolist()
+    if datatype == "UINT8":
+        data = x.astype(np.uint8).tolist() if nested else x.astype(np.uint8).ravel().tolist()
+    return {"name": "images", "shape": list(x.shape), "datatype": datatype, "data": data}
+
+
+def binary_body(x: np.ndarray, datatype: str = "FP32", **request: Any) -> tuple[bytes, dict[str, str]]:
+    """The binary tensor data extension: the JSON header, then the raw little-endian tensor bytes."""
+    raw = x.astype("<f4" if datatype == "FP32" else "u1").tobytes()
+    header = json.dumps({**request, "inputs": [{"name": "images", "shape": list(x.shape), "datatype": datatype,
+                                                "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
+
+
+def infer(server: ApiProcess, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None,
+          model: str = MODEL, auth: bool = True) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"content-type": "application/json", **(AUTH if auth else {}), **(headers or {})}
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", content=content, headers=hdrs, timeout=60)
+
+
+def outputs(resp: httpx.Response) -> dict[str, dict[str, Any]]:
+    assert resp.status_code == 200, resp.text[:500]
+    return {o["name"]: o for o in resp.json()["outputs"]}
+
+
+def probabilities(resp: httpx.Response) -> np.ndarray:
+    out = outputs(resp)["probabilities"]
+    assert out["datatype"] == "FP32"
+    return np.array(out["data"], dtype=np.float64).reshape(out["shape"])
+
+
+def redis_snapshot(r: redis.Redis) -> tuple[int, int]:
+    return int(r.dbsize()), int(r.xlen(KEYS.feedback))
+
+
+def engine_batches(server: ApiProcess) -> float:
+    return metric(httpx.get(server.url + "/metrics", timeout=30).text, "mpserve_batch_size_count", model=MODEL)
+
+
+def assert_error(resp: httpx.Response, status: int) -> str:
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and len(body["error"]) > 5, body
+    assert len(resp.content) < 2_000  # errors never echo the input
+    return str(body["error"])
+
+
+# ---------------------------------------------------------------------------------- health, metadata
+def test_health_and_server_metadata(server: ApiProcess) -> None:
+    live = httpx.get(server.url + "/v2/health/live", timeout=30)
+    assert live.status_code == 200 and live.json()["live"] is True
+    ready = httpx.get(server.url + "/v2/health/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    meta = httpx.get(server.url + "/v2", timeout=30).json()
+    assert meta["name"] == "mpserve" and "binary_tensor_data" in meta["extensions"]
+
+
+def test_model_metadata_and_readiness_match_the_served_model(server: ApiProcess, store: ModelStore,
+                                                             r: redis.Redis) -> None:
+    resp = httpx.get(f"{server.url}/v2/models/{MODEL}", timeout=30)
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()
+    native = httpx.get(f"{server.url}/models/{MODEL}", timeout=30).json()
+    assert meta["name"] == MODEL and meta["platform"] == "mpserve-tinygrad"
+    assert meta["versions"] == [str(serving_version(r, MODEL, store))] == [str(native["version"])]
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, *SHAPE]}]
+    assert native["input_shape"] == SHAPE and native["num_classes"] == CLASSES
+    assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+        "probabilities": ("FP32", [-1, CLASSES]), "label": ("INT64", [-1]), "id": ("BYTES", [-1])}
+    ready = httpx.get(f"{server.url}/v2/models/{MODEL}/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    for path in ("/v2/models/digits", "/v2/models/digits/ready"):
+        assert "digits" in assert_error(httpx.get(server.url + path, timeout=30), 404)
+    assert "digits" in assert_error(infer(server, {"inputs": [tensor(images(1, seed=0))]}, model="digits"), 404)
+
+
+# ---------------------------------------------------------------------------------- inference
+def test_infer_json_echoes_the_id_names_the_version_and_records_each_prediction(
+        server: ApiProcess, store: ModelStore, r: redis.Redis) -> None:
+    x = images(3, seed=1)
+    before = int(r.xlen(KEYS.feedback))
+    resp = infer(server, {"id": "request-42", "inputs": [tensor(x)]})
+    body = resp.json()
+    version = serving_version(r, MODEL, store)
+    assert body["id"] == "request-42" and body["model_name"] == MODEL and body["model_version"] == str(version)
+    out = outputs(resp)
+    probs = probabilities(resp)
+    assert probs.shape == (3, CLASSES) and np.allclose(probs.sum(axis=1), 1, atol=1e-5) and (probs >= 0).all()
+    assert out["label"]["datatype"] == "INT64" and out["label"]["shape"] == [3]
+    assert out["label"]["data"] == probs.argmax(axis=1).tolist()
+    ids = out["id"]["data"]
+    assert out["id"]["datatype"] == "BYTES" and out["id"]["shape"] == [3] and len(set(ids)) == 3
+    for rid in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", rid)
+        stored = r.hgetall(KEYS.pred(rid))
+        assert int(stored[b"version"]) == version and b"label" not in stored
+        assert stored[b"client"] == b"oip-client"  # the API key's client, as /predict records it
+    assert int(r.xlen(KEYS.feedback)) == before  # no labels, no feedback
+
+    # the same path as the native /predict: the same answer for the same images
+    native = httpx.post(server.url + "/predict", json={"inputs": x.tolist()}, headers=AUTH, timeout=60).json()
+    np.testing.assert_allclose(probs, [p["probabilities"] for p in native["predictions"]], rtol=1e-5, atol=1e-6)
+    # data nested as the shape, and only the outputs asked for, in their order
+    nested = infer(server, {"inputs": [tensor(x, nested=True)], "outputs": [{"name": "label"}]})
+    assert [o["name"] for o in nested.json()["outputs"]] == ["label"]
+    assert outputs(nested)["label"]["data"] == out["label"]["data"]
+    assert "id" not in nested.json()  # no request id, none echoed
+
+
+def test_infer_binary_data_gives_the_json_answer(server: ApiProcess) -> None:
+    x = images(4, seed=2)
+    as_json = probabilities(infer(server, {"inputs": [tensor(x)]}))
+    for datatype in ("FP32", "UINT8"):
+        body, headers = binary_body(x, datatype, id="binary")
+        assert len(body) == int(headers[HEADER_LENGTH]) + x.size * (4 if datatype == "FP32" else 1)
+        resp = infer(server, body, headers)
+        assert resp.json()["id"] == "binary"
+        np.testing.assert_allclose(probabilities(resp), as_json, rtol=1e-5, atol=1e-6)
+        assert outputs(resp)["label"]["data"] == as_json.argmax(axis=1).tolist()
+    uint8_json = probabilities(infer(server, {"inputs": [tensor(x, "UINT8")]}))
+    np.testing.assert_allclose(uint8_json, as_json, rtol=1e-5, atol=1e-6)
+
+
+def test_a_returned_id_is_labelled_with_the_native_label_route(server: ApiProcess, r: redis.Redis) -> None:
+    body, headers = binary_body(images(2, seed=3))
+    first, second = outputs(infer(server, body, headers))["id"]["data"]
+    before = int(r.xlen(KEYS.feedback))
+    resp = httpx.post(server.url + "/label", json={"model": MODEL, "id": first, "label": 7}, headers=AUTH, timeout=30)
+    assert resp.status_code == 200 and resp.json()["status"] == "ok", resp.text
+    assert int(r.hget(KEYS.pred(first), "label")) == 7 and r.hget(KEYS.pred(second), "label") is None
+    assert int(r.xlen(KEYS.feedback)) == before + 1
+    (_, fields), = r.xrevrange(KEYS.feedback, count=1)
+    assert fields[b"id"].decode() == first and int(fields[b"label"]) == 7
+    again = httpx.post(server.url + "/label", json={"id": first, "label": 8}, headers=AUTH, timeout=30)
+    assert again.status_code == 409  # the native rules hold for these ids too
+
+
+def test_infer_needs_the_api_key_as_predict_does(server: ApiProcess, r: redis.Redis) -> None:
+    before, batches = redis_snapshot(r), engine_batches(server)
+    resp = infer(server, {"inputs": [tensor(images(1, seed=4))]}, auth=False)
+    assert "API key" in assert_error(resp, 401) and resp.headers["www-authenticate"] == "Bearer"
+    wrong = infer(server, {"inputs": [tensor(images(1, seed=4))]}, {"X-API-Key": KEY + "x"}, auth=False)
+    assert_error(wrong, 401)
+    assert redis_snapshot(r) == before and engine_batches(server) == batches
+    bearer = infer(server, {"inputs": [tensor(images(1, seed=4))]}, {"Authorization": f"Bearer {KEY}"}, auth=False)
+    assert bearer.status_code == 200 and len(outputs(bearer)["id"]["data"]) == 1
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _one(**changes: Any) -> bytes:
+    """A valid one-image JSON request with ``changes`` made to its input tensor."""
+    inp = {**tensor(images(1, seed=5)), **changes}
+    return json.dumps({"inputs": [inp]}).encode()
+
+
+def _binary(x: np.ndarray, size: int | None = None, tail: bytes | None = None, header: str | None = None,
+            **input_changes: Any) -> tuple[bytes, dict[str, str]]:
+    raw = x.astype("<f4").tobytes() if tail is None else tail
+    inp = {"name": "images", "shape": list(x.shape), "datatype": "FP32",
+           "parameters": {"binary_data_size": len(raw) if size is None else size}, **input_changes}
+    head = json.dumps({"inputs": [inp]}).encode()
+    return head + raw, {HEADER_LENGTH: str(len(head)) if header is None else header}
+
+
+ONE = images(1, seed=6)
+NAN = ONE.copy()
+NAN[0, 0, 3, 4] = np.nan
+FLAT = ONE.ravel().tolist()
+
+BAD: dict[str, tuple[bytes, dict[str, str], int]] = {
+    "not JSON": (b'{"inputs": [', {}, 400),
+    "NaN literal": (_one(data=[0.5, *FLAT[1:]]).replace(b'"data": [0.5,', b'"data": [NaN,'), {}, 400),
+    "Infinity literal": (_one(data=[0.5, *FLAT[1:]]).replace(b'"data": [0.5,', b'"data": [-Infinity,'), {}, 400),
+    "not the schema": (b'{"input": []}', {}, 400),
+    "no inputs": (b'{"inputs": []}', {}, 400),
+    "two inputs": (json.dumps({"inputs": [tensor(ONE), tensor(ONE)]}).encode(), {}, 400),
+    "unknown field": (json.dumps({"inputs": [tensor(ONE)], "model": MODEL}).encode(), {}, 400),
+    "unknown input name": (_one(name="pixels"), {}, 400),
+    "unknown datatype": (_one(datatype="FP33"), {}, 400),
+    "datatype not taken": (_one(datatype="INT64"), {}, 400),
+    "shape of one image": (_one(shape=SHAPE), {}, 400),
+    "wrong image shape": (_one(shape=[1, 1, 28, 27]), {}, 400),
+    "zero images": (_one(shape=[0, *SHAPE], data=[]), {}, 400),
+    "data shorter than the shape": (_one(data=FLAT[:-1]), {}, 400),
+    "data longer than the shape": (_one(data=[*FLAT, 0.0]), {}, 400),
+    "no data": (_one(data=None), {}, 400),
+    "ragged nested data": (_one(data=[[ONE[0, 0].tolist()[:-1]]]), {}, 400),
+    "nested as another shape": (_one(data=ONE.reshape(1, 28, 1, 28).tolist()), {}, 400),
+    "a string value": (_one(data=["1", *FLAT[1:]]), {}, 400),
+    "a boolean value": (_one(data=[True, *FLAT[1:]]), {}, 400),
+    "a null value": (_one(data=[None, *FLAT[1:]]), {}, 400),
+    "outside float32": (_one(data=[1e39, *FLAT[1:]]), {}, 400),
+    "UINT8 over 255": (_one(datatype="UINT8", data=[256, *FLAT[1:]]), {}, 400),
+    "UINT8 not an integer": (_one(datatype="UINT8", data=[1.5, *FLAT[1:]]), {}, 400),
+    "unknown output": (json.dumps({"inputs": [tensor(ONE)], "outputs": [{"name": "logits"}]}).encode(), {}, 400),
+    "binary output asked": (json.dumps({"inputs": [tensor(ONE)], "parameters": {"binary_data_output": True}}
+                                       ).encode(), {}, 400),
+    "binary: NaN": (*_binary(NAN), 400),
+    "binary: size not the shape's": (*_binary(ONE, size=PIXELS * 4 - 4, tail=ONE.astype("<f4").tobytes()[:-4]), 400),
+    "binary: fewer bytes than declared": (*_binary(ONE, size=PIXELS * 4, tail=ONE.astype("<f4").tobytes()[:-1]),
+                                          400),
+    "binary: more bytes than declared": (*_binary(ONE, tail=ONE.astype("<f4").tobytes() + b"\0", size=PIXELS * 4),
+                                         400),
+    "binary: header length past the body": (*_binary(ONE, header=str(10**6)), 400),
+    "binary: header length not a number": (*_binary(ONE, header="12x"), 400),
+    "binary: header length cuts the JSON": (*_binary(ONE, header="10"), 400),
+    "binary: no header length": (_binary(ONE)[0], {}, 400),
+    "binary: size but no bytes": (*_binary(ONE, tail=b"", size=PIXELS * 4), 400),
+    "binary: both data and size": (*_binary(ONE, data=FLAT), 400),
+    "binary: bytes but no size": (_one() + ONE.astype("<f4").tobytes(), {HEADER_LENGTH: str(len(_one()))}, 400),
+    "more images than allowed": (*_binary(images(MAX_INPUTS + 1, seed=7)), 413),
+    "body over the limit": (*_binary(images(MAX_INPUTS, seed=8), tail=b"\0" * MAX_BODY, size=MAX_BODY), 413),
+}
+
+
+def test_the_bad_literals_are_in_their_bodies() -> None:
+    assert b"[NaN," in BAD["NaN literal"][0] and b"[-Infinity," in BAD["Infinity literal"][0]
+
+
+def test_errors_name_the_fix(server: ApiProcess) -> None:
+    """A few messages, read as a user would: they say what is wrong and what the server takes."""
+    assert HEADER_LENGTH in assert_error(infer(server, *BAD["binary: no header length"][:2]), 400)
+    assert "[N, 1, 28, 28]" in assert_error(infer(server, *BAD["wrong image shape"][:2]), 400)
+    assert "unknown field" in assert_error(infer(server, *BAD["unknown field"][:2]), 400)
+    assert "783 values" in assert_error(infer(server, *BAD["data shorter than the shape"][:2]), 400)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess, r: redis.Redis) -> None:
+    body, headers, status = BAD[case]
+    before, batches = redis_snapshot(r), engine_batches(server)
+    assert_error(infer(server, body, headers), status)
+    assert redis_snapshot(r) == before
+    assert engine_batches(server) == batches  # nothing reached the engine

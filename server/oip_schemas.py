@@ -37,7 +37,8 @@ class RequestInput(_Request):
 
 
 class OutputParameters(_Request):
-    binary_data: StrictBool | None = Field(None, description="not supported: outputs are always JSON")
+    binary_data: StrictBool | None = Field(None, description="this output as binary tensor data (default: "
+                                                             "parameters.binary_data_output, else JSON)")
 
 
 class RequestOutput(_Request):
@@ -56,7 +57,9 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: Datatype
-    data: list[Any]
+    parameters: dict[str, int] | None = Field(None, description="binary_data_size: the output's bytes after the "
+                                                                "JSON, when binary data were asked for")
+    data: list[Any] | None = Field(None, description="row-major values; absent when binary")
 
 
 class InferResponse(BaseModel):

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from redis_io.connect import CONNECTION_ERRORS
 from server.access import ClientDep
 from server.errors import ApiError, RedisUnavailable
-from server.inference import Inference, check_input_count, infer
+from server.inference import check_input_count, infer
+from server.oip_outputs import encode, wanted
 from server.oip_schemas import (
     InferRequest,
     InferResponse,
@@ -32,17 +32,17 @@ from server.oip_schemas import (
     ModelReady,
     OipError,
     Ready,
-    ResponseOutput,
     ServerMetadata,
     TensorMetadata,
 )
-from server.oip_tensors import HEADER_LENGTH, INPUT_NAME, bad, check_shape, input_array, parse_request, split_body
+from server.oip_tensors import HEADER_LENGTH, INPUT_NAME, check_shape, input_array, parse_request, split_body
 from server.routes.health import readiness
 from server.state import ModelContext, StateDep
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "mpserve-tinygrad"
+HEADER_LENGTH_RESPONSE = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 OUTPUTS = ("probabilities", "label", "id")
 
@@ -170,37 +170,10 @@ async def model_ready(model: str, state: StateDep) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------------- inference
-def _wanted(request: InferRequest, learning: bool) -> list[str]:
-    """The outputs to return, in the order asked (default: all); a 400 for one the model has not."""
-    available = [o for o in OUTPUTS if learning or o != "id"]
-    if request.parameters and request.parameters.get("binary_data_output"):
-        raise bad("binary_data_output is not supported: outputs are returned as JSON")
-    if request.outputs is None:
-        return available
-    names = []
-    for out in request.outputs:
-        if out.name not in available:
-            raise bad(f"unknown output {out.name!r}: the model's outputs are {available}")
-        if out.parameters is not None and out.parameters.binary_data:
-            raise bad(f"output {out.name!r}: binary_data is not supported: outputs are returned as JSON")
-        names.append(out.name)
-    return names
-
-
-def _outputs(result: Inference, names: list[str]) -> list[ResponseOutput]:
-    n, classes = result.probabilities.shape
-    tensors = {
-        "probabilities": lambda: ResponseOutput(name="probabilities", shape=[n, classes], datatype="FP32",
-                                                data=result.probabilities.astype(np.float32).ravel().tolist()),
-        "label": lambda: ResponseOutput(name="label", shape=[n], datatype="INT64", data=result.labels.tolist()),
-        "id": lambda: ResponseOutput(name="id", shape=[n], datatype="BYTES", data=list(result.ids)),
-    }
-    return [tensors[name]() for name in names]
-
-
-@router.post("/models/{model}/infer", response_model=InferResponse, response_model_exclude_none=True,
-             openapi_extra=INFER_BODY,
-             responses=_responses({
+@router.post("/models/{model}/infer", response_model=InferResponse, openapi_extra=INFER_BODY,
+             responses={200: {"content": {"application/octet-stream": {"schema": {
+                 "type": "string", "format": "binary", "description": "binary tensor data asked for: the JSON "
+                 "answer (Inference-Header-Content-Length bytes), then the outputs' raw bytes"}}}}} | _responses({
                  400: "malformed request: not JSON, not the schema, wrong input name, datatype or shape, data that "
                       "do not match the shape, NaN or infinity, bad binary data",
                  401: "API keys are configured and the request has no valid one",
@@ -210,20 +183,27 @@ def _outputs(result: Inference, names: list[str]) -> list[ResponseOutput]:
                  429: "the client's rate limit is exceeded (see Retry-After)",
                  503: "model not loaded, Redis unavailable, or overloaded",
              }))
-async def model_infer(model: str, request: Request, state: StateDep, client: ClientDep) -> InferResponse:
+async def model_infer(model: str, request: Request, state: StateDep, client: ClientDep) -> Response:
     """Classify a batch of images ``[N, *input_shape]`` (FP32 or UINT8 pixel values, JSON or binary).
 
     Outputs: ``probabilities`` FP32 [N, classes], ``label`` INT64 [N], and ``id`` BYTES [N], the record id
-    of each prediction, to label later with ``POST /label`` (absent on a replica with learning off).
+    of each prediction, to label later with ``POST /label`` (absent on a replica with learning off); as JSON,
+    or as binary tensor data when asked (``binary_data_output``, or an output's ``binary_data``).
     """
     ctx = state.model(model)
     value, tail = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
     body = parse_request(value)
-    names = _wanted(body, state.settings.learning)
-    version, input_shape, _ = _served_spec(ctx)
+    outputs = wanted(body, state.settings.learning)
+    _, input_shape, _ = _served_spec(ctx)
     n = check_shape(body.inputs[0], input_shape)[0]
     check_input_count(state.settings, n)
     x = input_array(body, tail, input_shape)
     result = await infer(ctx, x, None, client)
-    return InferResponse(model_name=ctx.name, model_version=str(result.version), id=body.id,
-                         outputs=_outputs(result, names))
+    head: dict[str, Any] = {"model_name": ctx.name, "model_version": str(result.version)}
+    if body.id is not None:
+        head["id"] = body.id
+    content, header_length = encode(head, result, outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream",
+                    headers={HEADER_LENGTH_RESPONSE: str(header_length)})

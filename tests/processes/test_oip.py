@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -174,6 +175,49 @@ def test_infer_binary_data_gives_the_json_answer(server: ApiProcess) -> None:
     np.testing.assert_allclose(uint8_json, as_json, rtol=1e-5, atol=1e-6)
 
 
+def binary_answer(resp: httpx.Response) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the JSON part, each output's values): binary outputs read from the bytes after the JSON, in order."""
+    assert resp.status_code == 200, resp.text[:500]
+    n = int(resp.headers[HEADER_LENGTH])
+    head, raw = json.loads(resp.content[:n]), resp.content[n:]
+    values: dict[str, Any] = {}
+    for out in head["outputs"]:
+        if "data" in out:
+            values[out["name"]] = out["data"]
+            continue
+        size = out["parameters"]["binary_data_size"]
+        chunk, raw = raw[:size], raw[size:]
+        if out["datatype"] == "BYTES":
+            items = []
+            while chunk:
+                (length,) = struct.unpack("<I", chunk[:4])
+                items.append(chunk[4:4 + length].decode())
+                chunk = chunk[4 + length:]
+            values[out["name"]] = items
+        else:
+            values[out["name"]] = np.frombuffer(chunk, {"FP32": "<f4", "INT64": "<i8"}[out["datatype"]]).tolist()
+    assert raw == b""  # every byte belongs to an output
+    return head, values
+
+
+def test_binary_outputs_carry_the_json_answer(server: ApiProcess, r: redis.Redis) -> None:
+    x = images(3, seed=9)
+    as_json = outputs(infer(server, {"inputs": [tensor(x)]}))
+    body, headers = binary_body(x, "UINT8", id="b", parameters={"binary_data_output": True})
+    head, values = binary_answer(infer(server, body, headers))
+    assert head["id"] == "b" and [o["name"] for o in head["outputs"]] == ["probabilities", "label", "id"]
+    assert all("data" not in o for o in head["outputs"])
+    np.testing.assert_allclose(values["probabilities"], as_json["probabilities"]["data"], rtol=1e-6)
+    assert values["label"] == as_json["label"]["data"]
+    assert len(values["id"]) == 3 and all(r.exists(KEYS.pred(rid)) for rid in values["id"])
+    mixed = infer(server, {"inputs": [tensor(x)], "outputs": [{"name": "label", "parameters": {"binary_data": True}},
+                                                             {"name": "probabilities"}]})
+    head, values = binary_answer(mixed)
+    assert [("data" in o) for o in head["outputs"]] == [False, True]
+    assert values["label"] == as_json["label"]["data"]
+    np.testing.assert_allclose(values["probabilities"], as_json["probabilities"]["data"], rtol=1e-6)
+
+
 def test_a_returned_id_is_labelled_with_the_native_label_route(server: ApiProcess, r: redis.Redis) -> None:
     body, headers = binary_body(images(2, seed=3))
     first, second = outputs(infer(server, body, headers))["id"]["data"]
@@ -246,8 +290,10 @@ BAD: dict[str, tuple[bytes, dict[str, str], int]] = {
     "UINT8 over 255": (_one(datatype="UINT8", data=[256, *FLAT[1:]]), {}, 400),
     "UINT8 not an integer": (_one(datatype="UINT8", data=[1.5, *FLAT[1:]]), {}, 400),
     "unknown output": (json.dumps({"inputs": [tensor(ONE)], "outputs": [{"name": "logits"}]}).encode(), {}, 400),
-    "binary output asked": (json.dumps({"inputs": [tensor(ONE)], "parameters": {"binary_data_output": True}}
-                                       ).encode(), {}, 400),
+    "binary_data_output not a boolean": (json.dumps({"inputs": [tensor(ONE)], "parameters": {
+        "binary_data_output": "yes"}}).encode(), {}, 400),
+    "binary_data not a boolean": (json.dumps({"inputs": [tensor(ONE)], "outputs": [{
+        "name": "label", "parameters": {"binary_data": "yes"}}]}).encode(), {}, 400),
     "binary: NaN": (*_binary(NAN), 400),
     "binary: size not the shape's": (*_binary(ONE, size=PIXELS * 4 - 4, tail=ONE.astype("<f4").tobytes()[:-4]), 400),
     "binary: fewer bytes than declared": (*_binary(ONE, size=PIXELS * 4, tail=ONE.astype("<f4").tobytes()[:-1]),

@@ -11,6 +11,7 @@ import json
 import re
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ import redis
 
 from model_store import ModelStore
 from redis_io.keys import ModelKeys
-from tests.helpers import ApiProcess, RedisProcess, api_args, metric, serving_version
+from tests.helpers import ApiProcess, RedisProcess, api_args, metric, serving_version, wait_until
 
 MODEL = "fashion"
 SHAPE = [1, 28, 28]  # tests.helpers.make_store: an mlp on 1x28x28 images, 10 classes
@@ -331,3 +332,41 @@ def test_bad_input_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiPro
     assert_error(infer(server, body, headers), status)
     assert redis_snapshot(r) == before
     assert engine_batches(server) == batches  # nothing reached the engine
+
+
+# ---------------------------------------------------------------------------------- other replicas
+@pytest.fixture(scope="module")
+def static(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[ApiProcess]:
+    """A replica with learning off: it records nothing, so it has no ids to give."""
+    with ApiProcess(api_args(redis_proc.url, str(store.root), "--no-learning"),
+                    tmp_path_factory.mktemp("logs") / "static.log") as api:
+        yield api
+
+
+def test_a_static_replica_answers_without_ids_and_records_nothing(static: ApiProcess, r: redis.Redis) -> None:
+    meta = httpx.get(f"{static.url}/v2/models/{MODEL}", timeout=30).json()
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label"]
+    before = redis_snapshot(r)
+    resp = infer(static, {"inputs": [tensor(images(2, seed=10))]}, auth=False)
+    assert list(outputs(resp)) == ["probabilities", "label"] and probabilities(resp).shape == (2, CLASSES)
+    assert redis_snapshot(r) == before
+    asked = infer(static, {"inputs": [tensor(images(1, seed=10))], "outputs": [{"name": "id"}]}, auth=False)
+    assert "'id'" in assert_error(asked, 400)
+
+
+def test_a_replica_without_its_model_is_live_but_not_ready(redis_proc: RedisProcess, tmp_path: Path) -> None:
+    """An empty store: the model never loads; every route says so with a 503, and liveness still holds."""
+    api = ApiProcess(api_args(redis_proc.url, str(tmp_path / "empty-store")), tmp_path / "unloaded.log").start()
+    try:
+        wait_until(lambda: api.readyz() is not None, timeout=120, interval=0.1, what="the replica answers")
+        assert httpx.get(api.url + "/v2/health/live", timeout=30).json() == {"live": True}
+        ready = httpx.get(api.url + "/v2/health/ready", timeout=30)
+        assert ready.status_code == 503 and ready.json()["ready"] is False and MODEL in ready.json()["error"]
+        model_ready = httpx.get(f"{api.url}/v2/models/{MODEL}/ready", timeout=30)
+        assert model_ready.status_code == 503 and model_ready.json()["ready"] is False
+        assert "not loaded" in assert_error(httpx.get(f"{api.url}/v2/models/{MODEL}", timeout=30), 503)
+        resp = infer(api, {"inputs": [tensor(images(1, seed=11))]}, auth=False)
+        assert "not loaded" in assert_error(resp, 503) and resp.headers["retry-after"] == "1"
+    finally:
+        api.stop()

@@ -133,7 +133,7 @@ async def ready(state: StateDep) -> JSONResponse:
     body = await readiness(state)
     if body.reasons:
         return JSONResponse(Ready(ready=False, error="; ".join(body.reasons)).model_dump(), status_code=503)
-    return JSONResponse(Ready(ready=True).model_dump())
+    return JSONResponse(Ready(ready=True).model_dump(exclude_none=True))
 
 
 # ---------------------------------------------------------------------------------- models
@@ -166,7 +166,7 @@ async def model_ready(model: str, state: StateDep) -> JSONResponse:
     if ctx.runtime.served is None:
         body = ModelReady(name=ctx.name, ready=False, error=ctx.runtime.error or "still starting")
         return JSONResponse(body.model_dump(), status_code=503)
-    return JSONResponse(ModelReady(name=ctx.name, ready=True).model_dump())
+    return JSONResponse(ModelReady(name=ctx.name, ready=True).model_dump(exclude_none=True))
 
 
 # ---------------------------------------------------------------------------------- inference

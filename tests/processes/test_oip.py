@@ -105,7 +105,7 @@ def test_health_and_server_metadata(server: ApiProcess) -> None:
     live = httpx.get(server.url + "/v2/health/live", timeout=30)
     assert live.status_code == 200 and live.json()["live"] is True
     ready = httpx.get(server.url + "/v2/health/ready", timeout=30)
-    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
     meta = httpx.get(server.url + "/v2", timeout=30).json()
     assert meta["name"] == "mpserve" and "binary_tensor_data" in meta["extensions"]
 
@@ -123,7 +123,7 @@ def test_model_metadata_and_readiness_match_the_served_model(server: ApiProcess,
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
         "probabilities": ("FP32", [-1, CLASSES]), "label": ("INT64", [-1]), "id": ("BYTES", [-1])}
     ready = httpx.get(f"{server.url}/v2/models/{MODEL}/ready", timeout=30)
-    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.status_code == 200 and ready.json() == {"name": MODEL, "ready": True}
     for path in ("/v2/models/digits", "/v2/models/digits/ready"):
         assert "digits" in assert_error(httpx.get(server.url + path, timeout=30), 404)
     assert "digits" in assert_error(infer(server, {"inputs": [tensor(images(1, seed=0))]}, model="digits"), 404)

@@ -23,7 +23,7 @@ from server.jsonbody import strict_loads
 from server.oip_schemas import InferRequest, RequestInput
 from server.validation import FLOAT32_MAX, FiniteNumber
 
-HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH = "Inference-Header-Content-Length"  # binary tensor data: the JSON's length (case-insensitive)
 INPUT_NAME = "images"
 #: Input datatypes read, and their little-endian layout in binary data.
 INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
@@ -52,7 +52,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     except json.JSONDecodeError as exc:
         hint = ""
         if header_length is None and b'"binary_data_size"' in body:
-            hint = f" (a body with binary tensor data needs the {HEADER_LENGTH.title()} header)"
+            hint = f" (a body with binary tensor data needs the {HEADER_LENGTH} header)"
         raise bad(f"the JSON header is not valid JSON: {exc.msg}{hint}") from None
 
 

@@ -42,9 +42,7 @@ from server.state import ModelContext, StateDep
 log = logging.getLogger(__name__)
 
 PLATFORM = "mpserve-tinygrad"
-HEADER_LENGTH_RESPONSE = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
-OUTPUTS = ("probabilities", "label", "id")
 
 
 def _message(detail: Any) -> str:
@@ -206,4 +204,4 @@ async def model_infer(model: str, request: Request, state: StateDep, client: Cli
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
-                    headers={HEADER_LENGTH_RESPONSE: str(header_length)})
+                    headers={HEADER_LENGTH: str(header_length)})

@@ -21,18 +21,18 @@ import redis
 
 from model_store import ModelStore
 from redis_io.keys import ModelKeys
+from tests.bad_inputs import OIP_HEADER_LENGTH, bad_oip_requests, oip_tensor
 from tests.helpers import ApiProcess, RedisProcess, api_args, metric, serving_version, wait_until
 
 MODEL = "fashion"
 SHAPE = [1, 28, 28]  # tests.helpers.make_store: an mlp on 1x28x28 images, 10 classes
 CLASSES = 10
-PIXELS = 28 * 28
 MAX_INPUTS = 8
 MAX_BODY = 64 * 1024
 KEY = "oip-test-key-0123456789abcdef0123"
 AUTH = {"X-API-Key": KEY}
 KEYS = ModelKeys(MODEL)
-HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_LENGTH = OIP_HEADER_LENGTH
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,6 @@ def server(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest
 def images(n: int, seed: int) -> np.ndarray:
     """``n`` images of integer pixel values in [0, 255], as float32."""
     return np.random.default_rng(seed).integers(0, 256, size=(n, *SHAPE)).astype(np.float32)
-
-
-def tensor(x: np.ndarray, datatype: str = "FP32", nested: bool = False) -> dict[str, Any]:
-    data = x.tolist() if nested else x.ravel().tolist()
-    if datatype == "UINT8":
-        data = x.astype(np.uint8).tolist() if nested else x.astype(np.uint8).ravel().tolist()
-    return {"name": "images", "shape": list(x.shape), "datatype": datatype, "data": data}
 
 
 def binary_body(x: np.ndarray, datatype: str = "FP32", **request: Any) -> tuple[bytes, dict[str, str]]:
@@ -126,7 +119,7 @@ def test_model_metadata_and_readiness_match_the_served_model(server: ApiProcess,
     assert ready.status_code == 200 and ready.json() == {"name": MODEL, "ready": True}
     for path in ("/v2/models/digits", "/v2/models/digits/ready"):
         assert "digits" in assert_error(httpx.get(server.url + path, timeout=30), 404)
-    assert "digits" in assert_error(infer(server, {"inputs": [tensor(images(1, seed=0))]}, model="digits"), 404)
+    assert "digits" in assert_error(infer(server, {"inputs": [oip_tensor(images(1, seed=0))]}, model="digits"), 404)
 
 
 # ---------------------------------------------------------------------------------- inference
@@ -134,7 +127,7 @@ def test_infer_json_echoes_the_id_names_the_version_and_records_each_prediction(
         server: ApiProcess, store: ModelStore, r: redis.Redis) -> None:
     x = images(3, seed=1)
     before = int(r.xlen(KEYS.feedback))
-    resp = infer(server, {"id": "request-42", "inputs": [tensor(x)]})
+    resp = infer(server, {"id": "request-42", "inputs": [oip_tensor(x)]})
     body = resp.json()
     version = serving_version(r, MODEL, store)
     assert body["id"] == "request-42" and body["model_name"] == MODEL and body["model_version"] == str(version)
@@ -156,7 +149,7 @@ def test_infer_json_echoes_the_id_names_the_version_and_records_each_prediction(
     native = httpx.post(server.url + "/predict", json={"inputs": x.tolist()}, headers=AUTH, timeout=60).json()
     np.testing.assert_allclose(probs, [p["probabilities"] for p in native["predictions"]], rtol=1e-5, atol=1e-6)
     # data nested as the shape, and only the outputs asked for, in their order
-    nested = infer(server, {"inputs": [tensor(x, nested=True)], "outputs": [{"name": "label"}]})
+    nested = infer(server, {"inputs": [oip_tensor(x, nested=True)], "outputs": [{"name": "label"}]})
     assert [o["name"] for o in nested.json()["outputs"]] == ["label"]
     assert outputs(nested)["label"]["data"] == out["label"]["data"]
     assert "id" not in nested.json()  # no request id, none echoed
@@ -164,7 +157,7 @@ def test_infer_json_echoes_the_id_names_the_version_and_records_each_prediction(
 
 def test_infer_binary_data_gives_the_json_answer(server: ApiProcess) -> None:
     x = images(4, seed=2)
-    as_json = probabilities(infer(server, {"inputs": [tensor(x)]}))
+    as_json = probabilities(infer(server, {"inputs": [oip_tensor(x)]}))
     for datatype in ("FP32", "UINT8"):
         body, headers = binary_body(x, datatype, id="binary")
         assert len(body) == int(headers[HEADER_LENGTH]) + x.size * (4 if datatype == "FP32" else 1)
@@ -172,7 +165,7 @@ def test_infer_binary_data_gives_the_json_answer(server: ApiProcess) -> None:
         assert resp.json()["id"] == "binary"
         np.testing.assert_allclose(probabilities(resp), as_json, rtol=1e-5, atol=1e-6)
         assert outputs(resp)["label"]["data"] == as_json.argmax(axis=1).tolist()
-    uint8_json = probabilities(infer(server, {"inputs": [tensor(x, "UINT8")]}))
+    uint8_json = probabilities(infer(server, {"inputs": [oip_tensor(x, "UINT8")]}))
     np.testing.assert_allclose(uint8_json, as_json, rtol=1e-5, atol=1e-6)
 
 
@@ -203,7 +196,7 @@ def binary_answer(resp: httpx.Response) -> tuple[dict[str, Any], dict[str, Any]]
 
 def test_binary_outputs_carry_the_json_answer(server: ApiProcess, r: redis.Redis) -> None:
     x = images(3, seed=9)
-    as_json = outputs(infer(server, {"inputs": [tensor(x)]}))
+    as_json = outputs(infer(server, {"inputs": [oip_tensor(x)]}))
     body, headers = binary_body(x, "UINT8", id="b", parameters={"binary_data_output": True})
     head, values = binary_answer(infer(server, body, headers))
     assert head["id"] == "b" and [o["name"] for o in head["outputs"]] == ["probabilities", "label", "id"]
@@ -211,8 +204,8 @@ def test_binary_outputs_carry_the_json_answer(server: ApiProcess, r: redis.Redis
     np.testing.assert_allclose(values["probabilities"], as_json["probabilities"]["data"], rtol=1e-6)
     assert values["label"] == as_json["label"]["data"]
     assert len(values["id"]) == 3 and all(r.exists(KEYS.pred(rid)) for rid in values["id"])
-    mixed = infer(server, {"inputs": [tensor(x)], "outputs": [{"name": "label", "parameters": {"binary_data": True}},
-                                                             {"name": "probabilities"}]})
+    asked = [{"name": "label", "parameters": {"binary_data": True}}, {"name": "probabilities"}]
+    mixed = infer(server, {"inputs": [oip_tensor(x)], "outputs": asked})
     head, values = binary_answer(mixed)
     assert [("data" in o) for o in head["outputs"]] == [False, True]
     assert values["label"] == as_json["label"]["data"]
@@ -235,101 +228,37 @@ def test_a_returned_id_is_labelled_with_the_native_label_route(server: ApiProces
 
 def test_infer_needs_the_api_key_as_predict_does(server: ApiProcess, r: redis.Redis) -> None:
     before, batches = redis_snapshot(r), engine_batches(server)
-    resp = infer(server, {"inputs": [tensor(images(1, seed=4))]}, auth=False)
+    resp = infer(server, {"inputs": [oip_tensor(images(1, seed=4))]}, auth=False)
     assert "API key" in assert_error(resp, 401) and resp.headers["www-authenticate"] == "Bearer"
-    wrong = infer(server, {"inputs": [tensor(images(1, seed=4))]}, {"X-API-Key": KEY + "x"}, auth=False)
+    wrong = infer(server, {"inputs": [oip_tensor(images(1, seed=4))]}, {"X-API-Key": KEY + "x"}, auth=False)
     assert_error(wrong, 401)
     assert redis_snapshot(r) == before and engine_batches(server) == batches
-    bearer = infer(server, {"inputs": [tensor(images(1, seed=4))]}, {"Authorization": f"Bearer {KEY}"}, auth=False)
+    bearer = infer(server, {"inputs": [oip_tensor(images(1, seed=4))]}, {"Authorization": f"Bearer {KEY}"}, auth=False)
     assert bearer.status_code == 200 and len(outputs(bearer)["id"]["data"]) == 1
 
 
 # ---------------------------------------------------------------------------------- bad input
-def _one(**changes: Any) -> bytes:
-    """A valid one-image JSON request with ``changes`` made to its input tensor."""
-    inp = {**tensor(images(1, seed=5)), **changes}
-    return json.dumps({"inputs": [inp]}).encode()
-
-
-def _binary(x: np.ndarray, size: int | None = None, tail: bytes | None = None, header: str | None = None,
-            **input_changes: Any) -> tuple[bytes, dict[str, str]]:
-    raw = x.astype("<f4").tobytes() if tail is None else tail
-    inp = {"name": "images", "shape": list(x.shape), "datatype": "FP32",
-           "parameters": {"binary_data_size": len(raw) if size is None else size}, **input_changes}
-    head = json.dumps({"inputs": [inp]}).encode()
-    return head + raw, {HEADER_LENGTH: str(len(head)) if header is None else header}
-
-
-ONE = images(1, seed=6)
-NAN = ONE.copy()
-NAN[0, 0, 3, 4] = np.nan
-FLAT = ONE.ravel().tolist()
-
-BAD: dict[str, tuple[bytes, dict[str, str], int]] = {
-    "not JSON": (b'{"inputs": [', {}, 400),
-    "NaN literal": (_one(data=[0.5, *FLAT[1:]]).replace(b'"data": [0.5,', b'"data": [NaN,'), {}, 400),
-    "Infinity literal": (_one(data=[0.5, *FLAT[1:]]).replace(b'"data": [0.5,', b'"data": [-Infinity,'), {}, 400),
-    "not the schema": (b'{"input": []}', {}, 400),
-    "no inputs": (b'{"inputs": []}', {}, 400),
-    "two inputs": (json.dumps({"inputs": [tensor(ONE), tensor(ONE)]}).encode(), {}, 400),
-    "unknown field": (json.dumps({"inputs": [tensor(ONE)], "model": MODEL}).encode(), {}, 400),
-    "unknown input name": (_one(name="pixels"), {}, 400),
-    "unknown datatype": (_one(datatype="FP33"), {}, 400),
-    "datatype not taken": (_one(datatype="INT64"), {}, 400),
-    "shape of one image": (_one(shape=SHAPE), {}, 400),
-    "wrong image shape": (_one(shape=[1, 1, 28, 27]), {}, 400),
-    "zero images": (_one(shape=[0, *SHAPE], data=[]), {}, 400),
-    "data shorter than the shape": (_one(data=FLAT[:-1]), {}, 400),
-    "data longer than the shape": (_one(data=[*FLAT, 0.0]), {}, 400),
-    "no data": (_one(data=None), {}, 400),
-    "ragged nested data": (_one(data=[[ONE[0, 0].tolist()[:-1]]]), {}, 400),
-    "nested as another shape": (_one(data=ONE.reshape(1, 28, 1, 28).tolist()), {}, 400),
-    "a string value": (_one(data=["1", *FLAT[1:]]), {}, 400),
-    "a boolean value": (_one(data=[True, *FLAT[1:]]), {}, 400),
-    "a null value": (_one(data=[None, *FLAT[1:]]), {}, 400),
-    "outside float32": (_one(data=[1e39, *FLAT[1:]]), {}, 400),
-    "UINT8 over 255": (_one(datatype="UINT8", data=[256, *FLAT[1:]]), {}, 400),
-    "UINT8 not an integer": (_one(datatype="UINT8", data=[1.5, *FLAT[1:]]), {}, 400),
-    "unknown output": (json.dumps({"inputs": [tensor(ONE)], "outputs": [{"name": "logits"}]}).encode(), {}, 400),
-    "binary_data_output not a boolean": (json.dumps({"inputs": [tensor(ONE)], "parameters": {
-        "binary_data_output": "yes"}}).encode(), {}, 400),
-    "binary_data not a boolean": (json.dumps({"inputs": [tensor(ONE)], "outputs": [{
-        "name": "label", "parameters": {"binary_data": "yes"}}]}).encode(), {}, 400),
-    "binary: NaN": (*_binary(NAN), 400),
-    "binary: size not the shape's": (*_binary(ONE, size=PIXELS * 4 - 4, tail=ONE.astype("<f4").tobytes()[:-4]), 400),
-    "binary: fewer bytes than declared": (*_binary(ONE, size=PIXELS * 4, tail=ONE.astype("<f4").tobytes()[:-1]),
-                                          400),
-    "binary: more bytes than declared": (*_binary(ONE, tail=ONE.astype("<f4").tobytes() + b"\0", size=PIXELS * 4),
-                                         400),
-    "binary: header length past the body": (*_binary(ONE, header=str(10**6)), 400),
-    "binary: header length not a number": (*_binary(ONE, header="12x"), 400),
-    "binary: header length cuts the JSON": (*_binary(ONE, header="10"), 400),
-    "binary: no header length": (_binary(ONE)[0], {}, 400),
-    "binary: size but no bytes": (*_binary(ONE, tail=b"", size=PIXELS * 4), 400),
-    "binary: both data and size": (*_binary(ONE, data=FLAT), 400),
-    "binary: bytes but no size": (_one() + ONE.astype("<f4").tobytes(), {HEADER_LENGTH: str(len(_one()))}, 400),
-    "more images than allowed": (*_binary(images(MAX_INPUTS + 1, seed=7)), 413),
-    "body over the limit": (*_binary(images(MAX_INPUTS, seed=8), tail=b"\0" * MAX_BODY, size=MAX_BODY), 413),
-}
-
-
-def test_the_bad_literals_are_in_their_bodies() -> None:
-    assert b"[NaN," in BAD["NaN literal"][0] and b"[-Infinity," in BAD["Infinity literal"][0]
+BAD = bad_oip_requests(MAX_INPUTS, MAX_BODY)  # the /v2 table (tests/bad_inputs.py)
 
 
 def test_errors_name_the_fix(server: ApiProcess) -> None:
     """A few messages, read as a user would: they say what is wrong and what the server takes."""
-    assert HEADER_LENGTH in assert_error(infer(server, *BAD["binary: no header length"][:2]), 400)
-    assert "[N, 1, 28, 28]" in assert_error(infer(server, *BAD["wrong image shape"][:2]), 400)
-    assert "unknown field" in assert_error(infer(server, *BAD["unknown field"][:2]), 400)
-    assert "783 values" in assert_error(infer(server, *BAD["data shorter than the shape"][:2]), 400)
+    def error(case: str) -> str:
+        return assert_error(infer(server, BAD[case].body, BAD[case].headers), BAD[case].status)
+
+    assert HEADER_LENGTH in error("binary: no header length")
+    assert "[N, 1, 28, 28]" in error("wrong image shape")
+    assert "unknown field" in error("unknown field")
+    assert "783 values" in error("data shorter than the shape")
+    assert "NaN is not a JSON number" in error("NaN literal")
+    assert "the limit is 8" in error("more images than allowed")
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess, r: redis.Redis) -> None:
-    body, headers, status = BAD[case]
+    bad = BAD[case]
     before, batches = redis_snapshot(r), engine_batches(server)
-    assert_error(infer(server, body, headers), status)
+    assert_error(infer(server, bad.body, bad.headers), bad.status)
     assert redis_snapshot(r) == before
     assert engine_batches(server) == batches  # nothing reached the engine
 
@@ -348,10 +277,10 @@ def test_a_static_replica_answers_without_ids_and_records_nothing(static: ApiPro
     meta = httpx.get(f"{static.url}/v2/models/{MODEL}", timeout=30).json()
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label"]
     before = redis_snapshot(r)
-    resp = infer(static, {"inputs": [tensor(images(2, seed=10))]}, auth=False)
+    resp = infer(static, {"inputs": [oip_tensor(images(2, seed=10))]}, auth=False)
     assert list(outputs(resp)) == ["probabilities", "label"] and probabilities(resp).shape == (2, CLASSES)
     assert redis_snapshot(r) == before
-    asked = infer(static, {"inputs": [tensor(images(1, seed=10))], "outputs": [{"name": "id"}]}, auth=False)
+    asked = infer(static, {"inputs": [oip_tensor(images(1, seed=10))], "outputs": [{"name": "id"}]}, auth=False)
     assert "'id'" in assert_error(asked, 400)
 
 
@@ -366,7 +295,7 @@ def test_a_replica_without_its_model_is_live_but_not_ready(redis_proc: RedisProc
         model_ready = httpx.get(f"{api.url}/v2/models/{MODEL}/ready", timeout=30)
         assert model_ready.status_code == 503 and model_ready.json()["ready"] is False
         assert "not loaded" in assert_error(httpx.get(f"{api.url}/v2/models/{MODEL}", timeout=30), 503)
-        resp = infer(api, {"inputs": [tensor(images(1, seed=11))]}, auth=False)
+        resp = infer(api, {"inputs": [oip_tensor(images(1, seed=11))]}, auth=False)
         assert "not loaded" in assert_error(resp, 503) and resp.headers["retry-after"] == "1"
     finally:
         api.stop()

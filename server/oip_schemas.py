@@ -21,7 +21,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class InputParameters(_Request):
+class _Parameters(BaseModel):
+    """Parameters are open key/value pairs in the protocol (e.g. MLServer's content_type): unknown ones are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class InputParameters(_Parameters):
     binary_data_size: StrictInt | None = Field(None, ge=0, description="binary tensor data extension: this "
                                                "input's data are the next binary_data_size bytes after the "
                                                "JSON header (Inference-Header-Content-Length)")
@@ -36,7 +42,7 @@ class RequestInput(_Request):
                                                      "are binary")
 
 
-class OutputParameters(_Request):
+class OutputParameters(_Parameters):
     binary_data: StrictBool | None = Field(None, description="this output as binary tensor data (default: "
                                                              "parameters.binary_data_output, else JSON)")
 

@@ -148,6 +148,10 @@ def test_infer_json_echoes_the_id_names_the_version_and_records_each_prediction(
     # the same path as the native /predict: the same answer for the same images
     native = httpx.post(server.url + "/predict", json={"inputs": x.tolist()}, headers=AUTH, timeout=60).json()
     np.testing.assert_allclose(probs, [p["probabilities"] for p in native["predictions"]], rtol=1e-5, atol=1e-6)
+    # parameters are open key/value pairs: one the server does not know is ignored
+    extra = infer(server, {"inputs": [{**oip_tensor(x), "parameters": {"content_type": "np"}}],
+                           "parameters": {"priority": 1}, "outputs": [{"name": "label", "parameters": {"x": 1}}]})
+    assert outputs(extra)["label"]["data"] == out["label"]["data"]
     # data nested as the shape, and only the outputs asked for, in their order
     nested = infer(server, {"inputs": [oip_tensor(x, nested=True)], "outputs": [{"name": "label"}]})
     assert [o["name"] for o in nested.json()["outputs"]] == ["label"]

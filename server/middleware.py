@@ -23,6 +23,12 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+def _error(scope: Scope, message: str) -> dict[str, Any]:
+    """An error body in the shape of the route set asked: the Open Inference Protocol's (/v2) or the native one."""
+    path = scope.get("path", "")
+    return {"error": message} if path == "/v2" or path.startswith("/v2/") else {"detail": message}
+
+
 class BodyLimitMiddleware:
     """413 for a body over ``max_bytes``, by its Content-Length or, when chunked, as it streams in.
 
@@ -33,8 +39,8 @@ class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
-    def _too_large(self) -> dict[str, Any]:
-        return {"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}
+    def _too_large(self, scope: Scope) -> dict[str, Any]:
+        return _error(scope, f"request body is larger than the limit of {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -45,10 +51,10 @@ class BodyLimitMiddleware:
             try:
                 declared = int(length)
             except ValueError:
-                await _send_json(send, 400, {"detail": "invalid Content-Length header"})
+                await _send_json(send, 400, _error(scope, "invalid Content-Length header"))
                 return
             if declared > self.max_bytes:
-                await _send_json(send, 413, self._too_large())
+                await _send_json(send, 413, self._too_large(scope))
                 return
         chunks: list[bytes] = []
         size = 0
@@ -59,7 +65,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await _send_json(send, 413, self._too_large())
+                await _send_json(send, 413, self._too_large(scope))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

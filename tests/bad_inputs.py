@@ -5,6 +5,10 @@ a well-formed error, Redis and the engine untouched) and tests/processes/test_ha
 status, ``message`` in the error's detail, no ``mp:*`` key and no feedback entry written). Each case says which
 of them sends it (``used_by``); a case both send is written once. The limits are the replica's own
 (``--max-inputs-per-request``, ``--max-body-bytes``), so the table is built for them.
+
+The Open Inference Protocol's routes (/v2) have a table of their own, :func:`bad_oip_requests`, sent by
+tests/processes/test_oip.py: their errors are ``{"error": ...}``, not ``{"detail": ...}``, and binary bodies
+carry a header. Its bodies are built by hand from the protocol (KServe v2 REST, binary tensor data extension).
 """
 
 from __future__ import annotations
@@ -152,3 +156,106 @@ def sent_by(test: str, table: dict[str, BadRequest], path: str | None = None) ->
     """The cases ``test`` sends (on ``path`` only, when given), in the table's order."""
     return {name: case for name, case in table.items()
             if test in case.used_by and (path is None or case.path == path)}
+
+
+# ---------------------------------------------------------------------------------- Open Inference Protocol (/v2)
+OIP_HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class BadOipRequest:
+    body: bytes
+    headers: dict[str, str]
+    status: int
+
+
+def oip_tensor(x: np.ndarray, datatype: str = "FP32", nested: bool = False) -> dict[str, Any]:
+    """An input tensor of images ``x`` ([N, 1, 28, 28]) with JSON data, flat (row-major) or nested."""
+    values = x.astype(np.uint8) if datatype == "UINT8" else x
+    return {"name": "images", "shape": list(x.shape), "datatype": datatype,
+            "data": values.tolist() if nested else values.ravel().tolist()}
+
+
+def _oip_one(x: np.ndarray, **changes: Any) -> bytes:
+    """A one-image JSON request with ``changes`` made to its input tensor."""
+    return json.dumps({"inputs": [{**oip_tensor(x), **changes}]}).encode()
+
+
+def _oip_binary(x: np.ndarray, size: int | None = None, tail: bytes | None = None, header: str | None = None,
+                **input_changes: Any) -> tuple[bytes, dict[str, str]]:
+    """A binary request: the JSON header, then ``tail`` (default: ``x`` as little-endian FP32)."""
+    raw = x.astype("<f4").tobytes() if tail is None else tail
+    inp = {"name": "images", "shape": list(x.shape), "datatype": "FP32",
+           "parameters": {"binary_data_size": len(raw) if size is None else size}, **input_changes}
+    head = json.dumps({"inputs": [inp]}).encode()
+    return head + raw, {OIP_HEADER_LENGTH: str(len(head)) if header is None else header}
+
+
+def bad_oip_requests(max_inputs: int, max_body: int) -> dict[str, BadOipRequest]:
+    """Every malformed ``POST /v2/models/{m}/infer``, by name, for a replica with these limits: 400 or 413."""
+    rng = np.random.default_rng(6)
+    one = rng.integers(0, 256, size=(1, *SHAPE)).astype(np.float32)
+    many = rng.integers(0, 256, size=(max_inputs + 1, *SHAPE)).astype(np.float32)
+    nan = one.copy()
+    nan[0, 0, 3, 4] = np.nan
+    flat = one.ravel().tolist()
+    pixels = one.size
+    raw = one.astype("<f4").tobytes()
+    half = [0.5, *flat[1:]]
+
+    def literal(spelled: str) -> bytes:
+        body = _oip_one(one, data=half)
+        assert b'"data": [0.5,' in body
+        return body.replace(b'"data": [0.5,', b'"data": [' + spelled.encode() + b",")
+
+    def request(**fields: Any) -> bytes:
+        return json.dumps({"inputs": [oip_tensor(one)], **fields}).encode()
+
+    rows: dict[str, tuple[bytes, dict[str, str], int]] = {
+        "not JSON": (b'{"inputs": [', {}, 400),
+        "not UTF-8": (b'{"inputs": [], "id": "\xff\xfe"}', {}, 400),
+        "NaN literal": (literal("NaN"), {}, 400),
+        "-Infinity literal": (literal("-Infinity"), {}, 400),
+        "nested 10,000 deep": (b'{"inputs": [{"data": ' + b"[" * 10_000 + b"]" * 10_000 + b"}]}", {}, 400),
+        "data nested 200 deep": (_oip_one(one, data=json.loads("[" * 200 + "]" * 200)), {}, 400),
+        "not the schema": (b'{"input": []}', {}, 400),
+        "not an object": (b"[1, 2, 3]", {}, 400),
+        "no inputs": (b'{"inputs": []}', {}, 400),
+        "two inputs": (json.dumps({"inputs": [oip_tensor(one), oip_tensor(one)]}).encode(), {}, 400),
+        "unknown field": (request(model="fashion"), {}, 400),
+        "unknown input name": (_oip_one(one, name="pixels"), {}, 400),
+        "unknown datatype": (_oip_one(one, datatype="FP33"), {}, 400),
+        "datatype not taken": (_oip_one(one, datatype="INT64"), {}, 400),
+        "shape of one image": (_oip_one(one, shape=list(SHAPE)), {}, 400),
+        "wrong image shape": (_oip_one(one, shape=[1, 1, 28, 27]), {}, 400),
+        "zero images": (_oip_one(one, shape=[0, *SHAPE], data=[]), {}, 400),
+        "data shorter than the shape": (_oip_one(one, data=flat[:-1]), {}, 400),
+        "data longer than the shape": (_oip_one(one, data=[*flat, 0.0]), {}, 400),
+        "no data": (_oip_one(one, data=None), {}, 400),
+        "ragged nested data": (_oip_one(one, data=[[one[0, 0].tolist()[:-1]]]), {}, 400),
+        "nested as another shape": (_oip_one(one, data=one.reshape(1, 28, 1, 28).tolist()), {}, 400),
+        "a string value": (_oip_one(one, data=["1", *flat[1:]]), {}, 400),
+        "a boolean value": (_oip_one(one, data=[True, *flat[1:]]), {}, 400),
+        "a null value": (_oip_one(one, data=[None, *flat[1:]]), {}, 400),
+        "outside float32": (_oip_one(one, data=[1e39, *flat[1:]]), {}, 400),
+        "UINT8 over 255": (_oip_one(one, datatype="UINT8", data=[256, *flat[1:]]), {}, 400),
+        "UINT8 not an integer": (_oip_one(one, datatype="UINT8", data=[1.5, *flat[1:]]), {}, 400),
+        "unknown output": (request(outputs=[{"name": "logits"}]), {}, 400),
+        "binary_data_output not a boolean": (request(parameters={"binary_data_output": "yes"}), {}, 400),
+        "binary_data not a boolean": (request(outputs=[{"name": "label", "parameters": {"binary_data": "yes"}}]),
+                                      {}, 400),
+        "binary: NaN": (*_oip_binary(nan), 400),
+        "binary: size not the shape's": (*_oip_binary(one, size=pixels * 4 - 4, tail=raw[:-4]), 400),
+        "binary: fewer bytes than declared": (*_oip_binary(one, size=pixels * 4, tail=raw[:-1]), 400),
+        "binary: more bytes than declared": (*_oip_binary(one, size=pixels * 4, tail=raw + b"\0"), 400),
+        "binary: header length past the body": (*_oip_binary(one, header=str(10**6)), 400),
+        "binary: header length not a number": (*_oip_binary(one, header="12x"), 400),
+        "binary: header length cuts the JSON": (*_oip_binary(one, header="10"), 400),
+        "binary: no header length": (_oip_binary(one)[0], {}, 400),
+        "binary: size but no bytes": (*_oip_binary(one, tail=b"", size=pixels * 4), 400),
+        "binary: both data and size": (*_oip_binary(one, data=flat), 400),
+        "binary: bytes but no size": (_oip_one(one) + raw, {OIP_HEADER_LENGTH: str(len(_oip_one(one)))}, 400),
+        "more images than allowed": (*_oip_binary(many), 413),
+        "body over max_body_bytes": (*_oip_binary(one, size=max_body, tail=b"\0" * max_body), 413),
+    }
+    return {name: BadOipRequest(body, headers, status) for name, (body, headers, status) in rows.items()}

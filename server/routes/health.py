@@ -12,7 +12,7 @@ from common.version_metrics import metrics_of
 from redis_io.connect import ping
 from server.errors import REDIS_DOWN
 from server.schemas import Health, ModelReadiness, Readiness
-from server.state import StateDep
+from server.state import AppState, StateDep
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
@@ -26,13 +26,8 @@ async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-async def readyz(state: StateDep) -> JSONResponse:
-    """Ready when Redis answers and every model has a version loaded; 503 with the reasons otherwise.
-
-    A model that serves an older version because the target failed to load is ready, with the reason
-    in its ``error``.
-    """
+async def readiness(state: AppState) -> Readiness:
+    """Whether Redis answers and every model has a version loaded, with the reasons when not (also /v2/health)."""
     reasons = []
     try:
         async with asyncio.timeout(state.settings.redis_timeout_s):
@@ -49,8 +44,18 @@ async def readyz(state: StateDep) -> JSONResponse:
                                       target_version=rt.target, error=rt.error)
         if served is None:
             reasons.append(f"model {name!r} is not loaded: {rt.error or 'still starting'}")
-    body = Readiness(status="not ready" if reasons else "ready", redis=redis_status, models=models, reasons=reasons)
-    return JSONResponse(body.model_dump(), status_code=503 if reasons else 200)
+    return Readiness(status="not ready" if reasons else "ready", redis=redis_status, models=models, reasons=reasons)
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(state: StateDep) -> JSONResponse:
+    """Ready when Redis answers and every model has a version loaded; 503 with the reasons otherwise.
+
+    A model that serves an older version because the target failed to load is ready, with the reason
+    in its ``error``.
+    """
+    body = await readiness(state)
+    return JSONResponse(body.model_dump(), status_code=503 if body.reasons else 200)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter
 
 from server.access import ACCESS_ERRORS, ClientDep
-from server.errors import ApiError, learning_off
+from server.errors import learning_off
+from server.inference import check_input_count, infer
 from server.jsonbody import StrictJSONRoute
 from server.schemas import BODY_ERRORS, Prediction, PredictRequest, PredictResponse, error_responses
 from server.state import StateDep
@@ -24,12 +24,6 @@ ERRORS = error_responses({
 }, BODY_ERRORS, ACCESS_ERRORS)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS)  # type: ignore[arg-type]
 async def predict(body: PredictRequest, state: StateDep, client: ClientDep) -> PredictResponse:
     """Predict a class for each input; each one is served on one balanced vendor path and recorded.
@@ -40,16 +34,11 @@ async def predict(body: PredictRequest, state: StateDep, client: ClientDep) -> P
     ctx = state.model(body.model)
     if body.labels is not None and not state.settings.learning:
         raise learning_off("labels")
-    limit = state.settings.max_inputs_per_request
-    if len(body.inputs) > limit:
-        raise ApiError(413, f"{len(body.inputs)} inputs in one request; the limit is {limit} "
-                            "(max_inputs_per_request): split the request")
+    check_input_count(state.settings, len(body.inputs))
     spec = ctx.served().loaded.spec
     x = inputs_array(body.inputs, spec.input_shape)
     labels = labels_array(body.labels, len(x), spec.num_classes)
-    answer = await ctx.batcher.submit(x, labels, client)
-    probs = softmax(answer.logits)
-    ids = answer.ids if answer.ids is not None else [None] * len(probs)
-    return PredictResponse(model=ctx.name, version=answer.version, predictions=[
+    out = await infer(ctx, x, labels, client)
+    return PredictResponse(model=ctx.name, version=out.version, predictions=[
         Prediction(id=rid, label=int(p.argmax()), probabilities=p.tolist())
-        for rid, p in zip(ids, probs, strict=True)])
+        for rid, p in zip(out.ids, out.probabilities, strict=True)])

@@ -59,7 +59,7 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
               "online_acc", "frozen_online_acc", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
-                 "step", "shrink", "max_step", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
+                 "step", "shrink", "shrink_t", "max_step", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
@@ -499,6 +499,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--probe-scale", type=float, help="default: the worker's, else the base's 0.05")
     ap.add_argument("--step", choices=["unit", "signal"])
     ap.add_argument("--max-step", type=float)
+    ap.add_argument("--shrink-t", type=float)
     ap.add_argument("--learn-groups", help="layer groups that learn: head, all, or indices like 0,2")
     ap.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attribution", choices=["zscore", "rank"])

@@ -76,6 +76,7 @@ class ReconcileConfig:
     min_cohort: int = 8
     class_weights: bool = False
     learn_groups: str = "all"  # which layer groups move: "all", "head" (the last) or indices "0,2"
+    shrink_t: float = 1.0  # shrinkage: a vendor's credit moves nothing below this t-statistic
 
 
 LEARN_GROUPS_PATTERN = r"^(all|head|\d+(,\d+)*)$"
@@ -319,7 +320,7 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     A = np.stack([co.sums(counted[:, s], credit, Vmax) for s in range(S)], axis=1)  # (cohorts, S, Vmax)
     kept_shrink = None
     if config.step == "signal" and config.shrink:
-        A, kept_shrink = shrunk(A, co, counted, credit, keep, S, Vmax)
+        A, kept_shrink = shrunk(A, co, counted, credit, keep, S, Vmax, config.shrink_t)
     credit_by_version = {int(versions[c]): A[c, :, :sources[int(versions[c])].seeds.shape[1]]
                          for c in np.flatnonzero(live)}
 
@@ -380,11 +381,11 @@ def baselined(co: Cohorts, loss: np.ndarray, keep: np.ndarray, records: Records,
 
 
 def shrunk(A: np.ndarray, co: Cohorts, counted: np.ndarray, credit: np.ndarray, keep: np.ndarray, S: int,
-           Vmax: int) -> tuple[np.ndarray, float | None]:
-    """Each vendor's credit times max(0, 1 − 1/t²), t its mean credit over the standard error of that mean.
+           Vmax: int, t0: float = 1.0) -> tuple[np.ndarray, float | None]:
+    """Each vendor's credit times max(0, 1 − t0²/t²), t its mean credit over the standard error of that mean.
 
     A vendor's mean credit estimates g·δ_v plus noise (other inputs, other groups' probes); where noise could
-    explain it (|t| ≤ 1) it moves nothing, and the step shrinks smoothly as the evidence weakens. Without this
+    explain it (|t| ≤ t0) it moves nothing, and the step shrinks smoothly as the evidence weakens. Without this
     a zeroth-order step is noise-dominated at serving batch sizes: it random-walks a well-trained model at
     the full cap even when the traffic has nothing new to teach. Returns the shrunk credits and the mean factor.
     """
@@ -395,7 +396,8 @@ def shrunk(A: np.ndarray, co: Cohorts, counted: np.ndarray, credit: np.ndarray, 
     mean = A / safe
     var_of_mean = np.maximum(sq - n * mean * mean, 0.0) / (safe - 1) / safe
     with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where((n >= 2) & (mean != 0), np.clip(1.0 - var_of_mean / (mean * mean), 0.0, 1.0), 0.0)
+        factor = np.where((n >= 2) & (mean != 0), np.clip(1.0 - t0 * t0 * var_of_mean / (mean * mean), 0.0, 1.0),
+                          0.0)
     live = n >= 2
     return A * factor, float(factor[live].mean()) if live.any() else None
 

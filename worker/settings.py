@@ -58,7 +58,9 @@ class WorkerSettings(BaseSettings):
                               "η an SGD rate, that shrinks when the credits are noise")
     shrink: bool = Field(True, description="signal steps: weigh each vendor's credit by its evidence, "
                                            "max(0, 1 - 1/t^2), so credits that noise could explain move nothing")
-    max_step: float = Field(0.03, ge=0, description="signal steps: largest step of a group, as a share of its "
+    shrink_t: float = Field(1.0, ge=0, description="signal steps with shrink: a vendor's credit whose t-statistic is "
+                                                  "at most this moves nothing (the factor is max(0, 1 - t0^2/t^2))")
+    max_step: float = Field(0.01, ge=0, description="signal steps: largest step of a group, as a share of its "
                                                    "weights' norm (0: no cap)")
     learn_groups: str = Field("head", pattern=LEARN_GROUPS_PATTERN,
                               description="layer groups that learn: head (the last, default), all, or indices like "
@@ -125,7 +127,8 @@ class WorkerSettings(BaseSettings):
             learning_rate=self.learning_rate, outlier=self.outlier, outlier_z=self.outlier_z,
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
             min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
-            max_step=self.max_step, shrink=self.shrink, learn_groups=self.learn_groups)
+            max_step=self.max_step, shrink=self.shrink, learn_groups=self.learn_groups,
+            shrink_t=self.shrink_t)
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -135,7 +138,8 @@ class WorkerSettings(BaseSettings):
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "baseline", "step", "shrink", "max_step", "learn_groups", "probe_scale", "vendors",
+                "class_weights", "baseline", "step", "shrink", "shrink_t", "max_step", "learn_groups", "probe_scale",
+                "vendors",
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",

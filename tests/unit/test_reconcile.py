@@ -523,3 +523,18 @@ def test_groups_that_do_not_learn_keep_their_weights_and_the_head_steps_as_it_wo
             else:
                 np.testing.assert_array_equal(head.params[k], params[k])
                 assert np.abs(every.params[k] - params[k]).max() > 0
+
+
+def test_a_higher_shrinkage_threshold_needs_more_evidence_to_move():
+    """shrink_t = t0: the factor is max(0, 1 - t0²/t²); t0 = 1 is the default, a large t0 stills everything."""
+    params, sources, path, label, diff, base = _paired_setup()
+    effect = np.array([0.0, 0.1, -0.1, 0.05])[path].sum(1)
+    records = Records(np.zeros(len(diff), np.int64), path, base + diff + effect, label, base)
+    config = ReconcileConfig(learning_rate=1e-2, min_cohort=1, baseline="leader", step="signal", max_step=0)
+    default = reconcile(SPEC, params, records, sources, config)
+    one = reconcile(SPEC, params, records, sources, ReconcileConfig(**{**config.__dict__, "shrink_t": 1.0}))
+    two = reconcile(SPEC, params, records, sources, ReconcileConfig(**{**config.__dict__, "shrink_t": 2.0}))
+    huge = reconcile(SPEC, params, records, sources, ReconcileConfig(**{**config.__dict__, "shrink_t": 1e6}))
+    assert default.stats["step_norm"] == one.stats["step_norm"] > 0
+    assert 0 < two.stats["step_norm"] < one.stats["step_norm"] and two.stats["shrink"] < one.stats["shrink"]
+    assert huge.stats["step_norm"] == 0 and huge.stats["shrink"] == 0

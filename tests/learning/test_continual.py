@@ -21,17 +21,16 @@ from worker.settings import WorkerSettings
 pytestmark = pytest.mark.slow
 
 # Measured over seeds 0, 1, 2 with the shipped defaults (python -m bench.continual --protocol P --quick --seed N
-# --eval-every 100: paired probes, leader baseline, signal steps η=0.001 shrunk by their evidence and capped at
-# 0.3% of each group, the validation guard on a 1,000-image holdout and on recent traffic), 300 steps:
-#   A: class 9's served loss fell by 0.96, 0.51, 0.25 nats (1.51, 1.03, 0.52 before the recent-traffic check,
-#      which refused 102, 84 and 35 of the 300 candidates); the known classes' test accuracy never fell more than
-#      0.02 points below the base;
-#   N: the leader's test accuracy never fell more than 0.08 points (72, 118 and 89 refusals);
+# --eval-every 100: paired probes, leader baseline, signal steps η=0.001 shrunk by their evidence, only the head
+# learning, capped at 1% of its norm, the validation guard on a 1,000-image holdout and on recent traffic), 300 steps:
+#   A: class 9's served loss fell by 2.37, 2.14, 2.30 nats (0.96, 0.51, 0.25 with every group learning at a 0.3%
+#      cap; 41-123 refusals); the known classes' test accuracy never fell below the base;
+#   N: the leader's test accuracy never fell more than 0.18 points (101-126 refusals);
 #   C: at every point the learning model was level with or ahead of the frozen base on the rotated test split,
-#      by +0.6 to +1.3 points at the end (the drift takes the frozen base from ~83% to 11-13% in 300 steps).
+#      by +1.35 to +1.95 points at the end (the drift takes the frozen base from ~83% to 11-13% in 300 steps).
 # The margins sit inside that spread; a learning change that hurts the known data or stops learning fails them.
 QUICK_FLAGS = ["--quick", "--no-progress", "--eval-every", "100"]
-MIN_NEW_LOSS_FALL = 0.2  # nats, served answers to the new class (A)
+MIN_NEW_LOSS_FALL = 1.0  # nats, served answers to the new class (A)
 MAX_KNOWN_DROP = 0.005  # leader's test accuracy against the step-0 base, at every evaluation point
 MAX_BEHIND_FROZEN = 0.005  # drift (C): learning's test accuracy against the frozen base, at every point
 MIN_AHEAD_OF_FROZEN = 0.005  # drift (C): learning ahead of the frozen base at the end

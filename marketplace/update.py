@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from marketplace.models import ModelSpec
-from marketplace.reconcile import ReconcileConfig, ReconcileResult, Records, VersionSeeds, reconcile
+from marketplace.reconcile import ReconcileConfig, ReconcileResult, Records, VersionSeeds, learned_groups, reconcile
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ def propose_update(spec: ModelSpec, params: dict[str, np.ndarray], records: Reco
     result.stats["loss_gap"] = gap
     result.stats["momentum"] = uc.momentum
     if uc.momentum and last_step is not None and result.used.any():
-        for k, p in result.params.items():
+        learned = learned_groups(rc.learn_groups, len(spec.groups))
+        last_step = {k: v if learned[int(k.split(".", 1)[0])] else np.zeros_like(v) for k, v in last_step.items()}
+        for k, p in result.params.items():  # groups that do not learn keep their weights, momentum or not
             result.params[k] = (p.astype(np.float64) + uc.momentum * last_step[k]).astype(np.float32)
         result.stats["momentum_norm"] = float(uc.momentum * np.sqrt(sum(float((v ** 2).sum())
                                                                         for v in last_step.values())))

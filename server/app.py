@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
-from server.errors import install_handlers
+from server.errors import error_body, install_handlers
 from server.metrics import ServerMetrics
 from server.middleware import BodyLimitMiddleware, MetricsMiddleware
 from server.routes import ROUTERS
@@ -46,9 +46,10 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     install_handlers(app)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: say so in JSON, details in the log
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # a bug: say so, details in the log
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500)
+        return JSONResponse(error_body(request.url.path, f"internal error ({type(exc).__name__}); see the server log"),
+                            500)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: 413s are counted too

@@ -83,9 +83,15 @@ async def _api_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
 
-async def _http_handler(_: Request, exc: Exception) -> JSONResponse:
+def error_body(path: str, message: Any) -> dict[str, Any]:
+    """An error body in the shape of the route set asked: the Open Inference Protocol's (/v2) or the native one."""
+    return {"error": str(message)} if path == "/v2" or path.startswith("/v2/") else {"detail": message}
+
+
+async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
+    """404 for an unknown path, 405 for a wrong method: in the shape of the route set the path belongs to."""
     assert isinstance(exc, StarletteHTTPException)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(request.url.path, exc.detail), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _redis_handler(_: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import error_body
 from server.metrics import ServerMetrics
 
 
@@ -24,9 +25,8 @@ async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
 
 
 def _error(scope: Scope, message: str) -> dict[str, Any]:
-    """An error body in the shape of the route set asked: the Open Inference Protocol's (/v2) or the native one."""
-    path = scope.get("path", "")
-    return {"error": message} if path == "/v2" or path.startswith("/v2/") else {"detail": message}
+    """An error body in the shape of the route set asked (:func:`server.errors.error_body`)."""
+    return error_body(scope.get("path", ""), message)
 
 
 class BodyLimitMiddleware:

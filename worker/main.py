@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from common.device import DeviceError, use_device
 from common.flags import settings_from_argv
 from common.logs import configure_logging
+from marketplace.models import spec_from_architecture
+from marketplace.reconcile import learned_groups
 from model_store import ModelStore
 from redis_io.connect import worker_client
 from worker.reconciler import Reconciler
@@ -27,6 +29,21 @@ DESCRIPTION = "mpserve reconciler worker: turns labelled predictions into new mo
 def build_settings(argv: Sequence[str] | None = None) -> WorkerSettings:
     """Settings from MPSERVE_* variables, overridden by the flags in ``argv``."""
     return settings_from_argv(WorkerSettings, argv, prog="python -m worker", description=DESCRIPTION)
+
+
+def check_learn_groups(settings: WorkerSettings, store: ModelStore) -> None:
+    """Refuse at start a ``learn_groups`` that names a group a stored model lacks (else every reconciliation of
+    that model would fail, and it would never learn). A model with no version yet is checked when it has one."""
+    for model in settings.models:
+        versions = store.versions(model)
+        if not versions:
+            continue
+        spec = spec_from_architecture(store.read_manifest(model, versions[-1])["architecture"])
+        try:
+            learned_groups(settings.learn_groups, len(spec.groups))
+        except ValueError as exc:
+            raise ValueError(f"model {model}: {exc}: set MPSERVE_LEARN_GROUPS (--learn-groups) to head, all or "
+                             f"indices below {len(spec.groups)}") from None
 
 
 def run(settings: WorkerSettings, stop: threading.Event) -> None:
@@ -58,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = use_device(settings.device)  # the guard's engines run on it
     except DeviceError as exc:
+        raise SystemExit(f"mpserve worker: {exc}") from None
+    try:
+        check_learn_groups(settings, ModelStore(settings.store_dir))
+    except ValueError as exc:
         raise SystemExit(f"mpserve worker: {exc}") from None
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():

@@ -57,7 +57,8 @@ class WorkerSettings(BaseSettings):
         "signal", description="unit: move η along the unit direction (upstream); signal: an SPSA gradient step, "
                               "η an SGD rate, that shrinks when the credits are noise")
     shrink: bool = Field(True, description="signal steps: weigh each vendor's credit by its evidence, "
-                                           "max(0, 1 - 1/t^2), so credits that noise could explain move nothing")
+                                           "max(0, 1 - t0^2/t^2) with t0 = shrink_t, so credits that noise could "
+                                           "explain move nothing")
     shrink_t: float = Field(1.0, ge=0, description="signal steps with shrink: a vendor's credit whose t-statistic is "
                                                   "at most this moves nothing (the factor is max(0, 1 - t0^2/t^2))")
     max_step: float = Field(0.01, ge=0, description="signal steps: largest step of a group, as a share of its "

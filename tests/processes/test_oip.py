@@ -120,6 +120,11 @@ def test_model_metadata_and_readiness_match_the_served_model(server: ApiProcess,
     for path in ("/v2/models/digits", "/v2/models/digits/ready"):
         assert "digits" in assert_error(httpx.get(server.url + path, timeout=30), 404)
     assert "digits" in assert_error(infer(server, {"inputs": [oip_tensor(images(1, seed=0))]}, model="digits"), 404)
+    # paths and methods no route matches answer in the protocol's shape too (versioned paths are not offered)
+    assert_error(httpx.post(f"{server.url}/v2/models/{MODEL}/versions/0/infer", json={}, timeout=30), 404)
+    assert_error(httpx.get(f"{server.url}/v2/models/{MODEL}/infer", timeout=30), 405)
+    native = httpx.get(f"{server.url}/no/such/path", timeout=30)
+    assert native.status_code == 404 and set(native.json()) == {"detail"}  # the native routes keep theirs
 
 
 # ---------------------------------------------------------------------------------- inference

@@ -45,7 +45,7 @@ from tests.helpers import (
     wait_until,
     worker_args,
 )
-from worker.main import build_settings
+from worker.main import build_settings, check_learn_groups
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -632,6 +632,15 @@ def test_learn_groups_naming_a_group_the_model_lacks_fails_with_the_fix_and_lose
     assert store.versions(MODEL) == [0] and version_key(redis_client) is None
     assert sorted(pending(redis_client)) == sorted(ids)  # delivered, not acknowledged: a fixed worker gets them
     rec.close()
+
+
+def test_the_worker_refuses_at_start_a_learn_groups_the_stored_model_lacks(
+        redis_server: RedisProcess, store: ModelStore) -> None:
+    with pytest.raises(ValueError, match=r"model fashion: .* indices below 2"):
+        check_learn_groups(make_settings(redis_server, store, learn_groups="0,2"), store)
+    for ok in ("head", "all", "0,1"):
+        check_learn_groups(make_settings(redis_server, store, learn_groups=ok), store)
+    check_learn_groups(make_settings(redis_server, store, models=["fresh"], learn_groups="7"), store)  # no version yet
 
 
 def test_guard_counts_non_finite_logits_as_wrong_and_skips_a_holdout_that_does_not_fit(

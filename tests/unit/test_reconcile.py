@@ -397,6 +397,27 @@ def test_propose_update_schedules_the_step_and_adds_exactly_beta_times_the_last_
     assert all(np.array_equal(nothing.params[k], params[k]) for k in params)  # no records used: no momentum either
 
 
+def test_momentum_leaves_the_groups_that_do_not_learn_where_they_are():
+    """A last step that moved every group (learn_groups was all) does not move the frozen ones once it is head."""
+    from marketplace.update import UpdateConfig, previous_step, propose_update
+
+    rng = np.random.default_rng(17)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    records = random_records(rng, [0], 48)
+    params = SPEC.init_params(4)
+    grand = {k: v - np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    rc = ReconcileConfig(learning_rate=0.3, min_cohort=1, learn_groups="head")
+    plain = propose_update(SPEC, params, records, sources, rc, UpdateConfig())
+    heavy = propose_update(SPEC, params, records, sources, rc, UpdateConfig(momentum=0.6),
+                           previous_step(params, grand))
+    for k in params:
+        if k.startswith(f"{S - 1}."):
+            np.testing.assert_allclose(heavy.params[k].astype(np.float64) - plain.params[k],
+                                       0.6 * (params[k].astype(np.float64) - grand[k]), rtol=0, atol=2e-6)
+        else:
+            np.testing.assert_array_equal(heavy.params[k], params[k])
+
+
 # ------------------------------------------------------------------------ paired baseline and signal steps
 def _paired_setup(seed: int = 3):
     rng = np.random.default_rng(seed)

@@ -9,19 +9,18 @@ or the engine, so a refused request leaves no trace.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from server.errors import ApiError
 from server.jsonbody import strict_loads
 from server.oip_schemas import InferRequest, RequestInput
-from server.validation import FLOAT32_MAX, FiniteNumber
+from server.validation import FLOAT32_MAX, nested_numbers
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # binary tensor data: the JSON's length (case-insensitive)
 INPUT_NAME = "images"
@@ -116,15 +115,6 @@ def _binary(inp: RequestInput, size: int, tail: bytes, count: int, dtype: np.dty
     return np.frombuffer(tail, dtype=dtype).astype(np.float64)
 
 
-@functools.cache
-def _adapter(depth: int) -> TypeAdapter[Any]:
-    """Strict finite numbers nested ``depth`` lists deep (no strings, booleans or nulls)."""
-    t: Any = FiniteNumber
-    for _ in range(depth):
-        t = list[t]
-    return TypeAdapter(t)
-
-
 def _json(inp: RequestInput, shape: list[int], count: int) -> np.ndarray:
     """JSON data, flat (row-major) or nested exactly as the shape."""
     if inp.data is None:
@@ -135,7 +125,7 @@ def _json(inp: RequestInput, shape: list[int], count: int) -> np.ndarray:
     if depth > len(shape):
         raise bad(f"input {inp.name!r} has data nested deeper than its shape {shape}")
     try:
-        values = _adapter(depth).validate_python(inp.data)
+        values = nested_numbers(depth).validate_python(inp.data)
     except ValidationError as exc:
         e = exc.errors(include_url=False, include_input=False)[0]
         where = "".join(f"[{p}]" for p in e["loc"])

@@ -22,8 +22,9 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @functools.cache
-def _adapter(depth: int) -> TypeAdapter[Any]:
-    """Validator of a list of inputs nested ``depth`` lists deep, e.g. list[list[list[list[float]]]]."""
+def nested_numbers(depth: int) -> TypeAdapter[Any]:
+    """Validator of strict finite numbers nested ``depth`` lists deep, e.g. list[list[list[list[float]]]] (no
+    strings, booleans or nulls); shared by the native inputs and the Open Inference Protocol's JSON tensors."""
     t: Any = FiniteNumber
     for _ in range(depth):
         t = list[t]
@@ -34,7 +35,7 @@ def inputs_array(inputs: list[Any], input_shape: Sequence[int]) -> np.ndarray:
     """(n, *input_shape) float32 of finite values, or a 422 that says exactly what is wrong."""
     shape = tuple(int(d) for d in input_shape)
     try:
-        data = _adapter(len(shape) + 1).validate_python(inputs)
+        data = nested_numbers(len(shape) + 1).validate_python(inputs)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         raise ApiError(422, [{"loc": ["body", "inputs", *e["loc"]], "msg": _msg(e, shape), "type": e["type"]}

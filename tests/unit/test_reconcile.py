@@ -363,14 +363,20 @@ def test_class_loss_gap_and_the_loss_gap_schedule():
         scheduled_lr(0.5, 1.0, UpdateConfig(lr_schedule="bogus"))  # type: ignore[arg-type]
 
 
+def _momentum_setup(seed: int, params_seed: int):
+    """One cohort of 48 records, weights, and a grandparent 0.01 away: what a momentum step is built from."""
+    rng = np.random.default_rng(seed)
+    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
+    records = random_records(rng, [0], 48)
+    params = SPEC.init_params(params_seed)
+    grand = {k: v - np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    return rng, sources, records, params, grand
+
+
 def test_propose_update_schedules_the_step_and_adds_exactly_beta_times_the_last_step():
     from marketplace.update import UpdateConfig, previous_step, propose_update
 
-    rng = np.random.default_rng(13)
-    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
-    records = random_records(rng, [0], 48)
-    params = SPEC.init_params(3)
-    grand = {k: v - np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    rng, sources, records, params, grand = _momentum_setup(13, 3)
     last = previous_step(params, grand)
     assert previous_step(params, None) is None
     rc = ReconcileConfig(learning_rate=0.3, min_cohort=1)
@@ -401,11 +407,7 @@ def test_momentum_leaves_the_groups_that_do_not_learn_where_they_are():
     """A last step that moved every group (learn_groups was all) does not move the frozen ones once it is head."""
     from marketplace.update import UpdateConfig, previous_step, propose_update
 
-    rng = np.random.default_rng(17)
-    sources = {0: VersionSeeds(fresh_seeds(S, V, rng), 0.05)}
-    records = random_records(rng, [0], 48)
-    params = SPEC.init_params(4)
-    grand = {k: v - np.float32(0.01) * rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    _, sources, records, params, grand = _momentum_setup(17, 4)
     rc = ReconcileConfig(learning_rate=0.3, min_cohort=1, learn_groups="head")
     plain = propose_update(SPEC, params, records, sources, rc, UpdateConfig())
     heavy = propose_update(SPEC, params, records, sources, rc, UpdateConfig(momentum=0.6),

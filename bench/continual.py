@@ -59,7 +59,8 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
               "online_acc", "frozen_online_acc", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
-                 "step", "shrink", "shrink_t", "max_step", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
+                 "step", "shrink", "shrink_t", "max_step", "head_gradient",
+                 "head_learning_rate", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
@@ -330,7 +331,8 @@ class EngineRun:
             logits, paths = self.engine.forward(weights, x, self.path_rng)
             answer = logits
         loss = cross_entropy(logits, y)
-        records = Records(np.full(len(y), self.version, np.int64), paths, loss, y, base)
+        records = Records(np.full(len(y), self.version, np.int64), paths, loss, y, base,
+                          logits if base is not None else None, answer if base is not None else None)
         truth = y if truth is None else truth
         served = (cross_entropy(answer, truth), answer.argmax(1) == truth)
         sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
@@ -501,6 +503,8 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-step", type=float)
     ap.add_argument("--shrink-t", type=float)
     ap.add_argument("--learn-groups", help="layer groups that learn: head, all, or indices like 0,2")
+    ap.add_argument("--head-gradient", choices=["logits", "spsa"])
+    ap.add_argument("--head-learning-rate", type=float)
     ap.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attribution", choices=["zscore", "rank"])
     ap.add_argument("--normalize", choices=["model", "group"])

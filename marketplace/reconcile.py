@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from marketplace.deltas import split_group, vendor_signs
+from marketplace.head import head_gradient
 from marketplace.models import ModelSpec
 from marketplace.threefry import uniform_delta_np
 
@@ -24,6 +25,8 @@ class Records:
     """Labelled records: the version that served each, its path (R, S), its loss, optionally its label.
 
     ``base``: with paired probes, the leader's loss on the same input (NaN where a record has none).
+    ``logits``/``leader_logits`` (R, C): with paired probes, the probe's and the leader's logits (NaN rows where a
+    record has none); they give the head its gradient estimate (marketplace.head).
     """
 
     version: np.ndarray
@@ -31,6 +34,8 @@ class Records:
     loss: np.ndarray
     label: np.ndarray | None = None
     base: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    leader_logits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         R = len(self.loss)
@@ -40,6 +45,10 @@ class Records:
             raise ValueError("label must have shape (R,)")
         if self.base is not None and self.base.shape != (R,):
             raise ValueError("base must have shape (R,)")
+        for name in ("logits", "leader_logits"):
+            value = getattr(self, name)
+            if value is not None and (value.ndim != 2 or value.shape[0] != R):
+                raise ValueError(f"{name} must have shape (R, C)")
         if not np.all(np.isfinite(self.loss)):
             raise ValueError("losses must be finite")
 
@@ -77,6 +86,10 @@ class ReconcileConfig:
     class_weights: bool = False
     learn_groups: str = "all"  # which layer groups move: "all", "head" (the last) or indices "0,2"
     shrink_t: float = 1.0  # shrinkage: a vendor's credit moves nothing below this t-statistic
+    # signal steps: "logits" estimates a linear head's gradient from the logits its probes moved (marketplace.head),
+    # where records carry both logits; "spsa" from loss differences, as every other group
+    head_gradient: Literal["spsa", "logits"] = "spsa"
+    head_learning_rate: float = 0.03  # the SGD rate of the "logits" head gradient (capped by max_step as well)
 
 
 LEARN_GROUPS_PATTERN = r"^(all|head|\d+(,\d+)*)$"
@@ -328,11 +341,15 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     learned = learned_groups(config.learn_groups, S)
     directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
                   for s in range(S)]
+    head = logits_head(spec, records, sources, keep, config) if learned[-1] and config.step == "signal" else None
+    if head is not None:
+        directions[-1] = -head[0]  # a descent direction, as the credits' D_s is
     norms = [float(np.linalg.norm(d)) for d in directions]
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
     if config.step == "signal":
         eps = float(np.sqrt(np.mean([sources[v].eps ** 2 for v in credit_by_version]))) if credit_by_version else 1.0
-        scales, step_norm = signal_scales(directions, eps, int(keep.sum()), params, spec, eta, config.max_step)
+        rates = [None] * (S - 1) + [config.head_learning_rate if head is not None else None]
+        scales, step_norm = signal_scales(directions, eps, int(keep.sum()), params, spec, eta, config.max_step, rates)
     else:
         scales = [eta / (total_norm if config.normalize == "model" else norms[s]) if norms[s] else 0.0
                   for s in range(S)]
@@ -351,6 +368,8 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
              "outliers_dropped": int(used.sum() - keep.sum()), "direction_norm": total_norm,
              "step_norm": step_norm, "paired": int((paired & used).sum()),
              "shrink": kept_shrink,
+             "head_gradient": ("logits" if head is not None else "spsa") if learned[-1] else None,
+             "head_records": head[1] if head is not None else None,
              "learning_rate": float(eta),
              "loss_mean": float(kept_loss.mean()) if len(kept_loss) else None,
              "loss_std": float(kept_loss.std()) if len(kept_loss) else None}
@@ -402,8 +421,20 @@ def shrunk(A: np.ndarray, co: Cohorts, counted: np.ndarray, credit: np.ndarray, 
     return A * factor, float(factor[live].mean()) if live.any() else None
 
 
+def logits_head(spec: ModelSpec, records: Records, sources: dict[int, VersionSeeds], keep: np.ndarray,
+                config: ReconcileConfig) -> tuple[np.ndarray, int] | None:
+    """The head's estimated gradient from the records' logits (and how many measured it), when the config asks for
+    it and the records carry them; None: the head takes its SPSA direction like the other groups."""
+    if config.head_gradient != "logits" or records.logits is None or records.leader_logits is None \
+            or records.label is None:
+        return None
+    return head_gradient(spec, records.logits, records.leader_logits, np.asarray(records.label, np.int64),
+                         records.version, records.path[:, -1], sources, keep)
+
+
 def signal_scales(directions: list[np.ndarray], eps: float, records: int, params: dict[str, np.ndarray],
-                  spec: ModelSpec, eta: float, max_step: float) -> tuple[list[float], float]:
+                  spec: ModelSpec, eta: float, max_step: float, rates: list[float | None] | None = None
+                  ) -> tuple[list[float], float]:
     """Per group, the factor that turns D_s = Σ A·δ into an SPSA step, and the whole step's norm.
 
     With δ uniform in [-ε, ε] per element, E[d·δ] = (ε²/3)·g for a loss difference d ≈ g·δ, so
@@ -411,10 +442,13 @@ def signal_scales(directions: list[np.ndarray], eps: float, records: int, params
     loss differences). Each group's step is capped at ``max_step``·‖θ_s‖, a layer-wise trust region: one batch
     of outliers cannot throw the model far, and the noise of a large group's estimate (it grows with the
     group's size) does not eat the step of a small one, such as the head a new class mostly needs.
+    ``rates``: per group, an SGD rate for a direction that is already a (descent) gradient estimate, such as the
+    head's from its logits; None: the group's D_s is an SPSA sum.
     """
-    factor = eta * 3.0 / (eps * eps * max(records, 1))
+    spsa = eta * 3.0 / (eps * eps * max(records, 1))
     scales = []
     for s, d in enumerate(directions):
+        factor = spsa if rates is None or rates[s] is None else float(rates[s])
         norm = factor * float(np.sqrt(d @ d))
         theta = float(np.sqrt(sum(float(np.square(params[k], dtype=np.float64).sum()) for k in spec.group_shapes(s))))
         scales.append(factor * min(1.0, max_step * theta / norm) if max_step > 0 and norm > 0 else factor)

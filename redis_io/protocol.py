@@ -128,6 +128,8 @@ class FeedbackEntry:
     client: str | None = None  # the API client that gave the label (None: no API keys)
     base_loss: float | None = None  # paired probes: the leader's loss on the same input
     probe_correct: bool | None = None  # paired probes: was the perturbed path right
+    logits: np.ndarray | None = None  # paired probes: the probe path's logits (the head's gradient needs both)
+    leader_logits: np.ndarray | None = None  # paired probes: the leader's logits on the same input
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +361,8 @@ def _parse_entry(entry_id: str, fields: Mapping[bytes | str, Any] | None) -> Fee
         client=as_str(f.get("client") or b"") or None,
         base_loss=float(f["base"]) if f.get("base") else None,
         probe_correct=_FLAGS.get(f.get("probe_hit")),
+        logits=_decode_logits(f["logits"]) if f.get("logits") else None,
+        leader_logits=_decode_logits(f["leader"]) if f.get("leader") else None,
     )
 
 

@@ -63,6 +63,12 @@ class WorkerSettings(BaseSettings):
                                                   "at most this moves nothing (the factor is max(0, 1 - t0^2/t^2))")
     max_step: float = Field(0.01, ge=0, description="signal steps: largest step of a group, as a share of its "
                                                    "weights' norm (0: no cap)")
+    head_gradient: Literal["logits", "spsa"] = Field(
+        "logits", description="signal steps: the head's gradient from the logits its probes moved (paired records "
+                              "keep both; C measurements a record, marketplace.head), or spsa from loss differences "
+                              "as every other group")
+    head_learning_rate: float = Field(0.03, ge=0, description="SGD rate of the logits head gradient (its step is "
+                                                             "capped by max_step too)")
     learn_groups: str = Field("head", pattern=LEARN_GROUPS_PATTERN,
                               description="layer groups that learn: head (the last, default), all, or indices like "
                                           "0,2; the others keep their weights and run unperturbed in new versions")
@@ -129,7 +135,7 @@ class WorkerSettings(BaseSettings):
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
             min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
             max_step=self.max_step, shrink=self.shrink, learn_groups=self.learn_groups,
-            shrink_t=self.shrink_t)
+            shrink_t=self.shrink_t, head_gradient=self.head_gradient, head_learning_rate=self.head_learning_rate)
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -139,8 +145,8 @@ class WorkerSettings(BaseSettings):
     def manifest_record(self) -> dict[str, Any]:
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
-                "class_weights", "baseline", "step", "shrink", "shrink_t", "max_step", "learn_groups", "probe_scale",
-                "vendors",
+                "class_weights", "baseline", "step", "shrink", "shrink_t", "max_step", "head_gradient",
+                "head_learning_rate", "learn_groups", "probe_scale", "vendors",
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",

@@ -34,13 +34,33 @@ def describe_entries(ids: Sequence[str]) -> dict[str, Any]:
 
 def feedback_records(entries: Sequence[FeedbackEntry]) -> Records:
     """The feedback entries as the arrays the algorithm reconciles."""
+    logits, leader = logit_rows(entries)
     return Records(
         version=np.array([e.version for e in entries], dtype=np.int64),
         path=np.array([e.path for e in entries], dtype=np.int64).reshape(len(entries), -1),
         loss=np.array([e.loss for e in entries], dtype=np.float64),
         label=np.array([e.label for e in entries], dtype=np.int64),
         base=np.array([np.nan if e.base_loss is None else e.base_loss for e in entries], dtype=np.float64),
+        logits=logits, leader_logits=leader,
     )
+
+
+def logit_rows(entries: Sequence[FeedbackEntry]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(R, C) probe and leader logits of the entries that carry both (NaN rows for the others); None when none does.
+
+    C is the width most entries have; an entry of another width (a record of some other model's shape) gets NaN
+    rows, so it still counts by its loss but not in the head's logits estimate.
+    """
+    widths = [len(e.logits) for e in entries
+              if e.logits is not None and e.leader_logits is not None and len(e.logits) == len(e.leader_logits)]
+    if not widths:
+        return None, None
+    C = int(np.bincount(widths).argmax())
+    logits, leader = np.full((len(entries), C), np.nan), np.full((len(entries), C), np.nan)
+    for i, e in enumerate(entries):
+        if e.logits is not None and e.leader_logits is not None and len(e.logits) == C == len(e.leader_logits):
+            logits[i], leader[i] = e.logits, e.leader_logits
+    return logits, leader
 
 
 def served_metrics(used: Sequence[FeedbackEntry], validation: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -114,7 +134,9 @@ class ReconcileStats:
                 "expired_dropped": self.expired_dropped, "invalid_dropped": self.invalid_dropped,
                 "held_back": self.held_back, "inputs": inputs, "reconciler": {**reconciler, "trigger": self.trigger},
                 "training": {"kind": kind, "direction_norm": self.update["direction_norm"],
-                             "loss_gap": self.update["loss_gap"]}}
+                             "loss_gap": self.update["loss_gap"],
+                             "head_gradient": self.update.get("head_gradient"),  # logits | spsa | None (frozen)
+                             "head_records": self.update.get("head_records")}}
 
     def publish_record(self, parent: int, inputs: Mapping[str, Any], weights_sha256: str, consumer: str,
                        owner: str, token: int) -> dict[str, Any]:

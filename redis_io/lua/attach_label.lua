@@ -6,8 +6,10 @@
 -- ARGV[7] paired probes: the leader's loss on the same input ('' for none), ARGV[8] '1'/'0' whether the probe
 -- path was right ('' for none), ARGV[9] how many labelled inputs the replay stream keeps ('0': none)
 -- A prediction the API kept the input of moves that input, with its label, to the replay stream.
+-- With paired probes the entry also carries the prediction's two logit vectors (float32 bytes, copied from its
+-- hash): the probe's ('logits') and the leader's ('leader'), from which the worker estimates the head's gradient.
 -- Returns {status} or {status, existing_label}; status in ok | duplicate | conflict | not_found.
-local h = redis.call('HMGET', KEYS[1], 'version', 'path', 'label')
+local h = redis.call('HMGET', KEYS[1], 'version', 'path', 'label', 'logits', 'leader')
 if not h[1] then
   return {'not_found'}
 end
@@ -30,6 +32,12 @@ if ARGV[7] and ARGV[7] ~= '' then
   entry[#entry + 1] = ARGV[7]
   entry[#entry + 1] = 'probe_hit'
   entry[#entry + 1] = ARGV[8] or ''
+  if h[4] and h[5] then
+    entry[#entry + 1] = 'logits'
+    entry[#entry + 1] = h[4]
+    entry[#entry + 1] = 'leader'
+    entry[#entry + 1] = h[5]
+  end
 end
 redis.call('XADD', KEYS[2], '*', unpack(entry))
 local keep = tonumber(ARGV[9] or '0') or 0

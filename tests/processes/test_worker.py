@@ -623,6 +623,37 @@ def test_learning_options_reach_the_published_versions(
     rec.close()
 
 
+def test_paired_entries_give_the_head_its_gradient_from_their_logits(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
+    """The default head_gradient=logits: the worker reads both logits from the feedback entries and steps the head
+    as marketplace.reconcile does on the same records, built here from what was written, not by the worker."""
+    rec = Reconciler(make_settings(redis_server, store), store, redis_client, MODEL)
+    rng = np.random.default_rng(40)
+    leader = rng.normal(0, 2, (48, CLASSES)).astype(np.float32)
+    probe = (leader + rng.normal(0, 0.3, leader.shape)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, 48)
+    paths = rng.integers(0, VENDORS, (48, GROUPS))
+    ModelLog(redis_client, MODEL).write_predictions(
+        [PredictionRecord(f"h{i}", 0, tuple(int(v) for v in paths[i]), probe[i], label=int(labels[i]),
+                          leader_logits=leader[i]) for i in range(48)])
+    out = rec.run_once()
+    assert (out.published, out.version) == (True, 1), out.reason
+    m1 = store.read_manifest(MODEL, 1)
+    assert m1["training"]["head_gradient"] == "logits"
+    assert m1["training"]["head_records"] == int((paths[:, -1] != 0).sum())
+    records = Records(np.zeros(48, np.int64), paths, cross_entropy(probe, labels), labels,
+                      cross_entropy(leader, labels), probe.astype(np.float64), leader.astype(np.float64))
+    p0, p1 = store.read_version(MODEL, 0)[0], store.read_version(MODEL, 1)[0]
+    loaded = load_version(store, MODEL, 0)
+    sources = {0: VersionSeeds(np.array(store.read_manifest(MODEL, 0)["seeds"], dtype=np.uint64),
+                               float(store.read_manifest(MODEL, 0)["probe_scale"]))}
+    expected = propose_update(loaded.spec, p0, records, sources, rec.settings.reconcile_config(), UpdateConfig())
+    for k in p0:
+        np.testing.assert_allclose(p1[k], expected.params[k], rtol=0, atol=1e-6)
+        assert np.array_equal(p1[k], p0[k]) == k.startswith("0.")  # only the head (group 1) learns
+    rec.close()
+
+
 def test_learn_groups_naming_a_group_the_model_lacks_fails_with_the_fix_and_loses_nothing(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
     rec = Reconciler(make_settings(redis_server, store, learn_groups="0,2"), store, redis_client, MODEL)

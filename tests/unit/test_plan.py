@@ -34,3 +34,21 @@ def test_a_cohort_shrunk_by_disabled_entries_waits_and_stale_ones_stay_stale() -
     assert [e.id for e in batch.invalid] == ["p1", "p2"]
     assert [e.id for e in batch.held] == ["p0"] and batch.usable == []  # one of min_cohort=2 left: it waits
     assert [e.id for e in batch.stale] == ["p3"]  # outside the lineage window: stale whoever labelled it
+
+
+def test_feedback_records_carry_the_logits_of_paired_entries_and_nan_rows_for_the_rest() -> None:
+    import numpy as np
+
+    from worker.summary import feedback_records
+
+    z, zl = np.arange(10, dtype=np.float32), np.ones(10, np.float32)
+    paired = [FeedbackEntry(entry_id=f"{n}-0", id=f"p{n}", version=0, path=(0, 1), loss=0.5, label=1, ts_ms=NOW_MS,
+                            base_loss=0.4, logits=z + n, leader_logits=zl) for n in range(3)]
+    odd = FeedbackEntry(entry_id="9-0", id="odd", version=0, path=(0, 1), loss=0.5, label=1, ts_ms=NOW_MS,
+                        base_loss=0.4, logits=z[:3], leader_logits=zl[:3])  # another width: not this model's
+    records = feedback_records([*paired, entry(5, None), odd])
+    assert records.logits is not None and records.leader_logits is not None
+    assert records.logits.shape == (5, 10)
+    np.testing.assert_array_equal(records.logits[2], z + 2)
+    assert np.isnan(records.logits[3:]).all() and np.isnan(records.leader_logits[3:]).all()
+    assert feedback_records([entry(1, None)]).logits is None  # single-path entries: no logits at all

@@ -199,6 +199,10 @@ def test_paired_record_carries_the_leader_loss_into_the_feedback_entry(redis_cli
         assert e.loss == pytest.approx(expect_loss) and e.base_loss == pytest.approx(expect_base)
         assert e.correct is True  # the user got the leader's answer, class 1
         assert e.probe_correct is False  # the probe path said class 0
+        # both logit vectors travel with the entry: the worker estimates the head's gradient from them
+        assert e.logits is not None and e.leader_logits is not None
+        np.testing.assert_array_equal(e.logits, probe)
+        np.testing.assert_array_equal(e.leader_logits, leader)
 
 
 # --------------------------------------------------------------------------- labels

@@ -1,0 +1,91 @@
+"""The head's gradient from the logits its probes moved (marketplace.head), against the gradient itself."""
+
+import numpy as np
+import pytest
+
+from marketplace.deltas import group_delta
+from marketplace.head import head_gradient, linear_head
+from marketplace.models import beautiful_mnist, mlp
+from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy, fresh_seeds, reconcile
+
+SPEC = mlp(hidden=(16,))  # the head: group 1, Linear(16, 10)
+W_KEY, B_KEY = "1.fc.weight", "1.fc.bias"
+EPS = 0.05
+
+
+def head_records(seed: int, n: int, V: int, learned_only: bool = True):
+    """Features, labels, params, seeds and the logits a paired record keeps: leader W·h + b, probe (W+δW)·h + b+δb."""
+    rng = np.random.default_rng(seed)
+    params = SPEC.init_params(seed)
+    h = np.maximum(rng.normal(size=(n, 16)), 0)
+    label = rng.integers(0, 10, n)
+    seeds = fresh_seeds(2, V, rng, learned=np.array([not learned_only, True]))
+    path = rng.integers(0, V, size=(n, 2))
+    leader = h @ params[W_KEY].T.astype(np.float64) + params[B_KEY]
+    probe = leader.copy()
+    for v in range(1, V):
+        d = group_delta(SPEC, 1, int(seeds[1, v]), EPS)
+        rows = path[:, 1] == v
+        probe[rows] += h[rows] @ d[W_KEY].T.astype(np.float64) + d[B_KEY]
+    return h, label, params, {0: VersionSeeds(seeds, EPS)}, path, leader, probe
+
+
+def true_gradient(h, label, params):
+    z = h @ params[W_KEY].T.astype(np.float64) + params[B_KEY]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(label)), label] -= 1.0
+    return p.T @ h / len(label), p.mean(0)  # ∂ mean CE / ∂W, ∂b
+
+
+def test_linear_head_finds_the_last_linear_layer_of_both_shipped_architectures():
+    assert linear_head(SPEC) == (W_KEY, B_KEY)
+    assert linear_head(beautiful_mnist()) == ("2.fc.weight", "2.fc.bias")
+    assert linear_head(mlp(hidden=(16,), num_classes=3)) == ("1.fc.weight", "1.fc.bias")
+
+
+def test_the_bias_gradient_is_exact_and_the_weight_gradient_unbiased():
+    h, label, params, sources, path, leader, probe = head_records(seed=0, n=6000, V=16)
+    flat, measured = head_gradient(SPEC, probe, leader, label, np.zeros(len(label), np.int64), path[:, 1], sources,
+                                   np.ones(len(label), bool))
+    gW, gb = true_gradient(h, label, params)
+    est_b, est_W = flat[:10], flat[10:].reshape(10, 16)  # sorted keys: the bias first, as the delta counter walks
+    np.testing.assert_allclose(est_b, gb, atol=1e-9)
+    assert measured == int((path[:, 1] != 0).sum())  # the leader's vendor measures nothing
+    cosine = float((est_W * gW).sum() / np.linalg.norm(est_W) / np.linalg.norm(gW))
+    assert cosine > 0.9
+    assert float((est_W * gW).sum() / (gW * gW).sum()) == pytest.approx(1.0, abs=0.15)  # unbiased: projection ≈ 1
+
+
+def test_records_without_both_logits_or_of_another_width_do_not_count():
+    h, label, params, sources, path, leader, probe = head_records(seed=1, n=64, V=4)
+    use = np.ones(64, bool)
+    version, vendor = np.zeros(64, np.int64), path[:, 1]
+    none = np.full_like(probe, np.nan)
+    assert head_gradient(SPEC, none, leader, label, version, vendor, sources, use) is None
+    assert head_gradient(SPEC, probe[:, :3], leader[:, :3], label, version, vendor, sources, use) is None
+    half = probe.copy()
+    half[32:] = np.nan
+    _, measured = head_gradient(SPEC, half, leader, label, version, vendor, sources, use)
+    assert measured == int((vendor[:32] != 0).sum())
+
+
+def test_reconcile_steps_the_head_down_its_logits_gradient_within_the_cap():
+    """A signal step with head_gradient="logits" lowers the loss of the very records it learned from, moves only
+    the head, and keeps to max_step; records without logits fall back to the SPSA direction."""
+    h, label, params, sources, path, leader, probe = head_records(seed=2, n=2048, V=4)
+    version = np.zeros(len(label), np.int64)
+    loss, base = cross_entropy(probe, label), cross_entropy(leader, label)
+    config = ReconcileConfig(min_cohort=1, baseline="leader", step="signal", max_step=0.01, learn_groups="head",
+                             head_gradient="logits", head_learning_rate=0.05)
+    out = reconcile(SPEC, params, Records(version, path, loss, label, base, probe, leader), sources, config)
+    assert out.stats["head_gradient"] == "logits" and out.stats["head_records"] == int((path[:, 1] != 0).sum())
+    new = out.params
+    after = cross_entropy(h @ new[W_KEY].T.astype(np.float64) + new[B_KEY], label)
+    assert after.mean() < base.mean()
+    np.testing.assert_array_equal(new["0.fc.weight"], params["0.fc.weight"])
+    step = np.sqrt(sum(float(np.square(new[k] - params[k].astype(np.float64)).sum()) for k in (W_KEY, B_KEY)))
+    theta = np.sqrt(sum(float(np.square(params[k], dtype=np.float64).sum()) for k in (W_KEY, B_KEY)))
+    assert step <= 0.01 * theta * (1 + 1e-5)
+    spsa = reconcile(SPEC, params, Records(version, path, loss, label, base), sources, config)
+    assert spsa.stats["head_gradient"] == "spsa" and spsa.stats["head_records"] is None

@@ -61,7 +61,8 @@ def one_batch(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, V: in
     exact = np.concatenate([G.mean(0), (G.T @ h / len(y)).ravel()])
     diff = cross_entropy(probe, y) - cross_entropy(leader, y)
     spsa = 3.0 / (eps * eps * len(y)) * (diff @ flat_delta[vendor])
-    est, _ = head_gradient(spec, probe, leader, y, np.zeros(len(y), np.int64), vendor,  # type: ignore[misc]
+    path = np.stack([np.zeros_like(vendor), vendor], axis=1)  # group 0 runs unperturbed (seed 0), as by default
+    est, _ = head_gradient(spec, probe, leader, y, np.zeros(len(y), np.int64), path,  # type: ignore[misc]
                            {0: VersionSeeds(seeds, eps)}, np.ones(len(y), bool))
     return {"spsa": cosine(spsa, exact), "logits": cosine(est, exact)}
 

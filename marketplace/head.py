@@ -40,15 +40,18 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def head_gradient(spec: ModelSpec, logits: np.ndarray, leader_logits: np.ndarray, label: np.ndarray,
-                  version: np.ndarray, vendor: np.ndarray, sources: dict, use: np.ndarray
+                  version: np.ndarray, path: np.ndarray, sources: dict, use: np.ndarray
                   ) -> tuple[np.ndarray, int] | None:
     """The estimated gradient of the mean loss over the head group's flat vector (sorted key order, as the delta
     counter walks it), and how many records measured its weights; None when the head is not one linear layer or
     no used record carries both logits.
 
     ``logits``/``leader_logits`` (R, C): each record's probe and leader logits (NaN rows: none recorded);
-    ``vendor`` (R,): each record's vendor in the head group; ``sources``: version → VersionSeeds;
-    ``use`` (R,) bool: the records that may count (cohort used, not an outlier).
+    ``path`` (R, S): each record's vendor per group; ``sources``: version → VersionSeeds;
+    ``use`` (R,) bool: the records that may count (cohort used, not an outlier). Only records whose other groups
+    ran unperturbed (seed 0: the default, where only the head learns) measure the weights: a perturbed feature
+    group adds W·Δh to Δz, zero on average but as large as the signal (the mlp's cosine falls from ~0.4 to
+    0.1-0.2). Every record counts toward the bias, whose gradient needs no probe.
     """
     keys = linear_head(spec)
     if keys is None:
@@ -67,15 +70,18 @@ def head_gradient(spec: ModelSpec, logits: np.ndarray, leader_logits: np.ndarray
     dz = (logits[have] - leader_logits[have]).astype(np.float64)
     gW = np.zeros((C, H))
     measured = 0
-    ver, ven = version[have], vendor[have]
+    ver, paths = version[have], path[have]
+    ven = paths[:, s]
     for n in np.unique(ver):
         src = sources[int(n)]
         signs = vendor_signs(src.seeds.shape[1], src.antithetic)
-        for v in np.unique(ven[ver == n]):
+        cohort = np.flatnonzero(ver == n)
+        exact = cohort[(src.seeds[np.arange(s)[None, :], paths[cohort, :s]] == 0).all(axis=1)]
+        for v in np.unique(ven[exact]):
             seed = int(src.seeds[s, v])
             if seed == 0:  # the leader's vendor: no probe, so no measurement of the features
                 continue
-            rows = np.flatnonzero((ver == n) & (ven == v))
+            rows = exact[ven[exact] == v]
             delta = group_delta(spec, s, seed, src.eps)
             dW = signs[v] * delta[w_key].astype(np.float64)
             db = signs[v] * delta[b_key].astype(np.float64)

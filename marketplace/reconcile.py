@@ -339,16 +339,20 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
 
     sizes = spec.group_sizes()
     learned = learned_groups(config.learn_groups, S)
-    directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
-                  for s in range(S)]
     head = logits_head(spec, records, sources, keep, config) if learned[-1] and config.step == "signal" else None
-    if head is not None:
-        directions[-1] = -head[0]  # a descent direction, as the credits' D_s is
+    directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
+                  for s in range(S - 1)]
+    # the head's direction: minus its gradient estimated from the logits (a descent direction, as D_s is), or D_s
+    directions.append(-head[0] if head is not None else group_direction(credit_by_version, sources, S - 1,
+                                                                        sizes[-1]) if learned[-1]
+                      else np.zeros(sizes[-1]))
+    # η scales the head's rate too: a schedule moves both, and η = 0 stops every step
+    head_rate = config.head_learning_rate * eta / config.learning_rate if config.learning_rate > 0 else 0.0
     norms = [float(np.linalg.norm(d)) for d in directions]
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
     if config.step == "signal":
         eps = float(np.sqrt(np.mean([sources[v].eps ** 2 for v in credit_by_version]))) if credit_by_version else 1.0
-        rates = [None] * (S - 1) + [config.head_learning_rate if head is not None else None]
+        rates = [None] * (S - 1) + [head_rate if head is not None else None]
         scales, step_norm = signal_scales(directions, eps, int(keep.sum()), params, spec, eta, config.max_step, rates)
     else:
         scales = [eta / (total_norm if config.normalize == "model" else norms[s]) if norms[s] else 0.0
@@ -370,6 +374,7 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
              "shrink": kept_shrink,
              "head_gradient": ("logits" if head is not None else "spsa") if learned[-1] else None,
              "head_records": head[1] if head is not None else None,
+             "head_learning_rate": head_rate if head is not None else None,
              "learning_rate": float(eta),
              "loss_mean": float(kept_loss.mean()) if len(kept_loss) else None,
              "loss_std": float(kept_loss.std()) if len(kept_loss) else None}
@@ -429,7 +434,7 @@ def logits_head(spec: ModelSpec, records: Records, sources: dict[int, VersionSee
             or records.label is None:
         return None
     return head_gradient(spec, records.logits, records.leader_logits, np.asarray(records.label, np.int64),
-                         records.version, records.path[:, -1], sources, keep)
+                         records.version, records.path, sources, keep)
 
 
 def signal_scales(directions: list[np.ndarray], eps: float, records: int, params: dict[str, np.ndarray],

@@ -361,9 +361,17 @@ def _parse_entry(entry_id: str, fields: Mapping[bytes | str, Any] | None) -> Fee
         client=as_str(f.get("client") or b"") or None,
         base_loss=float(f["base"]) if f.get("base") else None,
         probe_correct=_FLAGS.get(f.get("probe_hit")),
-        logits=_decode_logits(f["logits"]) if f.get("logits") else None,
-        leader_logits=_decode_logits(f["leader"]) if f.get("leader") else None,
+        logits=_optional_logits(f.get("logits")),
+        leader_logits=_optional_logits(f.get("leader")),
     )
+
+
+def _optional_logits(raw: Any) -> np.ndarray | None:
+    """An entry's logits, or None when absent or malformed: the entry still counts by its loss."""
+    try:
+        return _decode_logits(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def p_entries(pairs: Iterable[Any]) -> tuple[list[FeedbackEntry], list[str]]:

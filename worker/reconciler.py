@@ -364,7 +364,7 @@ class Reconciler:
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
         with self.lease.renewing():  # the update and its validation may outlast the lease's TTL
-            result = propose_update(parent.spec, parent.params, feedback_records(batch.usable),
+            result = propose_update(parent.spec, parent.params, feedback_records(batch.usable, parent.spec.num_classes),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
                                     self.settings.update_config(), self._last_step(parent))
             recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \

@@ -41,8 +41,8 @@ class WorkerSettings(BaseSettings):
     min_records: int = Field(256, ge=1, description="reconcile as soon as this many usable records are ready")
     interval_s: float = Field(30.0, gt=0, description="timer: reconcile whatever is usable this long after the last")
     poll_ms: int = Field(200, ge=1, le=60_000, description="longest a stream read blocks (also the request poll)")
-    learning_rate: float = Field(0.001, ge=0, description="step size η: an SGD rate for signal steps, the step's "
-                                                          "length for unit steps")
+    learning_rate: float = Field(0.001, ge=0, description="step size η: an SGD rate for SPSA signal steps, the "
+                                                          "step's length for unit steps (0: no group moves)")
     outlier: Literal["none", "zscore", "quantile"] = Field("none", description="outlier filter on loss per cohort")
     outlier_z: float = Field(3.0, gt=0, description="z-score filter: drop |loss - mean| > z·std")
     outlier_quantile: float = Field(0.02, ge=0, lt=0.5, description="quantile filter: share trimmed from each tail")
@@ -56,7 +56,8 @@ class WorkerSettings(BaseSettings):
     step: Literal["unit", "signal"] = Field(
         "signal", description="unit: move η along the unit direction (upstream); signal: an SPSA gradient step, "
                               "η an SGD rate, that shrinks when the credits are noise")
-    shrink: bool = Field(True, description="signal steps: weigh each vendor's credit by its evidence, "
+    shrink: bool = Field(True, description="signal steps of SPSA directions: weigh each vendor's credit by its "
+                                           "evidence, "
                                            "max(0, 1 - t0^2/t^2) with t0 = shrink_t, so credits that noise could "
                                            "explain move nothing")
     shrink_t: float = Field(1.0, ge=0, description="signal steps with shrink: a vendor's credit whose t-statistic is "
@@ -68,7 +69,7 @@ class WorkerSettings(BaseSettings):
                               "keep both; C measurements a record, marketplace.head), or spsa from loss differences "
                               "as every other group")
     head_learning_rate: float = Field(0.03, ge=0, description="SGD rate of the logits head gradient (its step is "
-                                                             "capped by max_step too)")
+                                                             "capped by max_step too; a schedule scales it as η)")
     learn_groups: str = Field("head", pattern=LEARN_GROUPS_PATTERN,
                               description="layer groups that learn: head (the last, default), all, or indices like "
                                           "0,2; the others keep their weights and run unperturbed in new versions")

@@ -32,9 +32,9 @@ def describe_entries(ids: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def feedback_records(entries: Sequence[FeedbackEntry]) -> Records:
-    """The feedback entries as the arrays the algorithm reconciles."""
-    logits, leader = logit_rows(entries)
+def feedback_records(entries: Sequence[FeedbackEntry], num_classes: int | None = None) -> Records:
+    """The feedback entries as the arrays the algorithm reconciles (``num_classes``: the model's, for the logits)."""
+    logits, leader = logit_rows(entries, num_classes)
     return Records(
         version=np.array([e.version for e in entries], dtype=np.int64),
         path=np.array([e.path for e in entries], dtype=np.int64).reshape(len(entries), -1),
@@ -45,17 +45,18 @@ def feedback_records(entries: Sequence[FeedbackEntry]) -> Records:
     )
 
 
-def logit_rows(entries: Sequence[FeedbackEntry]) -> tuple[np.ndarray | None, np.ndarray | None]:
+def logit_rows(entries: Sequence[FeedbackEntry], num_classes: int | None = None
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(R, C) probe and leader logits of the entries that carry both (NaN rows for the others); None when none does.
 
-    C is the width most entries have; an entry of another width (a record of some other model's shape) gets NaN
+    C is the model's number of classes (else the width most entries have); an entry of another width gets NaN
     rows, so it still counts by its loss but not in the head's logits estimate.
     """
     widths = [len(e.logits) for e in entries
               if e.logits is not None and e.leader_logits is not None and len(e.logits) == len(e.leader_logits)]
     if not widths:
         return None, None
-    C = int(np.bincount(widths).argmax())
+    C = int(np.bincount(widths).argmax()) if num_classes is None else num_classes
     logits, leader = np.full((len(entries), C), np.nan), np.full((len(entries), C), np.nan)
     for i, e in enumerate(entries):
         if e.logits is not None and e.leader_logits is not None and len(e.logits) == C == len(e.leader_logits):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from marketplace.deltas import group_delta
+from marketplace.deltas import group_delta, vendor_signs
 from marketplace.head import head_gradient, linear_head
 from marketplace.models import beautiful_mnist, mlp
 from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy, fresh_seeds, reconcile
@@ -13,21 +13,27 @@ W_KEY, B_KEY = "1.fc.weight", "1.fc.bias"
 EPS = 0.05
 
 
-def head_records(seed: int, n: int, V: int, learned_only: bool = True):
-    """Features, labels, params, seeds and the logits a paired record keeps: leader W·h + b, probe (W+δW)·h + b+δb."""
+def head_records(seed: int, n: int, V: int, learned_only: bool = True, eps: float = EPS, antithetic: bool = False,
+                 params: dict | None = None):
+    """Features, labels, params, seeds and the logits a paired record keeps: leader W·h + b, probe (W+δW)·h + b+δb.
+
+    ``learned_only`` False: group 0 is probed too (its seeds non-zero), as in a version 0 that probes every group;
+    the probe logits still move by the head's delta only, so such records carry a usable measurement that the
+    estimator must nevertheless leave out of W (in a real model their features moved)."""
     rng = np.random.default_rng(seed)
-    params = SPEC.init_params(seed)
+    params = SPEC.init_params(seed) if params is None else params
     h = np.maximum(rng.normal(size=(n, 16)), 0)
     label = rng.integers(0, 10, n)
-    seeds = fresh_seeds(2, V, rng, learned=np.array([not learned_only, True]))
+    seeds = fresh_seeds(2, V, rng, antithetic=antithetic, learned=np.array([not learned_only, True]))
+    signs = vendor_signs(V, antithetic)
     path = rng.integers(0, V, size=(n, 2))
     leader = h @ params[W_KEY].T.astype(np.float64) + params[B_KEY]
     probe = leader.copy()
     for v in range(1, V):
-        d = group_delta(SPEC, 1, int(seeds[1, v]), EPS)
+        d = group_delta(SPEC, 1, int(seeds[1, v]), eps)
         rows = path[:, 1] == v
-        probe[rows] += h[rows] @ d[W_KEY].T.astype(np.float64) + d[B_KEY]
-    return h, label, params, {0: VersionSeeds(seeds, EPS)}, path, leader, probe
+        probe[rows] += signs[v] * (h[rows] @ d[W_KEY].T.astype(np.float64) + d[B_KEY])
+    return h, label, params, VersionSeeds(seeds, eps, antithetic), path, leader, probe
 
 
 def true_gradient(h, label, params):
@@ -45,8 +51,9 @@ def test_linear_head_finds_the_last_linear_layer_of_both_shipped_architectures()
 
 
 def test_the_bias_gradient_is_exact_and_the_weight_gradient_unbiased():
-    h, label, params, sources, path, leader, probe = head_records(seed=0, n=6000, V=16)
-    flat, measured = head_gradient(SPEC, probe, leader, label, np.zeros(len(label), np.int64), path[:, 1], sources,
+    h, label, params, src, path, leader, probe = head_records(seed=0, n=6000, V=16)
+    sources = {0: src}
+    flat, measured = head_gradient(SPEC, probe, leader, label, np.zeros(len(label), np.int64), path, sources,
                                    np.ones(len(label), bool))
     gW, gb = true_gradient(h, label, params)
     est_b, est_W = flat[:10], flat[10:].reshape(10, 16)  # sorted keys: the bias first, as the delta counter walks
@@ -58,22 +65,26 @@ def test_the_bias_gradient_is_exact_and_the_weight_gradient_unbiased():
 
 
 def test_records_without_both_logits_or_of_another_width_do_not_count():
-    h, label, params, sources, path, leader, probe = head_records(seed=1, n=64, V=4)
+    h, label, params, src, path, leader, probe = head_records(seed=1, n=64, V=4)
+    sources = {0: src}
     use = np.ones(64, bool)
-    version, vendor = np.zeros(64, np.int64), path[:, 1]
+    version, vendor = np.zeros(64, np.int64), path[:, 1]  # group 0 has seed 0 everywhere: its vendor is moot
     none = np.full_like(probe, np.nan)
-    assert head_gradient(SPEC, none, leader, label, version, vendor, sources, use) is None
-    assert head_gradient(SPEC, probe[:, :3], leader[:, :3], label, version, vendor, sources, use) is None
+    assert head_gradient(SPEC, none, leader, label, version, path, sources, use) is None
+    assert head_gradient(SPEC, probe[:, :3], leader[:, :3], label, version, path, sources, use) is None
     half = probe.copy()
     half[32:] = np.nan
-    _, measured = head_gradient(SPEC, half, leader, label, version, vendor, sources, use)
+    _, measured = head_gradient(SPEC, half, leader, label, version, path, sources, use)
     assert measured == int((vendor[:32] != 0).sum())
+    _, measured = head_gradient(SPEC, probe, leader, label, version, path, sources, np.arange(64) % 2 == 0)
+    assert measured == int((vendor[::2] != 0).sum())  # only the records ``use`` lets count
 
 
 def test_reconcile_steps_the_head_down_its_logits_gradient_within_the_cap():
     """A signal step with head_gradient="logits" lowers the loss of the very records it learned from, moves only
     the head, and keeps to max_step; records without logits fall back to the SPSA direction."""
-    h, label, params, sources, path, leader, probe = head_records(seed=2, n=2048, V=4)
+    h, label, params, src, path, leader, probe = head_records(seed=2, n=2048, V=4)
+    sources = {0: src}
     version = np.zeros(len(label), np.int64)
     loss, base = cross_entropy(probe, label), cross_entropy(leader, label)
     config = ReconcileConfig(min_cohort=1, baseline="leader", step="signal", max_step=0.01, learn_groups="head",
@@ -89,3 +100,39 @@ def test_reconcile_steps_the_head_down_its_logits_gradient_within_the_cap():
     assert step <= 0.01 * theta * (1 + 1e-5)
     spsa = reconcile(SPEC, params, Records(version, path, loss, label, base), sources, config)
     assert spsa.stats["head_gradient"] == "spsa" and spsa.stats["head_records"] is None
+    # a rate the cap binds: the step is exactly max_step of the head's norm; η = 0 stops it altogether
+    big = ReconcileConfig(**{**config.__dict__, "head_learning_rate": 10.0})
+    capped = reconcile(SPEC, params, Records(version, path, loss, label, base, probe, leader), sources, big)
+    step = np.sqrt(sum(float(np.square(capped.params[k] - params[k].astype(np.float64)).sum())
+                       for k in (W_KEY, B_KEY)))
+    assert step == pytest.approx(0.01 * theta, rel=1e-4)
+    frozen = ReconcileConfig(**{**config.__dict__, "learning_rate": 0.0})
+    still = reconcile(SPEC, params, Records(version, path, loss, label, base, probe, leader), sources, frozen)
+    assert all(np.array_equal(still.params[k], params[k]) for k in params)
+
+
+def test_versions_with_other_scales_and_mirrored_vendors_estimate_the_same_gradient():
+    """Records of three versions (V 5, 4, 7; ε 0.05, 0.02, 0.1; two with antithetic pairs) in one batch, all served
+    at the same weights: the bias gradient is exact and the weight gradient unbiased."""
+    params = SPEC.init_params(7)
+    parts = [head_records(seed=10 + i, n=12000, V=V, eps=eps, antithetic=anti, params=params)
+             for i, (V, eps, anti) in enumerate([(5, 0.05, True), (4, 0.02, False), (7, 0.1, True)])]
+    h = np.concatenate([p[0] for p in parts])
+    label = np.concatenate([p[1] for p in parts])
+    version = np.concatenate([np.full(len(p[1]), n, np.int64) for n, p in enumerate(parts)])
+    flat, measured = head_gradient(SPEC, np.concatenate([p[6] for p in parts]), np.concatenate([p[5] for p in parts]),
+                                   label, version, np.concatenate([p[4] for p in parts]),
+                                   {n: p[3] for n, p in enumerate(parts)}, np.ones(len(label), bool))
+    gW, gb = true_gradient(h, label, params)
+    np.testing.assert_allclose(flat[:10], gb, atol=1e-9)
+    est_W = flat[10:].reshape(10, 16)
+    assert float((est_W * gW).sum() / (gW * gW).sum()) == pytest.approx(1.0, abs=0.1)
+    assert float((est_W * gW).sum() / np.linalg.norm(est_W) / np.linalg.norm(gW)) > 0.8
+
+
+def test_records_whose_feature_groups_were_probed_count_only_toward_the_bias():
+    h, label, params, src, path, leader, probe = head_records(seed=4, n=4000, V=4, learned_only=False)
+    flat, measured = head_gradient(SPEC, probe, leader, label, np.zeros(len(label), np.int64), path, {0: src},
+                                   np.ones(len(label), bool))
+    assert measured == int(((path[:, 0] == 0) & (path[:, 1] != 0)).sum())  # group 0's leader vendor only
+    np.testing.assert_allclose(flat[:10], true_gradient(h, label, params)[1], atol=1e-9)  # every record

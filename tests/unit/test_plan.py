@@ -52,3 +52,5 @@ def test_feedback_records_carry_the_logits_of_paired_entries_and_nan_rows_for_th
     np.testing.assert_array_equal(records.logits[2], z + 2)
     assert np.isnan(records.logits[3:]).all() and np.isnan(records.leader_logits[3:]).all()
     assert feedback_records([entry(1, None)]).logits is None  # single-path entries: no logits at all
+    model = feedback_records([*paired[:1], odd, odd], num_classes=10)  # the model's width, not the majority's
+    assert model.logits is not None and model.logits.shape == (3, 10) and np.isnan(model.logits[1:]).all()

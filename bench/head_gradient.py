@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ("spsa", "logits"):
             ax.plot([r["vendors"] for r in rows], [r[key] for r in rows], marker="o", label=key)
         ax.set(xlabel="vendors of the head (V)", ylabel="cosine to the exact gradient", xscale="log", ylim=(0, 1),
-               title="the head's gradient, one batch of 256 (mlp, protocol A)")
+               title="head gradient, a batch of 256 (mlp, A)")
         ax.set_xticks([r["vendors"] for r in rows], [str(r["vendors"]) for r in rows])
+        ax.minorticks_off()
         ax.legend()
         save_figure(fig, args.plot)
     return payload

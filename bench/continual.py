@@ -64,7 +64,7 @@ LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "norm
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
-                 "reseed_on_refusal", "min_cohort")
+                 "guard_drift_z", "reseed_on_refusal", "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -306,7 +306,8 @@ class EngineRun:
         if not self.settings.guard_traffic or len(self.replay) < self.settings.guard_traffic_min:
             return None
         xs, ys, anchor = zip(*self.replay, strict=True)
-        return TrafficCheck(np.stack(xs), np.array(ys), np.array(anchor), 0, self.settings.guard_traffic_tolerance)
+        return TrafficCheck(np.stack(xs), np.array(ys), np.array(anchor), 0, self.settings.guard_traffic_tolerance,
+                            self.settings.guard_drift_z)
 
     def frozen_answer(self, x: np.ndarray) -> np.ndarray:
         """What the base model, never learning, serves for ``x`` (same exploration, its own vendor paths)."""
@@ -528,6 +529,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
                     help="also judge candidates on recent labelled traffic against the base (worker default: on)")
     ap.add_argument("--guard-traffic-tolerance", type=float)
     ap.add_argument("--guard-traffic-min", type=int)
+    ap.add_argument("--guard-drift-z", type=float)
 
 
 def base_model(args: argparse.Namespace, protocol: Protocol, streams: Streams) -> tuple[ModelSpec, dict, str]:

@@ -11,12 +11,15 @@ aggregate-only guard). The reference is, by default, the *anchor*: the figures o
 was checked on this holdout, carried from manifest to manifest, so many small drops cannot add up to a large one;
 `guard_reference=parent` compares with the serving version instead (drift may accumulate).
 The shipped model comes with a holdout set (docs/DESIGN.md §3), so the guard is on by default.
+With the recent-traffic check, a class whose traffic has drifted away from its holdout examples (`drifted_classes`)
+leaves the holdout checks: the holdout keeps judging only the classes it still speaks for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,9 +44,12 @@ class Verdict:
     @property
     def reason(self) -> str:
         v = self.validation
-        if v["accuracy"] < v["reference_accuracy"] - v["tolerance"] - _SLACK:
-            return (f"holdout accuracy {v['accuracy']:.4f} is more than {v['tolerance']:.4f} below the reference "
-                    f"{v['reference_accuracy']:.4f} ({v['reference']})")
+        own, ref = v.get("judged_accuracy", v["accuracy"]), v.get("judged_reference_accuracy", v["reference_accuracy"])
+        tol = v.get("judged_tolerance", v["tolerance"])
+        if own is not None and ref is not None and own < ref - tol - _SLACK:
+            drifted = f", classes {v['drifted_classes']} left out as drifted" if v.get("drifted_classes") else ""
+            return (f"holdout accuracy {own:.4f} is more than {tol:.4f} below the reference "
+                    f"{ref:.4f} ({v['reference']}{drifted})")
         traffic = v.get("traffic")
         if traffic and traffic.get("accepted") is False:
             return (f"accuracy {traffic['accuracy']:.4f} on {traffic['size']} recent labelled inputs is more than "
@@ -71,6 +77,38 @@ class TrafficCheck:
     anchor_correct: np.ndarray
     anchor_version: int
     tolerance: float
+    drift_z: float = 0.0  # > 0: a class whose traffic the anchor answers this many standard errors worse than its
+    # holdout examples has drifted away from them, and the holdout no longer judges it (`drifted_classes`)
+
+
+#: a class needs this many recent labelled inputs before its drift is judged
+DRIFT_MIN_INPUTS = 20
+
+
+def drifted_classes(check: TrafficCheck, anchor_class_accuracy: list[float | None], holdout_counts: list[int]
+                    ) -> list[int]:
+    """The classes whose recent traffic has moved away from their holdout examples.
+
+    The anchor (the model as it was, kept frozen) answers both: where it is right on a class's holdout examples
+    markedly more often than on that class's recent traffic (a two-proportion z-test, z ≥ ``drift_z``), the
+    holdout shows a world users no longer send (a rotation growing over every class, a new look of one class),
+    and judging candidates on it would only hold the model back there; the recent-traffic check, on what users
+    do send, still judges them. A class the traffic does not show, or shows as the holdout does, keeps its check.
+    """
+    if check.drift_z <= 0:
+        return []
+    out = []
+    for c, (held, n_h) in enumerate(zip(anchor_class_accuracy, holdout_counts, strict=False)):
+        mask = check.labels == c
+        n_t = int(mask.sum())
+        if held is None or n_h == 0 or n_t < DRIFT_MIN_INPUTS:
+            continue
+        now = float(np.mean(check.anchor_correct[mask]))
+        pooled = (held * n_h + now * n_t) / (n_h + n_t)
+        se = np.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n_h + 1 / n_t))
+        if (held - now) / se >= check.drift_z:
+            out.append(c)
+    return out
 
 
 def correct_answers(engine: Engine, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray
@@ -125,7 +163,8 @@ def _worst_class(own: list[float | None], ref: list[float | None], counts: list[
 
 def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict[str, Any] | None,
             holdout: Holdout, tolerance: float, reference: Literal["anchor", "parent"],
-            class_tolerance: float = 1.0) -> Verdict:
+            class_tolerance: float = 1.0, drifted: Callable[[list[float | None], list[int]], list[int]] | None = None
+            ) -> Verdict:
     """Accept or refuse a candidate from its holdout figures and its parent's (pure: no I/O, no state).
 
     ``parent_validation`` is the parent's recorded "validation" block (its manifest's); the anchor it carries
@@ -133,6 +172,8 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
     Per-class figures (``class_accuracy``) are judged only where both sides have them and the holdout has at
     least 2/``class_tolerance`` examples of the class (40 at 0.05); an anchor recorded
     before per-class figures existed takes the parent's per-class figures as its own.
+    ``drifted``: given the anchor's per-class figures and the holdout's class counts, the classes whose traffic
+    has drifted away from the holdout (`drifted_classes`): they leave both the per-class and the aggregate check.
     """
     carried = parent_validation if parent_validation and parent_validation.get("holdout_sha256") == holdout.sha256 \
         else {}  # an anchor measured on another holdout does not count
@@ -143,17 +184,32 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
     ref_classes = anchor_classes if reference == "anchor" else before_classes
     own_classes = own.get("class_accuracy") or []
     counts = np.bincount(holdout.labels, minlength=len(own_classes)).tolist()
+    stale = sorted(drifted(anchor_classes, counts)) if drifted is not None and own_classes else []
+    judged = [0 if c in stale else n for c, n in enumerate(counts)]  # a drifted class's examples do not count
     least = int(np.ceil(2 / class_tolerance)) if class_tolerance > 0 else 1  # two examples within the tolerance
-    worst = _worst_class(own_classes, ref_classes, counts, least)
+    worst = _worst_class(own_classes, ref_classes, judged, least)
     class_ok = worst is None or own_classes[worst] >= ref_classes[worst] - class_tolerance - _SLACK
-    accepted = own["accuracy"] >= ref - tolerance - _SLACK and class_ok
+    own_acc, ref_acc, judged_tolerance = own["accuracy"], ref, tolerance
+    if stale:  # the aggregate over the classes the holdout still speaks for, with at least two examples of slack
+        own_acc, ref_acc = _weighted(own_classes, judged), _weighted(ref_classes, judged)
+        judged_tolerance = max(tolerance, 2 / max(sum(judged), 1))
+    accepted = (own_acc is None or ref_acc is None or own_acc >= ref_acc - judged_tolerance - _SLACK) and class_ok
     return Verdict(accepted, {
         "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],
         "loss": own["loss"], "parent_accuracy": before["accuracy"], "anchor_accuracy": anchor,
         "reference": reference, "reference_accuracy": ref, "tolerance": tolerance,
         "class_accuracy": own_classes, "parent_class_accuracy": before_classes,
         "anchor_class_accuracy": anchor_classes, "reference_class_accuracy": ref_classes,
-        "class_tolerance": class_tolerance, "worst_class": worst, "accepted": accepted})
+        "class_tolerance": class_tolerance, "worst_class": worst, "drifted_classes": stale,
+        "judged_accuracy": own_acc, "judged_reference_accuracy": ref_acc, "judged_tolerance": judged_tolerance,
+        "accepted": accepted})
+
+
+def _weighted(per_class: list[float | None], counts: list[int]) -> float | None:
+    """Accuracy over the examples of the counted classes (None: no class left to judge)."""
+    pairs = [(a, n) for a, n in zip(per_class, counts, strict=False) if a is not None and n]
+    total = sum(n for _, n in pairs)
+    return sum(a * n for a, n in pairs) / total if total else None
 
 
 def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, Any],
@@ -165,8 +221,9 @@ def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: H
     The one guard decision: the worker calls it before publishing, and bench/continual.py in its loop, so
     the experiments measure what the server does. ``before`` is the parent's holdout figures.
     """
+    drifted = None if traffic is None else lambda anchor, counts: drifted_classes(traffic, anchor, counts)
     held = verdict(holdout_figures(engine, candidate, holdout), before, parent_validation, holdout, tolerance,
-                   reference, class_tolerance)
+                   reference, class_tolerance, drifted)
     if traffic is None:
         return held
     figures = traffic_figures(correct_answers(engine, candidate, traffic.inputs, traffic.labels), traffic)
@@ -269,7 +326,8 @@ class ValidationGuard:
         keep = {(version, e.entry_id) for e in fit}  # what the stream still holds: the cache stays that size
         self._anchor_correct = {k: v for k, v in self._anchor_correct.items() if k in keep}
         anchor_correct = np.array([self._anchor_correct[(version, e.entry_id)] for e in fit])
-        return TrafficCheck(inputs, labels, anchor_correct, version, self.settings.guard_traffic_tolerance)
+        return TrafficCheck(inputs, labels, anchor_correct, version, self.settings.guard_traffic_tolerance,
+                            self.settings.guard_drift_z)
 
     def _anchor_params(self, parent: LoadedVersion) -> tuple[int, dict[str, np.ndarray]]:
         """The traffic anchor's version and weights; the parent becomes the anchor when the carried one is gone."""

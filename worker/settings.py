@@ -93,6 +93,9 @@ class WorkerSettings(BaseSettings):
                                                   "keeps (its replay stream) against the anchor version, kept frozen")
     guard_traffic_tolerance: float = Field(0.0, ge=0, le=1, description="refuse a candidate whose accuracy on recent "
                                            "labelled inputs is more than this below the anchor's on the same inputs")
+    guard_drift_z: float = Field(3.0, ge=0, description="with the recent-traffic check: a class whose recent "
+                                 "traffic the anchor answers this many standard errors worse than its holdout "
+                                 "examples has drifted, and leaves the holdout checks (0: never)")
     guard_traffic_max_age_s: int = Field(86400, ge=1, description="recent traffic: labelled inputs no older than "
                                                                   "this")
     guard_traffic_min: int = Field(128, ge=1, description="judge on recent traffic once this many labelled inputs "
@@ -151,7 +154,7 @@ class WorkerSettings(BaseSettings):
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
-                "guard_traffic_max_age_s", "reseed_on_refusal",
+                "guard_drift_z", "guard_traffic_max_age_s", "reseed_on_refusal",
                 "min_cohort", "max_cohort_age", "min_records", "interval_s",
                 "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

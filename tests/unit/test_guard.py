@@ -11,7 +11,7 @@ from marketplace.engine import Engine
 from marketplace.models import mlp
 from model_store.holdout import decode_holdout, encode_holdout
 from tests.helpers import fitted_mlp, numpy_mlp
-from worker.guard import TrafficCheck, judge_candidate, traffic_anchor, verdict
+from worker.guard import TrafficCheck, drifted_classes, judge_candidate, traffic_anchor, verdict
 
 HOLDOUT = decode_holdout(encode_holdout(np.zeros((4, 1, 28, 28), np.float32), np.arange(4)))
 OTHER = decode_holdout(encode_holdout(np.ones((4, 1, 28, 28), np.float32), np.arange(4)))
@@ -185,3 +185,38 @@ def test_a_class_with_few_examples_is_not_judged_alone_and_an_exact_tolerance_pa
     big = decode_holdout(encode_holdout(np.zeros((1000, 1, 28, 28), np.float32), np.arange(1000) % 10))
     assert verdict({"accuracy": 895 / 1000, "loss": 1.0}, {"accuracy": 900 / 1000, "loss": 1.0}, None, big, 0.005,
                    "parent").accepted  # 5 fewer right of 1,000 at a tolerance of 0.005
+
+
+def drift_check(per_class_right: list[tuple[int, int]], z: float = 3.0) -> TrafficCheck:
+    """Recent traffic whose class c has n inputs of which the anchor got ``right`` (in that order per class)."""
+    labels = np.concatenate([np.full(n, c) for c, (_, n) in enumerate(per_class_right)])
+    correct = np.concatenate([np.arange(n) < right for right, n in per_class_right])
+    return TrafficCheck(np.zeros((len(labels), 1, 28, 28), np.float32), labels, correct, 0, 0.0, z)
+
+
+def test_a_class_whose_traffic_the_anchor_now_gets_wrong_has_drifted_from_its_holdout() -> None:
+    """Two-proportion z-test of the anchor's accuracy, holdout (50 a class) against recent traffic."""
+    anchor, counts = [0.80, 0.80, 0.80, None], [50, 50, 50, 0]
+    check = drift_check([(16, 40), (31, 40), (5, 10), (0, 40)])  # 40% | 78% | too few | no holdout examples
+    assert drifted_classes(check, anchor, counts) == [0]
+    assert drifted_classes(drift_check([(16, 40), (31, 40)], z=0.0), anchor, counts) == []  # 0: never
+    assert drifted_classes(drift_check([(28, 40), (31, 40)], z=3.0), anchor, counts) == []  # 70%: within noise
+
+
+def test_drifted_classes_leave_the_holdout_checks_and_the_rest_still_judge() -> None:
+    """Class 0 drifted: its 20-point fall on the holdout no longer refuses; class 1's does, and the aggregate
+    is taken over the classes left (a fall there still refuses)."""
+    ref = classes(0.80, 0.80, 0.80, 0.80)
+    anchor = verdict(ref, ref, None, CLASSES, 0.01, "anchor", class_tolerance=0.05).validation
+    drifted = lambda a, n: [0]  # noqa: E731 (what drifted_classes would say of class 0)
+    moved = verdict(classes(0.60, 0.80, 0.80, 0.80), ref, anchor, CLASSES, 0.01, "anchor", 0.05, drifted)
+    assert moved.accepted and moved.validation["drifted_classes"] == [0]
+    assert moved.validation["judged_accuracy"] == pytest.approx(0.80)
+    assert not verdict(classes(0.60, 0.80, 0.80, 0.80), ref, anchor, CLASSES, 0.01, "anchor", 0.05).accepted
+    other = verdict(classes(0.60, 0.70, 0.80, 0.80), ref, anchor, CLASSES, 0.01, "anchor", 0.05, drifted)
+    assert not other.accepted and other.validation["worst_class"] == 1
+    aggregate = verdict(classes(0.60, 0.78, 0.78, 0.78), ref, anchor, CLASSES, 0.01, "anchor", 0.05, drifted)
+    assert not aggregate.accepted and "left out as drifted" in aggregate.reason  # 0.78 < 0.80 - 0.0133
+    # the aggregate's slack is two of the examples left: 2/150 here, above the 1% tolerance
+    assert aggregate.validation["judged_tolerance"] == pytest.approx(2 / 150)
+    assert verdict(classes(0.60, 0.79, 0.79, 0.79), ref, anchor, CLASSES, 0.01, "anchor", 0.05, drifted).accepted

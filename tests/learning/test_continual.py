@@ -23,17 +23,17 @@ pytestmark = pytest.mark.slow
 # Measured over seeds 0, 1, 2 with the shipped defaults (python -m bench.continual --protocol P --quick --seed N
 # --eval-every 100: paired probes, leader baseline, only the head learning, its gradient from the logits its probes
 # moved at rate 0.03, capped at 1% of its norm, the validation guard on a 1,000-image holdout and on recent
-# traffic), 300 steps:
-#   A: class 9's loss fell by 19.3, 18.7, 12.3 nats (62.9%, 75.9%, 0% right at step 300; with SPSA on the head,
-#      the last stop's default, 2.1-2.4 nats and 0%); what users were served was ahead of the frozen base at every
-#      point; the known classes' test accuracy dipped up to 1.31 points below the base when class 9 began to be
+# traffic, drifted classes leaving the holdout checks), 300 steps:
+#   A: class 9's loss fell by 19.3, 18.7, 7.6 nats (62.9%, 75.9%, 0% right at step 300; with SPSA on the head,
+#      the last stop's default, 2.1-2.4 nats and 0%); what users were served was never behind the frozen base;
+#      the known classes' test accuracy dipped up to 1.42 points below the base when class 9 began to be
 #      predicted (sneakers and sandals taken for ankle boots; the guard's 1,000-image holdout held within its
 #      0.5 points), where SPSA on the head, learning nothing, never fell below it;
-#   N: the leader's test accuracy never fell more than 0.11 points, what users were served never more than 0.11
+#   N: the leader's test accuracy never fell more than 0.11 points, what users were served never more than 0.09
 #      behind the frozen base (141-261 refusals; SPSA on the head: 0.18);
-#   C: at every point the learning model was ahead of the frozen base on the rotated test split, by +0.51, +1.41,
-#      +2.27 points at the end (SPSA on the head: +1.35 to +1.95; the drift takes the frozen base from ~83% to
-#      11-12% in 300 steps, faster than the head alone can follow).
+#   C: at every point the learning model was level with or ahead of the frozen base on the rotated test split,
+#      by +1.62, +1.55, +3.62 points at the end (without the drift check +0.51 to +2.27; SPSA on the head: +1.35
+#      to +1.95; the drift takes the frozen base from ~83% to 11-12% in 300 steps).
 # The margins sit inside that spread; a learning change that hurts the known data or stops learning fails them.
 QUICK_FLAGS = ["--quick", "--no-progress", "--eval-every", "100"]
 MIN_NEW_LOSS_FALL = 5.0  # nats, served answers to the new class (A)
@@ -41,7 +41,7 @@ MAX_NEW_CLASS_KNOWN_DIP = 0.02  # A: the known classes' test accuracy against th
 MAX_BEHIND_FROZEN_SERVED = 0.005  # A: what users are served against the frozen base on the same traffic
 MAX_KNOWN_DROP = 0.005  # N: the leader's test accuracy against the step-0 base, at every evaluation point
 MAX_BEHIND_FROZEN = 0.005  # drift (C): learning's test accuracy against the frozen base, at every point
-MIN_AHEAD_OF_FROZEN = 0.003  # drift (C): learning ahead of the frozen base at the end
+MIN_AHEAD_OF_FROZEN = 0.005  # drift (C): learning ahead of the frozen base at the end
 
 
 @pytest.fixture(scope="module")

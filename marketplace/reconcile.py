@@ -342,10 +342,12 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
     head = logits_head(spec, records, sources, keep, config) if learned[-1] and config.step == "signal" else None
     directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
                   for s in range(S - 1)]
-    # the head's direction: minus its gradient estimated from the logits (a descent direction, as D_s is), or D_s
-    directions.append(-head[0] if head is not None else group_direction(credit_by_version, sources, S - 1,
-                                                                        sizes[-1]) if learned[-1]
-                      else np.zeros(sizes[-1]))
+    if head is not None:  # minus the gradient estimated from the logits: a descent direction, as D_s is
+        directions.append(-head[0])
+    elif learned[-1]:
+        directions.append(group_direction(credit_by_version, sources, S - 1, sizes[-1]))
+    else:
+        directions.append(np.zeros(sizes[-1]))
     # η scales the head's rate too: a schedule moves both, and η = 0 stops every step
     head_rate = config.head_learning_rate * eta / config.learning_rate if config.learning_rate > 0 else 0.0
     norms = [float(np.linalg.norm(d)) for d in directions]

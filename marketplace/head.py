@@ -33,10 +33,11 @@ def linear_head(spec: ModelSpec) -> tuple[str, str] | None:
     return f"{prefix}.weight", f"{prefix}.bias"
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise probabilities from logits, in float64 (the API's answers and the head's p − y both use it)."""
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def head_gradient(spec: ModelSpec, logits: np.ndarray, leader_logits: np.ndarray, label: np.ndarray,
@@ -65,7 +66,7 @@ def head_gradient(spec: ModelSpec, logits: np.ndarray, leader_logits: np.ndarray
     s = len(spec.groups) - 1
     shapes = spec.group_shapes(s)
     H = shapes[w_key][1]
-    G = softmax(leader_logits[have].astype(np.float64))
+    G = softmax(leader_logits[have])
     G[np.arange(len(G)), label[have]] -= 1.0  # p − y per record: the bias gradient, exact
     dz = (logits[have] - leader_logits[have]).astype(np.float64)
     gW = np.zeros((C, H))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from marketplace.head import softmax
 from server.errors import ApiError
 from server.settings import ServerSettings
 from server.state import ModelContext
@@ -28,12 +29,6 @@ class Inference:
     def labels(self) -> np.ndarray:
         """The predicted classes (argmax of the probabilities), (n,) int64."""
         return self.probabilities.argmax(axis=1).astype(np.int64)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def check_input_count(settings: ServerSettings, n: int) -> None:

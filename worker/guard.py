@@ -94,21 +94,50 @@ def drifted_classes(check: TrafficCheck, anchor_class_accuracy: list[float | Non
     holdout shows a world users no longer send (a rotation growing over every class, a new look of one class),
     and judging candidates on it would only hold the model back there; the recent-traffic check, on what users
     do send, still judges them. A class the traffic does not show, or shows as the holdout does, keeps its check.
+
+    A drift of every class shows long before any one class's test can see it (the holdout has about a hundred
+    examples a class): so the classes left are also tested together (`_drifted_together`), and when the anchor
+    answers their traffic markedly worse than their holdout examples predict, they all leave. Label lies aimed
+    at one class make that class's traffic look drifted, not the others': the victim class, whose true images
+    arrive under another label, shows no traffic of its own and keeps its holdout check either way.
+    When most of the classes the traffic shows have drifted, the world has moved, and the few left (a class
+    the anchor still gets right because it now answers that class for most inputs) leave with them.
     """
     if check.drift_z <= 0:
         return []
-    out = []
+    out, rest = [], []
     for c, (held, n_h) in enumerate(zip(anchor_class_accuracy, holdout_counts, strict=False)):
         mask = check.labels == c
         n_t = int(mask.sum())
         if held is None or n_h == 0 or n_t < DRIFT_MIN_INPUTS:
             continue
-        now = float(np.mean(check.anchor_correct[mask]))
+        right = int(check.anchor_correct[mask].sum())
+        now = right / n_t
         pooled = (held * n_h + now * n_t) / (n_h + n_t)
         se = np.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / n_h + 1 / n_t))
         if (held - now) / se >= check.drift_z:
             out.append(c)
-    return out
+        else:
+            rest.append((c, held, n_h, n_t, right))
+    if len(rest) > 1 and _drifted_together(rest) >= check.drift_z:
+        out.extend(c for c, *_ in rest)
+    if 2 * len(out) > len(out) + len(rest):  # most classes moved: the world has, the rest's holdout is stale too
+        out.extend(c for c, *_ in rest)
+    return sorted(set(out))
+
+
+def _drifted_together(classes: list[tuple[int, float, int, int, int]]) -> float:
+    """z of the anchor's right answers on these classes' traffic below what their holdout accuracies predict.
+
+    Each entry is (class, holdout accuracy, holdout examples, traffic inputs, right on traffic). The expectation
+    weighs each class's holdout accuracy by its share of the traffic, so a traffic mix unlike the holdout's
+    (more of a hard class) is not mistaken for drift; its variance counts both the traffic's draws and the
+    holdout's own sampling error.
+    """
+    expected = sum(n_t * held for _, held, _, n_t, _ in classes)
+    right = sum(r for *_, r in classes)
+    var = sum(n_t * held * (1 - held) * (1 + n_t / n_h) for _, held, n_h, n_t, _ in classes)
+    return (expected - right) / np.sqrt(max(var, 1e-12))
 
 
 def correct_answers(engine: Engine, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray
@@ -193,6 +222,12 @@ def verdict(own: dict[str, Any], before: dict[str, Any], parent_validation: dict
     if stale:  # the aggregate over the classes the holdout still speaks for, with at least two examples of slack
         own_acc, ref_acc = _weighted(own_classes, judged), _weighted(ref_classes, judged)
         judged_tolerance = max(tolerance, 2 / max(sum(judged), 1))
+        parent_acc = _weighted(before_classes, judged)
+        if None not in (parent_acc, ref_acc) and parent_acc < ref_acc - judged_tolerance - _SLACK:
+            # the parent itself fails this check (it was judged while a class now drifted still counted, and
+            # traded that class's examples for these): no step near it could pass, so the model would freeze
+            # where it is. It may move if it loses nothing more than the parent on these classes.
+            ref_acc, judged_tolerance = parent_acc, 0.0
     accepted = (own_acc is None or ref_acc is None or own_acc >= ref_acc - judged_tolerance - _SLACK) and class_ok
     return Verdict(accepted, {
         "holdout_sha256": holdout.sha256, "size": len(holdout), "accuracy": own["accuracy"],

@@ -203,6 +203,60 @@ def test_a_class_whose_traffic_the_anchor_now_gets_wrong_has_drifted_from_its_ho
     assert drifted_classes(drift_check([(28, 40), (31, 40)], z=3.0), anchor, counts) == []  # 70%: within noise
 
 
+def test_a_small_drift_of_every_class_is_seen_together_before_any_one_class_shows_it() -> None:
+    """Ten classes, each answered 8 points worse on traffic than on the holdout: no class alone passes z = 3
+    (50 holdout examples, 50 inputs), all of them together do, and then every class with traffic leaves."""
+    anchor, counts = [0.80] * 10 + [0.80], [50] * 10 + [50]
+    drifted = drift_check([(36, 50)] * 10 + [(2, 5)])  # 72% each; class 10: too few inputs to be judged
+    assert drifted_classes(drift_check([(36, 50)] + [(40, 50)] * 9), anchor, counts) == []  # one class alone
+    assert drifted_classes(drifted, anchor, counts) == list(range(10))
+    assert drifted_classes(drift_check([(40, 50)] * 10), anchor, counts) == []  # as the holdout predicts
+
+
+def test_when_most_classes_have_drifted_the_rest_leave_with_them() -> None:
+    """Six of nine classes with traffic answered far worse than on the holdout, three as before (a class the
+    anchor still gets right because it now answers it for most inputs): all nine leave; class 9, which the
+    traffic does not show, keeps its check. Five of ten drifted is not most: the others stay."""
+    anchor, counts = [0.80] * 10, [100] * 10
+    per_class = [(10, 50)] * 6 + [(40, 50)] * 3 + [(0, 0)]
+    assert drifted_classes(drift_check(per_class), anchor, counts) == list(range(9))
+    assert drifted_classes(drift_check([(10, 50)] * 5 + [(40, 50)] * 5), anchor, counts) == [0, 1, 2, 3, 4]
+
+
+def test_a_parent_that_fails_the_check_it_sets_may_still_move_but_not_down() -> None:
+    """Judged while class 0 still counted, the parent traded classes 1-3 (3 points each) for class 0; once
+    class 0 has drifted, the parent itself is below the anchor on 1-3. The guard would refuse every candidate
+    near it and freeze the model there; instead it asks a candidate to lose nothing more than the parent."""
+    ref = classes(0.80, 0.80, 0.80, 0.80)
+    anchor = verdict(ref, ref, None, CLASSES, 0.01, "anchor", class_tolerance=0.05).validation
+    parent = classes(0.92, 0.77, 0.77, 0.77)
+    drifted = lambda a, n: [0]  # noqa: E731
+    same = verdict(parent, parent, anchor, CLASSES, 0.01, "anchor", 0.05, drifted)
+    assert same.accepted and same.validation["judged_reference_accuracy"] == pytest.approx(0.77)
+    assert same.validation["judged_tolerance"] == 0.0
+    one_less = classes(0.92, 0.77 - 1 / 50, 0.77, 0.77)  # one example of 150 fewer right
+    assert not verdict(one_less, parent, anchor, CLASSES, 0.01, "anchor", 0.05, drifted).accepted
+    within = classes(0.92, 0.79, 0.79, 0.79)  # a parent within the tolerance keeps the anchor's reference
+    assert verdict(within, within, anchor, CLASSES, 0.01, "anchor", 0.05, drifted
+                   ).validation["judged_reference_accuracy"] == pytest.approx(0.80)
+
+
+def test_lies_aimed_at_one_class_do_not_make_the_others_leave_together() -> None:
+    """A class-wide flip 0 -> 6: class 0's images arrive labelled 6, so class 6's traffic looks drifted (the
+    anchor says 0) and class 0 shows no traffic; the other classes, as the holdout predicts, keep their checks
+    and so does class 0, the one the lies would hurt."""
+    anchor, counts = [0.80] * 10, [100] * 10
+    per_class = [(0, 0)] + [(40, 50)] * 5 + [(40, 100)] + [(40, 50)] * 3  # class 6: 50 true 6s and 50 lies
+    assert drifted_classes(drift_check(per_class), anchor, counts) == [6]
+
+
+def test_a_traffic_mix_unlike_the_holdouts_is_not_taken_for_drift() -> None:
+    """Traffic that is mostly a hard class (60% right on the holdout) answered at that class's own rate: the
+    pooled accuracy is far below the holdout's, but each class is where its holdout says it should be."""
+    anchor, counts = [0.95, 0.60, 0.95], [100, 100, 100]
+    assert drifted_classes(drift_check([(19, 20), (240, 400), (19, 20)]), anchor, counts) == []
+
+
 def test_drifted_classes_leave_the_holdout_checks_and_the_rest_still_judge() -> None:
     """Class 0 drifted: its 20-point fall on the holdout no longer refuses; class 1's does, and the aggregate
     is taken over the classes left (a fall there still refuses)."""

@@ -8,7 +8,8 @@ MPSERVE_LEARNING=false (the leader only, V=1, nothing recorded). This process is
 (bench.loadgen: closed loop, one keep-alive connection per client). It measures
 
 - `POST /predict` at 1, 8 and 64 concurrent clients with 1 and 8 inputs per request: on the learning
-  replica without and with labels in the request, and on the static replica;
+  replica without and with labels in the request, and with the inputs as one .npy array
+  (`application/x-npy`) instead of JSON lists; and on the static replica;
 - `POST /label`, single and batch, on ids the predict phases produced;
 - the raw engine in this process (marketplace.engine.Engine with the server's V and buckets, and V=1),
   at the batch each load can offer at most: min(clients x inputs, max_batch);
@@ -18,7 +19,8 @@ MPSERVE_LEARNING=false (the leader only, V=1, nothing recorded). This process is
   a version while they serve (both replicas swap; the static one idles meanwhile).
 
 Ratios: `http_vs_raw` = HTTP inputs/s over the raw engine's at that batch (target >= 0.8 at 64 clients x 8
-inputs); `p99/p50` (target <= 3 at 8 clients); `learning_vs_static` = learning over static inputs/s
+inputs with JSON bodies, >= 0.9 with .npy bodies: `npy_http_vs_raw`); `p99/p50` (target <= 3 at 8 clients);
+`learning_vs_static` = learning over static inputs/s
 (target >= 0.9: learning costs at most 10%), and the same in CPU per input, `cpu_static_vs_learning`
 (steadier when other processes share the machine). The raw engine is measured right before the HTTP phases of
 its cell, and the phases of one cell run back to back on both replicas, so background load on the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import resource
@@ -42,6 +45,7 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,33 +64,50 @@ MODEL = "fashion"
 BODIES = 64  # distinct request bodies per phase, encoded up front
 
 
-def predict_bodies(images: np.ndarray, labels: np.ndarray, inputs: int, with_labels: bool, seed: int
-                   ) -> list[bytes]:
-    """Request bodies as the shipped client sends them (floats in nested lists)."""
+NPY = "application/x-npy"
+
+
+@dataclass(frozen=True)
+class Bodies:
+    """A phase's request bodies, encoded up front, and how they travel: JSON lists (as the shipped client sends
+    them by default) or one .npy array each (``binary``: the labels then ride in the query string)."""
+
+    requests: list[tuple[str, bytes]]  # (path, body)
+    content_type: str = "application/json"
+
+
+def predict_bodies(images: np.ndarray, labels: np.ndarray, inputs: int, with_labels: bool, seed: int,
+                   binary: bool = False) -> Bodies:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(BODIES):
         idx = rng.integers(0, len(images), inputs)
+        if binary:
+            buf = io.BytesIO()
+            np.save(buf, images[idx].astype(np.float32), allow_pickle=False)
+            query = "?labels=" + ",".join(map(str, labels[idx].tolist())) if with_labels else ""
+            out.append(("/predict" + query, buf.getvalue()))
+            continue
         body: dict[str, Any] = {"inputs": images[idx].tolist()}
         if with_labels:
             body["labels"] = labels[idx].tolist()
-        out.append(json.dumps(body).encode())
-    return out
+        out.append(("/predict", json.dumps(body).encode()))
+    return Bodies(out, NPY if binary else "application/json")
 
 
-async def predict_phase(url: str, clients: int, inputs: int, bodies: list[bytes], seconds: float,
+async def predict_phase(url: str, clients: int, inputs: int, bodies: Bodies, seconds: float,
                         ids: deque[tuple[str, int]] | None = None, labels_of: list[int] | None = None) -> PhaseResult:
     """Closed-loop /predict; with `ids`, the ids served are collected (with a label to give them later)."""
 
     def make(c: int, i: int) -> tuple[str, bytes, int]:
-        return "/predict", bodies[(c * 7 + i) % len(bodies)], inputs
+        return (*bodies.requests[(c * 7 + i) % len(bodies.requests)], inputs)
 
     def keep(c: int, payload: bytes) -> None:
         assert ids is not None and labels_of is not None
         for p in json.loads(payload)["predictions"]:
             ids.append((p["id"], labels_of[len(ids) % len(labels_of)]))
 
-    return await closed_loop(url, clients, seconds, make, keep if ids is not None else None)
+    return await closed_loop(url, clients, seconds, make, keep if ids is not None else None, bodies.content_type)
 
 
 async def label_phase(url: str, clients: int, per_request: int, ids: deque[tuple[str, int]], seconds: float
@@ -123,7 +144,7 @@ def rollback(url: str, token: str, version: int) -> None:
         answer.read()
 
 
-async def swap_phase(url: str, token: str, bodies: list[bytes], seconds: float, every: float | None
+async def swap_phase(url: str, token: str, bodies: Bodies, seconds: float, every: float | None
                      ) -> tuple[PhaseResult, int, int]:
     """/predict at 8 clients x 8 inputs; with `every`, a rollback to the other version every `every` s.
 
@@ -141,8 +162,8 @@ async def swap_phase(url: str, token: str, bodies: list[bytes], seconds: float, 
             sent, target = sent + 1, 1 - target
 
     task = asyncio.create_task(swapper()) if every else None
-    res = await closed_loop(url, 8, seconds, lambda c, i: ("/predict", bodies[(c * 7 + i) % len(bodies)], 8),
-                            lambda c, payload: versions.append(json.loads(payload)["version"]))
+    res = await closed_loop(url, 8, seconds, lambda c, i: (*bodies.requests[(c * 7 + i) % len(bodies.requests)], 8),
+                            lambda c, payload: versions.append(json.loads(payload)["version"]), bodies.content_type)
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -242,18 +263,20 @@ def main() -> None:
                                               "cpu_ms_per_input": cpu}, "inputs_per_s")
                     plain, labelled = (predict_bodies(images, labels, k, flag, clients * 10 + k)
                                        for flag in (False, True))
+                    binary = predict_bodies(images, labels, k, False, clients * 10 + k, binary=True)
                     for server, with_labels, bodies in [("learning", False, plain), ("static", False, plain),
-                                                        ("learning", True, labelled)]:
-                        collect = server == "learning" and not with_labels
+                                                        ("learning", True, labelled), ("learning", False, binary)]:
+                        collect = server == "learning" and not with_labels and bodies is plain
                         cpu, loop = proc_cpu_s(pids[server]), proc_cpu_s(pids[server], main_thread_only=True)
                         res = asyncio.run(predict_phase(urls[server], clients, k, bodies, args.seconds,
                                                         ids if collect else None, label_pool))
                         cpu = proc_cpu_s(pids[server]) - cpu
                         loop = proc_cpu_s(pids[server], main_thread_only=True) - loop
-                        row = {"server": server, "labels": with_labels, "inputs": k, **res.row(),
+                        body = "npy" if bodies.content_type == NPY else "json"
+                        row = {"server": server, "labels": with_labels, "body": body, "inputs": k, **res.row(),
                                "api_cpu_ms_per_input": cpu * 1000 / max(res.items, 1),
                                "loop_cpu_ms_per_request": loop * 1000 / max(res.requests, 1)}
-                        best(predict, (server, with_labels, clients, k), row, "inputs_per_s")
+                        best(predict, (server, with_labels, body, clients, k), row, "inputs_per_s")
             for per_request in (1, args.label_batch):
                 cpu = proc_cpu_s(pids["learning"])
                 res = asyncio.run(label_phase(urls["learning"], 8, per_request, ids, args.seconds))
@@ -280,23 +303,35 @@ def main() -> None:
         row["p99/p50"] = row["p99_ms"] / row["p50_ms"]
     cost = []
     for row in rows:
-        if row["server"] == "learning" and not row["labels"]:
-            static = predict[("static", False, row["clients"], row["inputs"])]
+        if row["server"] == "learning" and not row["labels"] and row["body"] == "json":
+            static = predict[("static", False, "json", row["clients"], row["inputs"])]
             cost.append({"clients": row["clients"], "inputs": row["inputs"],
                          "learning_inputs_per_s": row["inputs_per_s"], "static_inputs_per_s": static["inputs_per_s"],
                          "learning_vs_static": row["inputs_per_s"] / static["inputs_per_s"],
                          "learning_cpu_ms_per_input": row["api_cpu_ms_per_input"],
                          "static_cpu_ms_per_input": static["api_cpu_ms_per_input"],
                          "cpu_static_vs_learning": static["api_cpu_ms_per_input"] / row["api_cpu_ms_per_input"]})
+    binary_rows = []
+    for row in rows:
+        if row["server"] == "learning" and not row["labels"] and row["body"] == "npy":
+            js = predict[("learning", False, "json", row["clients"], row["inputs"])]
+            binary_rows.append({"clients": row["clients"], "inputs": row["inputs"],
+                                "json_inputs_per_s": js["inputs_per_s"], "npy_inputs_per_s": row["inputs_per_s"],
+                                "npy_vs_json": row["inputs_per_s"] / js["inputs_per_s"],
+                                "json_http_vs_raw": js["http_vs_raw"], "npy_http_vs_raw": row["http_vs_raw"],
+                                "json_loop_ms_per_request": js["loop_cpu_ms_per_request"],
+                                "npy_loop_ms_per_request": row["loop_cpu_ms_per_request"]})
     label_rows, raw_rows = list(label.values()), list(raw.values())
 
     print(f"POST /predict: closed loop, best of {args.rounds} round(s) of {args.seconds:g} s; raw = engine.forward "
           f"in this process at batch min(clients x inputs, {max_batch}), measured right before\n")
-    print_table(rows, ["server", "labels", "clients", "inputs", "requests_per_s", "inputs_per_s", "p50_ms", "p99_ms",
-                       "p99/p50", "raw_inputs_per_s", "http_vs_raw", "api_cpu_ms_per_input", "loop_cpu_ms_per_request",
-                       "errors"], markdown=True)
+    print_table(rows, ["server", "labels", "body", "clients", "inputs", "requests_per_s", "inputs_per_s", "p50_ms",
+                       "p99_ms", "p99/p50", "raw_inputs_per_s", "http_vs_raw", "api_cpu_ms_per_input",
+                       "loop_cpu_ms_per_request", "errors"], markdown=True)
     print("\nWhat learning costs: the same load on the learning and the static replica\n")
     print_table(cost, list(cost[0]), markdown=True)
+    print("\nBinary bodies: the learning replica with the same inputs as JSON lists and as one .npy array\n")
+    print_table(binary_rows, list(binary_rows[0]), markdown=True)
     print("\nPOST /label: 8 clients, fresh ids\n")
     print_table(label_rows, list(label_rows[0]), markdown=True)
     print("\nRaw engine (this process)\n")
@@ -309,7 +344,8 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     write_json(args.json, {
         "benchmark": "load", "model": MODEL, "max_batch": max_batch, "seconds_per_phase": args.seconds,
-        "rounds": args.rounds, "predict": rows, "learning_cost": cost, "label": label_rows, "raw_engine": raw_rows,
+        "rounds": args.rounds, "predict": rows, "learning_cost": cost, "binary_bodies": binary_rows,
+        "label": label_rows, "raw_engine": raw_rows,
         "swap_stall": swap, "startup_s": startup_s, "cpus": os.cpu_count(), "load_average": os.getloadavg()})
 
 

@@ -34,11 +34,11 @@ class Connection:
     async def _open(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def post(self, path: str, body: bytes, content_type: str = "application/json") -> tuple[int, bytes]:
         if self._writer is None:
             await self._open()
         assert self._reader is not None and self._writer is not None
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         self._writer.write(head + body)
         status_line = await self._reader.readline()
@@ -99,7 +99,7 @@ class PhaseResult:
 
 
 async def closed_loop(url: str, clients: int, seconds: float, make_request: MakeRequest,
-                      on_answer: OnAnswer | None = None) -> PhaseResult:
+                      on_answer: OnAnswer | None = None, content_type: str = "application/json") -> PhaseResult:
     """`clients` connections, each sending the next request as soon as it has the answer, for `seconds`.
 
     Only 2xx answers count as served requests; the others are tallied by status in `errors`.
@@ -120,7 +120,7 @@ async def closed_loop(url: str, clients: int, seconds: float, make_request: Make
                 path, body, n = req
                 i += 1
                 start = time.perf_counter()
-                status, payload = await conn.post(path, body)
+                status, payload = await conn.post(path, body, content_type)
                 took = time.perf_counter() - start
                 if 200 <= status < 300:
                     latencies.append(took)

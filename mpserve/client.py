@@ -8,12 +8,14 @@ Any non-2xx answer raises :class:`MPServeError` with the status and the server's
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
+import numpy as np
 
 __all__ = [
     "AsyncMPServeClient",
@@ -124,6 +126,8 @@ class _Call:
     json: Any = None
     admin: bool = False
     text: bool = False  # the answer is text (metrics), not JSON
+    content: bytes | None = None  # a binary body (a .npy array), sent as ``content_type``
+    content_type: str | None = None
 
 
 def _plain(value: Any) -> Any:
@@ -164,7 +168,15 @@ class _Calls:
     """What each API method sends; no I/O here."""
 
     @staticmethod
-    def predict(inputs: Any, labels: Sequence[int] | Any | None, model: str | None) -> _Call:
+    def predict(inputs: Any, labels: Sequence[int] | Any | None, model: str | None, binary: bool = False) -> _Call:
+        if binary:  # one .npy array; the model and the labels ride in the query string
+            query = {} if model is None else {"model": model}
+            if labels is not None:
+                query["labels"] = ",".join(str(int(y)) for y in _plain(labels))
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(inputs, dtype=np.float32), allow_pickle=False)
+            path = "/predict" + ("?" + urlencode(query) if query else "")
+            return _Call("POST", path, content=buf.getvalue(), content_type="application/x-npy")
         body: dict[str, Any] = {"inputs": _plain(inputs)}
         if labels is not None:
             body["labels"] = _plain(labels)
@@ -259,6 +271,9 @@ class _Base:
         kwargs: dict[str, Any] = {"headers": headers}
         if call.json is not None:
             kwargs["json"] = call.json
+        if call.content is not None:
+            kwargs["content"] = call.content
+            headers["Content-Type"] = call.content_type or "application/octet-stream"
         return kwargs
 
 
@@ -275,10 +290,14 @@ class MPServeClient(_Base):
     def _send(self, call: _Call) -> Any:
         return _answer(call, self._http.request(call.method, call.path, **self._request_kwargs(call)))
 
-    def predict(self, inputs: Any, labels: Sequence[int] | Any | None = None, model: str | None = None
-                ) -> PredictResponse:
-        """Predict each input (nested lists or an array of shape (n, *input_shape)); labels are recorded."""
-        return cast(PredictResponse, self._send(_Calls.predict(inputs, labels, model)))
+    def predict(self, inputs: Any, labels: Sequence[int] | Any | None = None, model: str | None = None,
+                binary: bool = False) -> PredictResponse:
+        """Predict each input (nested lists or an array of shape (n, *input_shape)); labels are recorded.
+
+        ``binary``: send the inputs as one .npy array (``application/x-npy``) instead of JSON lists: the server
+        decodes it with a copy instead of parsing text, the cheaper request for large or many inputs.
+        """
+        return cast(PredictResponse, self._send(_Calls.predict(inputs, labels, model, binary)))
 
     def label(self, id: str, label: int, model: str | None = None) -> LabelResult:
         """Attach a label; raises MPServeError 404 (unknown id), 409 (other label), 422 (bad class)."""
@@ -358,9 +377,9 @@ class AsyncMPServeClient(_Base):
     async def _send(self, call: _Call) -> Any:
         return _answer(call, await self._http.request(call.method, call.path, **self._request_kwargs(call)))
 
-    async def predict(self, inputs: Any, labels: Sequence[int] | Any | None = None, model: str | None = None
-                      ) -> PredictResponse:
-        return cast(PredictResponse, await self._send(_Calls.predict(inputs, labels, model)))
+    async def predict(self, inputs: Any, labels: Sequence[int] | Any | None = None, model: str | None = None,
+                      binary: bool = False) -> PredictResponse:
+        return cast(PredictResponse, await self._send(_Calls.predict(inputs, labels, model, binary)))
 
     async def label(self, id: str, label: int, model: str | None = None) -> LabelResult:
         return cast(LabelResult, await self._send(_Calls.label(id, label, model)))

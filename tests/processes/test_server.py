@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import math
 import os
@@ -332,6 +333,66 @@ def test_oversized_chunked_body_is_413(server: ApiProcess, client: MPServeClient
     assert "content-length" not in resp.request.headers
     assert_clear_4xx(resp, 413)
     assert redis_snapshot(r) == before and engine_batches(client) == batches
+
+
+def npy(array: Any) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=array.dtype == object)  # the object array is written only to be refused
+    return buf.getvalue()
+
+
+MALFORMED_NPY = {  # case: (query, body, status)
+    "not a .npy array": ("", b'{"inputs": [[0]]}', 400),
+    "a broken header": ("", b"\x93NUMPY\x01\x00\x10\x00{'descr': nonsense", 400),
+    "truncated data": ("", npy(np.zeros((2, *SHAPE), np.float32))[:-100], 400),
+    "an object array": ("", npy(np.array([{"a": 1}, None], dtype=object)), 400),
+    "a string array": ("", npy(np.array(["1", "2"])), 422),
+    "one level short": ("", npy(np.zeros(SHAPE, np.float32)), 422),
+    "the wrong image size": ("", npy(np.zeros((2, 1, 27, 28), np.float32)), 422),
+    "no inputs": ("", npy(np.zeros((0, *SHAPE), np.float32)), 422),
+    "NaN": ("", npy(np.where(np.arange(784).reshape(SHAPE) == 5, np.nan, 0.0)[None]), 422),
+    "beyond float32": ("", npy(np.full((1, *SHAPE), 1e39)), 422),
+    "too many inputs": ("", npy(np.zeros((MAX_INPUTS + 1, *SHAPE), np.uint8)), 413),
+    "a label that is not a number": ("?labels=1,x", npy(np.zeros((2, *SHAPE), np.uint8)), 422),
+    "a negative label": ("?labels=-1,2", npy(np.zeros((2, *SHAPE), np.uint8)), 422),
+    "fewer labels than inputs": ("?labels=1", npy(np.zeros((2, *SHAPE), np.uint8)), 422),
+    "a label outside the classes": (f"?labels=1,{CLASSES}", npy(np.zeros((2, *SHAPE), np.uint8)), 422),
+    "an unknown model": ("?model=nosuchmodel", npy(np.zeros((1, *SHAPE), np.uint8)), 404),
+    "a model name no model can have": ("?model=../x", npy(np.zeros((1, *SHAPE), np.uint8)), 422),
+}
+
+
+def test_a_npy_body_is_answered_as_its_json_twin_and_its_labels_are_recorded(client: MPServeClient, r: redis.Redis,
+                                                                             server: ApiProcess) -> None:
+    """Binary inputs on the native route: the same images as a .npy array (uint8 here, float32 by the client)
+    get the same answer as JSON lists; labels and the model ride in the query string."""
+    x = images(5, seed=21)
+    as_json = client.predict(x)
+    as_npy = client.predict(x, binary=True, model=MODEL)
+    as_uint8 = post_raw(server.url + "/predict", npy(x.astype(np.uint8)), "application/x-npy").json()
+    assert as_npy["version"] == as_json["version"] == as_uint8["version"]
+    for a, b, c in zip(as_json["predictions"], as_npy["predictions"], as_uint8["predictions"], strict=True):
+        assert a["label"] == b["label"] == c["label"]  # users get the leader's answer: the same for the same input
+        np.testing.assert_allclose(b["probabilities"], a["probabilities"], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(c["probabilities"], a["probabilities"], rtol=1e-5, atol=1e-7)
+    before = xlen(r)
+    labelled = client.predict(x[:3], labels=[4, 0, 9], binary=True)
+    assert xlen(r) == before + 3
+    for p, y in zip(labelled["predictions"], [4, 0, 9], strict=True):
+        assert int(r.hget(KEYS.pred(p["id"]), "label")) == y
+    spec = httpx.get(server.url + "/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert {"application/json", "application/x-npy"} <= set(spec)
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_NPY))
+def test_a_malformed_npy_body_is_a_clear_4xx_that_touches_nothing(case: str, server: ApiProcess,
+                                                                  client: MPServeClient, r: redis.Redis) -> None:
+    query, body, status = MALFORMED_NPY[case]
+    before, batches = redis_snapshot(r), engine_batches(client)
+    resp = post_raw(server.url + "/predict" + query, body, "application/x-npy")
+    assert_clear_4xx(resp, status)
+    assert redis_snapshot(r) == before
+    assert engine_batches(client) == batches  # nothing reached the engine
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_LABEL))

@@ -35,8 +35,8 @@ def compose() -> dict:
 
 def test_compose_services_run_what_mpserve_up_runs(compose):
     specs = process_specs(StackSettings(_env_file=None), "redis://redis:6379/0", "token")
-    services = compose["services"]
-    assert set(services) == {"redis", "api", "worker"}
+    services = {name: svc for name, svc in compose["services"].items() if not svc.get("profiles")}
+    assert set(services) == {"redis", "api", "worker"}  # what `docker compose up` starts
     for name, spec in specs.items():
         svc = services[name]
         assert svc["command"] == ["mpserve", *spec.args]
@@ -63,11 +63,43 @@ def test_compose_redis_is_durable_and_checked(compose):
     assert set(compose["volumes"]) >= {"redis-data", "model-store"}
 
 
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Each stage's lines by its name (``FROM image AS name``), in order; the last is what ``docker build`` makes."""
+    stages: dict[str, list[str]] = {}
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            stages[line.split()[-1]] = []
+        elif stages:
+            stages[list(stages)[-1]].append(line)
+    return stages
+
+
 def test_dockerfile_is_multi_stage_and_non_root():
     text = (ROOT / "Dockerfile").read_text()
     assert text.count("FROM ") >= 2 and "COPY --from=build" in text
-    user = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
-    assert user and user[-1] not in ("root", "0")
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "cpu"  # the default target: the CPU image compose's api and worker build
+    for target in ("cpu", "gpu"):  # each image ends as the non-root user
+        user = [line.split()[1] for line in stages[target] if line.startswith("USER ")]
+        assert user and user[-1] not in ("root", "0"), target
+
+
+def test_the_gpu_image_and_compose_profile_run_the_same_processes_on_cuda(compose):
+    """Profile gpu: api-gpu and worker-gpu are api and worker (same commands, variables, volumes) built from the
+    Dockerfile's gpu target, which brings NVRTC from NVIDIA's wheel and selects CUDA; one GPU reserved each."""
+    gpu = "\n".join(dockerfile_stages()["gpu"])
+    assert "nvidia-cuda-nvrtc" in gpu and "NVRTC_PATH=" in gpu and "MPSERVE_DEVICE=CUDA" in gpu
+    services = compose["services"]
+    for name in ("api", "worker"):
+        svc, cpu = services[f"{name}-gpu"], services[name]
+        assert svc["profiles"] == ["gpu"] and svc["build"] == {"context": ".", "target": "gpu"}
+        assert svc["image"] == "mpserve:gpu" != cpu["image"]
+        for key in ("command", "environment", "volumes"):
+            assert svc[key] == cpu[key], (name, key)
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["worker-gpu"]["depends_on"]["api-gpu"] == {"condition": "service_started"}
+    assert "api" not in services["worker-gpu"]["depends_on"]  # a GPU stack does not start the CPU API
 
 
 def test_the_shipped_default_model_loads_and_says_how_it_was_trained():

@@ -23,6 +23,7 @@ from server.validation import inputs_array, labels_array
 router = APIRouter(tags=["inference"], route_class=StrictJSONRoute)
 
 ERRORS = error_responses({
+    400: "an application/x-npy body that is not a readable .npy array (or an object array, never unpickled)",
     404: "unknown model",
     409: "the model changed shape or classes while the request waited; or labels given, but learning is off on "
          "this server",

@@ -11,6 +11,7 @@ command -v clang >/dev/null || need+=(clang)                 # tinygrad's CPU ba
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)   # Debian splits ensurepip out
 if [ "${1:-}" = "--test" ]; then
   command -v chromium >/dev/null || need+=(chromium)          # the dashboard test renders the page headless
+  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)  # replicas behind a balancer
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   echo "bootstrap: installing ${need[*]} from Debian's packages"

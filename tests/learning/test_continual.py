@@ -32,8 +32,9 @@ pytestmark = pytest.mark.slow
 #   N: the leader's test accuracy never fell more than 0.11 points, what users were served never more than 0.09
 #      behind the frozen base (141-261 refusals; SPSA on the head: 0.18);
 #   C: at every point the learning model was level with or ahead of the frozen base on the rotated test split,
-#      by +1.62, +1.55, +3.62 points at the end (without the drift check +0.51 to +2.27; SPSA on the head: +1.35
-#      to +1.95; the drift takes the frozen base from ~83% to 11-12% in 300 steps).
+#      by +17.1, +18.6, +16.6 points at the end (47-54 refusals; with the drift check testing one class at a time,
+#      the last stop's, +1.55 to +3.62; without a drift check +0.51 to +2.27; SPSA on the head: +1.35 to +1.95;
+#      the drift takes the frozen base from ~83% to 11-12% in 300 steps).
 # The margins sit inside that spread; a learning change that hurts the known data or stops learning fails them.
 QUICK_FLAGS = ["--quick", "--no-progress", "--eval-every", "100"]
 MIN_NEW_LOSS_FALL = 5.0  # nats, served answers to the new class (A)
@@ -41,7 +42,7 @@ MAX_NEW_CLASS_KNOWN_DIP = 0.02  # A: the known classes' test accuracy against th
 MAX_BEHIND_FROZEN_SERVED = 0.005  # A: what users are served against the frozen base on the same traffic
 MAX_KNOWN_DROP = 0.005  # N: the leader's test accuracy against the step-0 base, at every evaluation point
 MAX_BEHIND_FROZEN = 0.005  # drift (C): learning's test accuracy against the frozen base, at every point
-MIN_AHEAD_OF_FROZEN = 0.005  # drift (C): learning ahead of the frozen base at the end
+MIN_AHEAD_OF_FROZEN = 0.10  # drift (C): learning ahead of the frozen base at the end
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import redis
 
+from bench.balancer import Nginx
 from common.loading import load_version, write_next_version
 from marketplace.deltas import path_params
 from marketplace.engine import Engine, leader_logits
@@ -43,6 +45,7 @@ from tests.helpers import (
     ChildProcess,
     RedisProcess,
     clean_env,
+    free_port,
     metric,
     numpy_mlp,
     start_redis,
@@ -492,6 +495,59 @@ def test_each_answer_during_a_hot_swap_comes_from_the_version_it_names(
             probe = numpy_mlp(named.spec, path_params(named.spec, named.params, named.seeds, path, named.eps),
                               xi[None])[0]
             np.testing.assert_allclose(np.frombuffer(stored[b"logits"], dtype="<f4"), probe, rtol=1e-4, atol=1e-4)
+
+
+def requests_served(c: MPServeClient) -> float:
+    """How many /predict requests this replica answered 200."""
+    return metric(c.metrics(), "mpserve_http_requests_total", method="POST", route="/predict", status="200")
+
+
+def test_clients_behind_nginx_see_versions_only_move_forward_while_the_replicas_swap(
+        server: ApiProcess, replica: ApiProcess, client: MPServeClient, client_b: MPServeClient, store: ModelStore,
+        r: redis.Redis, tmp_path: Path) -> None:
+    """Both replicas behind nginx with the shipped deploy/nginx/mpserve.conf; eight clients predict through it
+    while three versions are published. No request fails, both replicas serve, and each client (kept on one
+    replica by its X-Client-Id) sees the versions only move forward, up to the last one."""
+    stop, failures = threading.Event(), []
+    seen: dict[str, list[int]] = {f"client-{i}": [] for i in range(8)}
+    body = json.dumps({"inputs": images(1, seed=31).tolist()})
+    before = (requests_served(client), requests_served(client_b))
+
+    def drive(name: str, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=30, headers={"X-Client-Id": name,
+                                                             "Content-Type": "application/json"}) as http:
+            while not stop.is_set():
+                resp = http.post("/predict", content=body)
+                if resp.status_code != 200:
+                    failures.append((name, resp.status_code, resp.text[:200]))
+                    return
+                seen[name].append(resp.json()["version"])
+
+    with Nginx(tmp_path / "nginx", [server.url.removeprefix("http://"), replica.url.removeprefix("http://")],
+               free_port()) as lb:
+        threads = [threading.Thread(target=drive, args=(name, lb.url)) for name in seen]
+        for t in threads:
+            t.start()
+        def everyone_on(version: int) -> None:
+            wait_until(lambda: all(seen[n] and seen[n][-1] == version for n in seen) or bool(failures), timeout=30,
+                       interval=0.02, what=f"every client served version {version}")
+
+        try:
+            last = serving(r)
+            for _ in range(3):
+                everyone_on(last)
+                last = publish_new_version(store, r)
+            everyone_on(last)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+    assert not failures, failures
+    for name, versions in seen.items():
+        assert versions == sorted(versions), (name, versions)
+        assert versions[-1] == last
+    after = (requests_served(client), requests_served(client_b))
+    assert after[0] > before[0] and after[1] > before[1]  # the hash spread the clients over both replicas
 
 
 def test_rollback_points_every_replica_at_an_older_version(client: MPServeClient, client_b: MPServeClient,

@@ -86,9 +86,17 @@ class Nginx:
                 time.sleep(0.05)
         raise TimeoutError(f"nginx did not answer on {self.url} within {timeout_s:.0f} s")
 
-    def pid(self) -> int:
+    def pids(self) -> list[int]:
+        """The master and its worker processes (CPU figures count them all)."""
         assert self.proc is not None
-        return self.proc.pid
+        out = [self.proc.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    out.append(int(stat.parent.name))
+            except (OSError, ValueError, IndexError):
+                continue  # a process that ended meanwhile
+        return out
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -25,9 +25,10 @@ class HttpError(RuntimeError):
 class Connection:
     """One keep-alive HTTP/1.1 connection that POSTs JSON bodies and reads Content-Length answers."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -39,7 +40,7 @@ class Connection:
             await self._open()
         assert self._reader is not None and self._writer is not None
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+                f"{self.extra}Content-Length: {len(body)}\r\n\r\n").encode()
         self._writer.write(head + body)
         status_line = await self._reader.readline()
         if not status_line:
@@ -99,8 +100,10 @@ class PhaseResult:
 
 
 async def closed_loop(url: str, clients: int, seconds: float, make_request: MakeRequest,
-                      on_answer: OnAnswer | None = None, content_type: str = "application/json") -> PhaseResult:
-    """`clients` connections, each sending the next request as soon as it has the answer, for `seconds`.
+                      on_answer: OnAnswer | None = None, content_type: str = "application/json",
+                      client_headers: Callable[[int], dict[str, str]] | None = None) -> PhaseResult:
+    """`clients` connections, each sending the next request as soon as it has the answer, for `seconds`;
+    ``client_headers(c)``: headers of client c's every request (an X-Client-Id a balancer routes by).
 
     Only 2xx answers count as served requests; the others are tallied by status in `errors`.
     """
@@ -110,7 +113,7 @@ async def closed_loop(url: str, clients: int, seconds: float, make_request: Make
     errors: dict[int, int] = {}
 
     async def one(c: int) -> None:
-        conn = Connection(url)
+        conn = Connection(url, client_headers(c) if client_headers else None)
         i = 0
         try:
             while time.perf_counter() < stop_at:

@@ -11,8 +11,9 @@ MPSERVE_LEARNING=false (the leader only, V=1, nothing recorded). This process is
   replica without and with labels in the request, and with the inputs as one .npy array
   (`application/x-npy`) instead of JSON lists; and on the static replica;
 - `POST /label`, single and batch, on ids the predict phases produced;
-- the raw engine in this process (marketplace.engine.Engine with the server's V and buckets, and V=1),
-  at the batch each load can offer at most: min(clients x inputs, max_batch);
+- the raw engine in this process (marketplace.engine.Engine with the server's V and buckets, and V=1), running
+  what the replica runs (the paired forward for the learning replica under the default paired exploration), at
+  the batch each load can offer at most: min(clients x inputs, max_batch);
 - the stall of a hot swap: `POST /predict` latency on the learning replica (8 clients x 8 inputs) without and
   with `POST /admin/rollback` toggling between version 0 and a version 1 (version 0's weights under fresh
   seeds, written into the stack's store) every `--swap-every` s, so the replicas load, materialize and swap
@@ -180,20 +181,29 @@ def raw_engines(max_batch: int, batches: list[int]) -> dict[str, tuple[Engine, A
     static = Engine(loaded.spec, 1, max_batch)
     out = {"learning": (learn, learn.materialize(loaded.params, loaded.seeds, loaded.eps)),
            "static": (static, static.materialize(loaded.params, leader_seeds(loaded.spec), loaded.eps))}
-    for engine, weights in out.values():
-        engine.warmup(weights, sorted({engine.bucket_for(b) for b in batches}))
+    for kind, (engine, weights) in out.items():
+        engine.warmup(weights, sorted({engine.bucket_for(b) for b in batches}), paired=raw_paired(kind))
     return out
 
 
-def raw_rate(engine: Engine, weights: Any, images: np.ndarray, batch: int, seconds: float) -> tuple[float, float]:
-    """Inputs/s of engine.forward at `batch`, and CPU ms per input (this thread)."""
+def raw_paired(kind: str) -> bool:
+    """Whether a replica of this kind runs the paired forward (the learning one with paired exploration, the
+    server's default: every input through its vendor path and the leader), so the raw engine runs it too."""
+    return kind == "learning" and ServerSettings().exploration == "paired"
+
+
+def raw_rate(engine: Engine, weights: Any, images: np.ndarray, batch: int, seconds: float, paired: bool = False
+             ) -> tuple[float, float]:
+    """Inputs/s of the engine's forward (paired or not, as the replica runs it) at `batch`, and CPU ms per input
+    (this thread)."""
     rng = np.random.default_rng(0)
     x = images[:batch]
     calls = 0
+    forward = engine.forward_paired if paired else engine.forward
 
     def step() -> int:
         nonlocal calls
-        engine.forward(weights, x, rng)
+        forward(weights, x, rng)
         calls += 1
         return batch
 
@@ -258,8 +268,9 @@ def main() -> None:
                 for k in inputs_list:
                     b = min(clients * k, max_batch)
                     for kind, (engine, weights) in engines.items():  # right before the HTTP phases it is compared to
-                        r, cpu = raw_rate(engine, weights, images, b, raw_seconds)
-                        best(raw, (kind, b), {"engine": kind, "V": engine.V, "batch": b, "inputs_per_s": r,
+                        r, cpu = raw_rate(engine, weights, images, b, raw_seconds, raw_paired(kind))
+                        best(raw, (kind, b), {"engine": kind, "V": engine.V, "paired": raw_paired(kind), "batch": b,
+                                              "inputs_per_s": r,
                                               "cpu_ms_per_input": cpu}, "inputs_per_s")
                     plain, labelled = (predict_bodies(images, labels, k, flag, clients * 10 + k)
                                        for flag in (False, True))
@@ -323,8 +334,9 @@ def main() -> None:
                                 "npy_loop_ms_per_request": row["loop_cpu_ms_per_request"]})
     label_rows, raw_rows = list(label.values()), list(raw.values())
 
-    print(f"POST /predict: closed loop, best of {args.rounds} round(s) of {args.seconds:g} s; raw = engine.forward "
-          f"in this process at batch min(clients x inputs, {max_batch}), measured right before\n")
+    print(f"POST /predict: closed loop, best of {args.rounds} round(s) of {args.seconds:g} s; raw = the engine's "
+          f"forward as the replica runs it (paired for learning), in this process at batch min(clients x inputs, "
+          f"{max_batch}), measured right before\n")
     print_table(rows, ["server", "labels", "body", "clients", "inputs", "requests_per_s", "inputs_per_s", "p50_ms",
                        "p99_ms", "p99/p50", "raw_inputs_per_s", "http_vs_raw", "api_cpu_ms_per_input",
                        "loop_cpu_ms_per_request", "errors"], markdown=True)

@@ -74,14 +74,24 @@ class Nginx:
             raise RuntimeError(f"nginx refused its configuration: {check.stderr.strip()}")
         self.proc = subprocess.Popen([binary, "-p", str(self.folder), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self._wait_answering(timeout_s)
+        except BaseException:
+            self.stop()  # a start that fails leaves no nginx behind
+            raise
+        return self
+
+    def _wait_answering(self, timeout_s: float) -> None:
+        """Until nginx answers /healthz (from whichever replica it picks), or a clear error."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:  # ready when it answers: /healthz of whichever replica it picks
+        while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}: see {self.folder / 'error.log'}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
                     if resp.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)
         raise TimeoutError(f"nginx did not answer on {self.url} within {timeout_s:.0f} s")

@@ -132,11 +132,15 @@ def _drifted_together(classes: list[tuple[int, float, int, int, int]]) -> float:
     Each entry is (class, holdout accuracy, holdout examples, traffic inputs, right on traffic). The expectation
     weighs each class's holdout accuracy by its share of the traffic, so a traffic mix unlike the holdout's
     (more of a hard class) is not mistaken for drift; its variance counts both the traffic's draws and the
-    holdout's own sampling error.
+    holdout's own sampling error, each class's at its rate pooled over both samples (as the per-class test's):
+    a holdout a class gets all right would otherwise claim no variance, and one wrong answer an infinite z.
     """
     expected = sum(n_t * held for _, held, _, n_t, _ in classes)
     right = sum(r for *_, r in classes)
-    var = sum(n_t * held * (1 - held) * (1 + n_t / n_h) for _, held, n_h, n_t, _ in classes)
+    var = 0.0
+    for _, held, n_h, n_t, r in classes:
+        pooled = (held * n_h + r) / (n_h + n_t)
+        var += n_t * pooled * (1 - pooled) * (1 + n_t / n_h)
     return (expected - right) / np.sqrt(max(var, 1e-12))
 
 

@@ -204,11 +204,11 @@ def test_a_class_whose_traffic_the_anchor_now_gets_wrong_has_drifted_from_its_ho
 
 
 def test_a_small_drift_of_every_class_is_seen_together_before_any_one_class_shows_it() -> None:
-    """Ten classes, each answered 8 points worse on traffic than on the holdout: no class alone passes z = 3
+    """Ten classes, each answered 10 points worse on traffic than on the holdout: no class alone passes z = 3
     (50 holdout examples, 50 inputs), all of them together do, and then every class with traffic leaves."""
     anchor, counts = [0.80] * 10 + [0.80], [50] * 10 + [50]
-    drifted = drift_check([(36, 50)] * 10 + [(2, 5)])  # 72% each; class 10: too few inputs to be judged
-    assert drifted_classes(drift_check([(36, 50)] + [(40, 50)] * 9), anchor, counts) == []  # one class alone
+    drifted = drift_check([(35, 50)] * 10 + [(2, 5)])  # 70% each; class 10: too few inputs to be judged
+    assert drifted_classes(drift_check([(35, 50)] + [(40, 50)] * 9), anchor, counts) == []  # one class alone
     assert drifted_classes(drifted, anchor, counts) == list(range(10))
     assert drifted_classes(drift_check([(40, 50)] * 10), anchor, counts) == []  # as the holdout predicts
 
@@ -248,6 +248,13 @@ def test_lies_aimed_at_one_class_do_not_make_the_others_leave_together() -> None
     anchor, counts = [0.80] * 10, [100] * 10
     per_class = [(0, 0)] + [(40, 50)] * 5 + [(40, 100)] + [(40, 50)] * 3  # class 6: 50 true 6s and 50 lies
     assert drifted_classes(drift_check(per_class), anchor, counts) == [6]
+
+
+def test_a_holdout_all_right_does_not_make_one_wrong_answer_a_drift() -> None:
+    """Three classes the anchor gets all right on the holdout, and one wrong answer of 150 on traffic: no drift
+    (the variance is taken at the rate pooled over both samples, not at the holdout's 100%)."""
+    anchor, counts = [1.0, 1.0, 1.0], [100, 100, 100]
+    assert drifted_classes(drift_check([(49, 50), (50, 50), (50, 50)]), anchor, counts) == []
 
 
 def test_a_traffic_mix_unlike_the_holdouts_is_not_taken_for_drift() -> None:

@@ -59,10 +59,11 @@ def npy_inputs(body: bytes, input_shape: Sequence[int]) -> np.ndarray:
         if bad.any():
             index = int(np.flatnonzero(bad)[0])
             raise invalid(["inputs", index], f"inputs[{index}] has NaN or infinite values")
-    if arr.size and np.abs(arr.astype(np.float64)).max() > FLOAT32_MAX:
-        index = int(np.flatnonzero((np.abs(arr.astype(np.float64)) > FLOAT32_MAX).reshape(len(arr), -1)
-                                   .any(axis=1))[0])
-        raise invalid(["inputs", index], f"inputs[{index}] has values outside the float32 range (|x| > 3.4e38)")
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:  # only wider floats can leave float32's range (ints can't)
+        outside = (np.abs(arr) > FLOAT32_MAX).reshape(len(arr), -1).any(axis=1)
+        if outside.any():
+            index = int(np.flatnonzero(outside)[0])
+            raise invalid(["inputs", index], f"inputs[{index}] has values outside the float32 range (|x| > 3.4e38)")
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 

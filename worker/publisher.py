@@ -36,7 +36,7 @@ class Publisher:
                  owner: str) -> None:
         self.settings, self.store, self.records = settings, store, records
         self.model, self.consumer, self.owner = model, consumer, owner
-        self._rng = np.random.default_rng()
+        self._rng = np.random.default_rng(settings.version_seed)  # None: fresh entropy, as production wants
 
     def write(self, parent: LoadedVersion, params: dict[str, np.ndarray], stats: ReconcileStats,
               inputs: dict[str, Any], validation: dict[str, Any] | None = None,

@@ -102,6 +102,8 @@ class WorkerSettings(BaseSettings):
                                                           "are kept")
     reseed_on_refusal: bool = Field(True, description="after a refused candidate, publish the same weights with fresh "
                                                       "seeds, so the next candidate probes new directions")
+    version_seed: int | None = Field(None, ge=0, description="seed of the generator that draws each new version's "
+                                     "vendor seeds, for reproducible experiments and tests (unset: fresh OS entropy)")
     guard_reference: Literal["anchor", "parent"] = Field(
         "anchor", description="guard reference: the first version checked on this holdout, or the serving one")
     min_cohort: int = Field(16, ge=2, description="a cohort smaller than this waits for more records")

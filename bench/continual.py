@@ -51,6 +51,7 @@ from marketplace.update import online_metrics, previous_step, propose_update
 from model_store import Holdout
 from model_store.holdout import decode_holdout, encode_holdout
 from worker.guard import TrafficCheck, correct_answers, holdout_figures, judge_candidate
+from worker.head_replay import HeadReplaySource
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("bench.continual")
@@ -60,7 +61,7 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
                  "step", "shrink", "shrink_t", "max_step", "head_gradient",
-                 "head_learning_rate", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
+                 "head_learning_rate", "head_damping", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
@@ -289,6 +290,7 @@ class EngineRun:
         self.frozen_rng = np.random.default_rng([self.seed, 7])
         self.replay_rng = np.random.default_rng([self.seed, 9])
         self.replay: deque[tuple[np.ndarray, int, bool]] = deque(maxlen=self.replay_size)
+        self.head_replay = HeadReplaySource(self.settings.head_damping)
 
     def fresh_seeds(self) -> np.ndarray:
         """A new version's seeds, as the worker draws them (unperturbed in the groups that do not learn)."""
@@ -300,6 +302,13 @@ class EngineRun:
         if pick.any():
             anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
             self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), strict=True))
+
+    def replay_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kept inputs and labels, newest first (as the worker reads the replay stream)."""
+        if not self.replay:
+            return np.zeros((0, *self.spec.input_shape), np.float32), np.zeros(0, np.int64)
+        xs, ys, _ = zip(*reversed(self.replay), strict=True)
+        return np.stack(xs), np.array(ys, np.int64)
 
     def traffic_check(self) -> TrafficCheck | None:
         """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0)."""
@@ -338,11 +347,15 @@ class EngineRun:
         served = (cross_entropy(answer, truth), answer.argmax(1) == truth)
         sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
         last = previous_step(self.params, self.grandparent) if self.uc.momentum else None
-        result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last)
+        replay = self.settings.head_gradient == "replay"
+        if self.guard or replay:
+            self.keep_for_replay(x, y)
+        evidence = self.head_replay.evidence(self.spec, self.params, *self.replay_arrays(),
+                                             self.holdout if self.guard else None) if replay else None
+        result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last, evidence)
         if self.guard:
             if self.before is None:
                 self.before = holdout_figures(self.eval_engine, self.params, self.holdout)
-            self.keep_for_replay(x, y)
             verdict = judge_candidate(self.eval_engine, result.params, self.holdout, self.before,
                                       self.parent_validation, self.settings.guard_tolerance,
                                       self.settings.guard_reference, self.settings.guard_class_tolerance,
@@ -504,7 +517,8 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-step", type=float)
     ap.add_argument("--shrink-t", type=float)
     ap.add_argument("--learn-groups", help="layer groups that learn: head, all, or indices like 0,2")
-    ap.add_argument("--head-gradient", choices=["logits", "spsa"])
+    ap.add_argument("--head-gradient", choices=["logits", "replay", "spsa"])
+    ap.add_argument("--head-damping", type=float)
     ap.add_argument("--head-learning-rate", type=float)
     ap.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attribution", choices=["zscore", "rank"])

@@ -288,6 +288,8 @@ def _copy_into(t: Tensor, a: np.ndarray) -> None:
     """Host array → an allocated device buffer, in place: a memcpy, no scheduled copy (tinygrad's own host path)."""
     buf = t.uop.buffer
     data = np.ascontiguousarray(a, dtype=_NP_DTYPES[t.dtype])
+    if not data.flags.writeable:  # ctypes reads only through a writable buffer (a frozen or broadcast array)
+        data = data.copy()
     if data.nbytes != buf.nbytes:
         raise ValueError(f"{data.nbytes} bytes for a buffer of {buf.nbytes}")
     buf.allocator._copyin(buf._buf, memoryview(data).cast("B"))

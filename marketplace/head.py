@@ -17,6 +17,9 @@ logits of every record: nothing more runs.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 
 from marketplace.deltas import group_delta, vendor_signs
@@ -91,3 +94,75 @@ def head_gradient(spec: ModelSpec, logits: np.ndarray, leader_logits: np.ndarray
             measured += len(rows)
     flat = {w_key: gW / max(measured, 1), b_key: G.mean(axis=0)}
     return np.concatenate([flat[k].ravel() for k in shapes]), measured
+
+
+# ------------------------------------------------------------------------------------------------ replay
+# The probes see each input's features through C random projections; the inputs the API keeps for the guard
+# (redis_io's replay stream) show them whole. A forward pass of the feature groups gives h exactly, so the
+# head's gradient (p − y)·hᵀ is exact on those inputs. Exact is not enough: on a new look of a known class
+# (protocol B) even the exact gradient costs the known classes ~2 points before the new inputs are learned,
+# because the new inputs' features lie in the span of the known ones, and the step that raises the label
+# on them lowers it on known inputs alike. Damping the step along the directions the known data occupies
+# (its features' second moment, read from the holdout set) keeps the known answers where they are and lets
+# the step move the head where the known data has little weight: the valley is gone (`bench/continual.py`).
+
+
+def feature_spec(spec: ModelSpec) -> ModelSpec:
+    """The model without its head: its output (B, H) is the head's input, the features the head weighs."""
+    keys = linear_head(spec)
+    if keys is None or len(spec.groups) < 2:
+        raise ValueError("the replay head gradient needs a last group that is one linear layer after others")
+    fin = spec.groups[-1].layers[0][1].fin  # type: ignore[attr-defined]
+    return dataclasses.replace(spec, groups=spec.groups[:-1], num_classes=int(fin))
+
+
+@dataclass(frozen=True)
+class HeadReplay:
+    """Labelled inputs seen whole: their features under the serving version's feature groups, and labels.
+
+    ``damping``: the known-feature preconditioner (`known_damping`), (H+1, H+1), or None to step undamped.
+    """
+
+    features: np.ndarray  # (n, H) float
+    labels: np.ndarray  # (n,) int
+    damping: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2 or self.labels.shape != (len(self.features),):
+            raise ValueError("features must be (n, H) and labels (n,)")
+        H = self.features.shape[1]
+        if self.damping is not None and self.damping.shape != (H + 1, H + 1):
+            raise ValueError(f"damping must be ({H + 1}, {H + 1})")
+
+
+def known_damping(known_features: np.ndarray, strength: float) -> np.ndarray | None:
+    """(I + c·Σ/λ_max)⁻¹ over [h, 1]: Σ the known features' second moment, c ``strength`` (0: None, no damping).
+
+    A step g·P moves the head's answer on a known input by g·P·[h, 1], which the damping shrinks by up to
+    1/(1 + c) where the known data has its weight, and leaves whole along directions it does not use.
+    """
+    if strength <= 0 or not len(known_features):
+        return None
+    h = np.hstack([known_features.astype(np.float64), np.ones((len(known_features), 1))])
+    sigma = h.T @ h / len(h)
+    top = float(np.linalg.eigvalsh(sigma)[-1])
+    return np.linalg.inv(np.eye(len(sigma)) + strength * sigma / max(top, 1e-12))
+
+
+def replay_head_gradient(spec: ModelSpec, params: dict[str, np.ndarray], replay: HeadReplay
+                         ) -> tuple[np.ndarray, int] | None:
+    """The exact mean-loss gradient of the head on the replayed inputs, damped along the known features, as a flat
+    vector in the head group's sorted key order, and how many inputs gave it; None without any input."""
+    keys = linear_head(spec)
+    if keys is None or not len(replay.labels):
+        return None
+    w_key, b_key = keys
+    W, b = params[w_key].astype(np.float64), params[b_key].astype(np.float64)
+    h = replay.features.astype(np.float64)
+    G = softmax(h @ W.T + b)
+    G[np.arange(len(G)), replay.labels] -= 1.0
+    g = np.hstack([G.T @ h, G.sum(axis=0)[:, None]]) / len(G)  # (C, H + 1): weights, then the bias column
+    if replay.damping is not None:
+        g = g @ replay.damping
+    flat = {w_key: g[:, :-1], b_key: g[:, -1]}
+    return np.concatenate([flat[k].ravel() for k in spec.group_shapes(len(spec.groups) - 1)]), len(G)

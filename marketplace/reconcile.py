@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from marketplace.deltas import split_group, vendor_signs
-from marketplace.head import head_gradient
+from marketplace.head import HeadReplay, head_gradient, replay_head_gradient
 from marketplace.models import ModelSpec
 from marketplace.threefry import uniform_delta_np
 
@@ -87,9 +87,10 @@ class ReconcileConfig:
     learn_groups: str = "all"  # which layer groups move: "all", "head" (the last) or indices "0,2"
     shrink_t: float = 1.0  # shrinkage: a vendor's credit moves nothing below this t-statistic
     # signal steps: "logits" estimates a linear head's gradient from the logits its probes moved (marketplace.head),
-    # where records carry both logits; "spsa" from loss differences, as every other group
-    head_gradient: Literal["spsa", "logits"] = "spsa"
-    head_learning_rate: float = 0.03  # the SGD rate of the "logits" head gradient (capped by max_step as well)
+    # where records carry both logits; "replay" takes it exactly from the inputs the API kept whole, damped along
+    # the known data's features (logits where none is given); "spsa" from loss differences, as every other group
+    head_gradient: Literal["spsa", "logits", "replay"] = "spsa"
+    head_learning_rate: float = 0.03  # the SGD rate of the head's gradient (capped by max_step as well)
 
 
 LEARN_GROUPS_PATTERN = r"^(all|head|\d+(,\d+)*)$"
@@ -267,8 +268,11 @@ def group_direction(credit: dict[int, np.ndarray], sources: dict[int, VersionSee
 
 def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
               sources: dict[int, VersionSeeds], config: ReconcileConfig,
-              learning_rate: float | None = None) -> ReconcileResult:
+              learning_rate: float | None = None, replay: HeadReplay | None = None) -> ReconcileResult:
     """θ + η·D from the records, and figures that say what went into it.
+
+    ``replay``: inputs seen whole (their features and labels); with ``head_gradient="replay"`` they give the head
+    its exact, damped gradient (marketplace.head), else the head falls back to the logits estimate.
 
     Cohorts are handled with bincounts over a cohort id, so the per-record work is a few vectorized
     passes whatever the number of cohorts.
@@ -339,7 +343,12 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
 
     sizes = spec.group_sizes()
     learned = learned_groups(config.learn_groups, S)
-    head = logits_head(spec, records, sources, keep, config) if learned[-1] and config.step == "signal" else None
+    head, head_kind = None, None
+    if learned[-1] and config.step == "signal":
+        if config.head_gradient == "replay" and replay is not None:
+            head, head_kind = replay_head_gradient(spec, params, replay), "replay"
+        if head is None:
+            head, head_kind = logits_head(spec, records, sources, keep, config), "logits"
     directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
                   for s in range(S - 1)]
     if head is not None:  # minus the gradient estimated from the logits: a descent direction, as D_s is
@@ -374,7 +383,7 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
              "outliers_dropped": int(used.sum() - keep.sum()), "direction_norm": total_norm,
              "step_norm": step_norm, "paired": int((paired & used).sum()),
              "shrink": kept_shrink,
-             "head_gradient": ("logits" if head is not None else "spsa") if learned[-1] else None,
+             "head_gradient": (head_kind if head is not None else "spsa") if learned[-1] else None,
              "head_records": head[1] if head is not None else None,
              "head_learning_rate": head_rate if head is not None else None,
              "learning_rate": float(eta),
@@ -432,7 +441,7 @@ def logits_head(spec: ModelSpec, records: Records, sources: dict[int, VersionSee
                 config: ReconcileConfig) -> tuple[np.ndarray, int] | None:
     """The head's estimated gradient from the records' logits (and how many measured it), when the config asks for
     it and the records carry them; None: the head takes its SPSA direction like the other groups."""
-    if config.head_gradient != "logits" or records.logits is None or records.leader_logits is None \
+    if config.head_gradient == "spsa" or records.logits is None or records.leader_logits is None \
             or records.label is None:
         return None
     return head_gradient(spec, records.logits, records.leader_logits, np.asarray(records.label, np.int64),

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from marketplace.head import HeadReplay
 from marketplace.models import ModelSpec
 from marketplace.reconcile import ReconcileConfig, ReconcileResult, Records, VersionSeeds, learned_groups, reconcile
 
@@ -62,15 +63,19 @@ def previous_step(parent: dict[str, np.ndarray], grandparent: dict[str, np.ndarr
 
 def propose_update(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
                    sources: dict[int, VersionSeeds], rc: ReconcileConfig, uc: UpdateConfig,
-                   last_step: dict[str, np.ndarray] | None = None) -> ReconcileResult:
-    """The candidate next weights θ + η_t·D + β·(θ_n − θ_{n−1}), and the figures that went into it."""
+                   last_step: dict[str, np.ndarray] | None = None, replay: HeadReplay | None = None
+                   ) -> ReconcileResult:
+    """The candidate next weights θ + η_t·D + β·(θ_n − θ_{n−1}), and the figures that went into it.
+
+    ``replay``: inputs seen whole, for the head's exact gradient (``head_gradient="replay"``, marketplace.head).
+    """
     used_label = records.label
     gap = class_loss_gap(np.asarray(records.loss, np.float64), np.asarray(used_label, np.int64),
                          spec.num_classes) if used_label is not None else 0.0
     eta = scheduled_lr(rc.learning_rate, gap, uc)
     if rc.learning_rate > 0 and eta != rc.learning_rate:  # a signal step's cap follows the schedule too
         rc = dataclasses.replace(rc, max_step=rc.max_step * eta / rc.learning_rate)
-    result = reconcile(spec, params, records, sources, rc, learning_rate=eta)
+    result = reconcile(spec, params, records, sources, rc, learning_rate=eta, replay=replay)
     result.stats["loss_gap"] = gap
     result.stats["momentum"] = uc.momentum
     if uc.momentum and last_step is not None and result.used.any():

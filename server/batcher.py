@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.engine_thread import EngineThread
 from marketplace.reconcile import cross_entropy
 from redis_io.protocol import PredictionRecord
 from redis_io.recordlog import AsyncRecordLog
-from server.engine_thread import EngineThread
 from server.errors import ApiError, redis_op
 from server.metrics import ServerMetrics
 from server.runtime import ModelRuntime, Served

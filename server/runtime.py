@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.engine_thread import EngineThread
 from common.faults import fault_point
 from common.loading import LoadedVersion, fallback_base, load_version
 from marketplace.engine import Engine, PerturbedWeights, leader_seeds
@@ -29,7 +30,6 @@ from model_store import ModelStore
 from redis_io.connect import AsyncClient
 from redis_io.events import EventSubscription
 from redis_io.recordlog import AsyncRecordLog
-from server.engine_thread import EngineThread
 from server.errors import ApiError, redis_op
 from server.metrics import ServerMetrics
 

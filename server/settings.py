@@ -57,7 +57,8 @@ class ServerSettings(BaseSettings):
         "paired", description="paired: every input also runs through the leader, whose answer the user gets "
                               "(exploration invisible, 2x FLOPs); single: the user gets the perturbed path's answer")
     replay_share: float = Field(0.125, ge=0, le=1, description="share of predictions whose input is kept until "
-                                "labelled, then moved to the replay stream the worker's guard judges candidates on")
+                                "labelled, then moved to the replay stream: the worker's head learns from it and its "
+                                "guard judges on it")
     replay_window_s: int = Field(3600, ge=1, description="how long a kept input waits for its label (Redis memory: "
                                                          "predictions/s x replay_share x input bytes x this)")
     replay_size: int = Field(512, ge=0, le=REPLAY_READ_MAX,

@@ -10,13 +10,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from common.device import select_device
+from common.engine_thread import EngineThread
 from common.loading import seed_default_model
 from model_store import ModelStore
 from redis_io.connect import AsyncClient, SyncClient, api_client, blocking_client, events_client
 from redis_io.recordlog import AsyncRecordLog
 from server.access import ClientAccess
 from server.batcher import MicroBatcher
-from server.engine_thread import EngineThread
 from server.errors import ApiError
 from server.metrics import ServerMetrics
 from server.runtime import ModelRuntime, Served, VersionWatcher

@@ -279,6 +279,18 @@ def traffic_anchor(parent_version: int, parent_validation: dict[str, Any] | None
     return int(carried.get("anchor_version", parent_version))
 
 
+def replay_arrays(recent: list[ReplayEntry], spec: ModelSpec) -> tuple[list[ReplayEntry], np.ndarray, np.ndarray]:
+    """The replay entries that fit the model (input size, label range, finite), with their inputs and labels."""
+    size = int(np.prod(spec.input_shape))
+    fit = [e for e in recent if len(e.inputs) == 4 * size and e.label < spec.num_classes]
+    if not fit:
+        return [], np.zeros((0, *spec.input_shape), np.float32), np.zeros(0, np.int64)
+    inputs = np.stack([np.frombuffer(e.inputs, "<f4").reshape(spec.input_shape) for e in fit])
+    finite = np.isfinite(inputs).reshape(len(fit), -1).all(axis=1)
+    fit, inputs = [e for e, ok in zip(fit, finite, strict=True) if ok], inputs[finite]
+    return fit, inputs, np.array([e.label for e in fit], np.int64)
+
+
 class ValidationGuard:
     """Judges candidates of one model on its current holdout set; caches what is immutable."""
 
@@ -345,17 +357,9 @@ class ValidationGuard:
 
     def _traffic_check(self, parent: LoadedVersion, recent: list[ReplayEntry], engine: Engine) -> TrafficCheck | None:
         """Recent labelled inputs that fit the model, with the anchor's answers (cached per entry); None: too few."""
-        spec = parent.spec
-        size = int(np.prod(spec.input_shape))
-        fit = [e for e in recent if len(e.inputs) == 4 * size and e.label < spec.num_classes]
+        fit, inputs, labels = replay_arrays(recent, parent.spec)
         if len(fit) < self.settings.guard_traffic_min:
             return None
-        inputs = np.stack([np.frombuffer(e.inputs, "<f4").reshape(spec.input_shape) for e in fit])
-        finite = np.isfinite(inputs).reshape(len(fit), -1).all(axis=1)
-        fit, inputs = [e for e, ok in zip(fit, finite, strict=True) if ok], inputs[finite]
-        if len(fit) < self.settings.guard_traffic_min:
-            return None
-        labels = np.array([e.label for e in fit], np.int64)
         version, anchor = self._anchor_params(parent)
         missing = [i for i, e in enumerate(fit) if (version, e.entry_id) not in self._anchor_correct]
         if missing:

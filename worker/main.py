@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 
 from common.device import DeviceError, use_device
+from common.engine_thread import EngineThread
 from common.flags import settings_from_argv
 from common.logs import configure_logging
 from marketplace.models import spec_from_architecture
@@ -46,12 +47,17 @@ def check_learn_groups(settings: WorkerSettings, store: ModelStore) -> None:
                              f"indices below {len(spec.groups)}") from None
 
 
-def run(settings: WorkerSettings, stop: threading.Event) -> None:
-    """Reconcile every configured model until ``stop`` is set (embeddable: no signals, no logging setup)."""
+def run(settings: WorkerSettings, stop: threading.Event, engine_thread: EngineThread | None = None) -> None:
+    """Reconcile every configured model until ``stop`` is set (embeddable: no signals, no logging setup).
+
+    The models' threads run their tinygrad work on one ``engine_thread`` (tinygrad is not thread-safe).
+    """
     store = ModelStore(settings.store_dir)
     client = worker_client(settings.redis_url, settings.poll_ms)
+    engine_thread = engine_thread or EngineThread()
     threads = [
-        threading.Thread(target=Reconciler(settings, store, client, model).serve_forever, args=(stop,),
+        threading.Thread(target=Reconciler(settings, store, client, model, on_device=engine_thread.call).serve_forever,
+                         args=(stop,),
                          name=f"reconciler-{model}", daemon=True)
         for model in settings.models
     ]
@@ -73,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = build_settings(argv)
     configure_logging(settings.log_level)
     try:
-        device = use_device(settings.device)  # the guard's engines run on it
+        engine_thread = EngineThread()
+        device = engine_thread.call(use_device, settings.device)  # the guard's engines run on it, on that thread
     except DeviceError as exc:
         raise SystemExit(f"mpserve worker: {exc}") from None
     try:
@@ -90,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _on_signal)
     log.info("worker %s: models %s, store %s, device %s", settings.consumer, settings.models, settings.store_dir,
              device)
-    run(settings, stop)
+    run(settings, stop, engine_thread)
+    engine_thread.shutdown()
     log.info("worker %s stopped", settings.consumer)
     return 0

@@ -33,15 +33,17 @@ import numpy as np
 from common.faults import fault_point
 from common.loading import LoadedVersion, fallback_base, load_version, version_sources
 from common.names import validate_model_name
+from marketplace.head import HeadReplay
 from marketplace.reconcile import VersionSeeds
 from marketplace.update import previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionNotFound
 from redis_io.admin_queue import pop_requests, send_reply
 from redis_io.connect import CONNECTION_ERRORS, RedisError, SyncClient
 from redis_io.fenced import fenced_ack
-from redis_io.protocol import EntryNotPendingError, FeedbackEntry, StaleLeaderError, VersionMovedError
+from redis_io.protocol import EntryNotPendingError, FeedbackEntry, ReplayEntry, StaleLeaderError, VersionMovedError
 from redis_io.recordlog import RecordLog
-from worker.guard import ValidationGuard, Verdict, traffic_anchor
+from worker.guard import ValidationGuard, Verdict, replay_arrays, traffic_anchor
+from worker.head_replay import HeadReplaySource
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
 from worker.publisher import Publisher
@@ -49,6 +51,13 @@ from worker.settings import WorkerSettings
 from worker.summary import ReconcileStats, describe_entries, feedback_records, served_metrics
 
 log = logging.getLogger(__name__)
+
+#: runs a callable where tinygrad may run (``EngineThread.call``, or in place)
+OnDevice = Callable[..., Any]
+
+
+def _here(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 NOT_LEADER = "not leader"
 READ_CHUNK = 10_000
@@ -75,8 +84,11 @@ class Reconciler:
     """Reconciles one model while it holds the model's leader lease; see the module docstring."""
 
     def __init__(self, settings: WorkerSettings, store: ModelStore, client: SyncClient, model: str,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, on_device: OnDevice | None = None) -> None:
         self.settings = settings
+        # where tinygrad work runs (the guard's and the head's forward passes): the process's one engine thread
+        # when several threads share tinygrad (worker.main), else the calling thread
+        self.on_device: OnDevice = on_device or _here
         self.store = store
         self.client = client
         self.model = validate_model_name(model)
@@ -96,6 +108,7 @@ class Reconciler:
         self._loaded: LoadedVersion | None = None
         self._grandparent: LoadedVersion | None = None
         self.guard = ValidationGuard(settings, store, self.model)
+        self.head_replay = HeadReplaySource(settings.head_damping)
         self._base_error: str | None = None  # why the base version cannot be built on, last time it could not
 
     # ------------------------------------------------------------------------------------------ public
@@ -337,6 +350,16 @@ class Reconciler:
         trigger = trigger or ("records" if len(batch.usable) >= self.settings.min_records else "timer")
         return self._reconcile_and_publish(batch, sources, trigger, current, t0)
 
+    def _head_replay(self, parent: LoadedVersion, recent: list[ReplayEntry]) -> HeadReplay | None:
+        """The kept inputs' features for the head's exact gradient; None (the logits estimate steps) if unusable."""
+        try:
+            holdout = self.guard.holdout()
+        except (OSError, ModelStoreError, ValueError) as exc:
+            log.error("%s: the holdout set cannot be read (%s); the head steps undamped", self.model, exc)
+            holdout = None
+        _, inputs, labels = replay_arrays(recent, parent.spec)
+        return self.head_replay.evidence(parent.spec, parent.params, inputs, labels, holdout)
+
     def _ack_dropped(self, batch: Batch, current: int | None, stats: dict[str, Any]) -> None:
         """The buffer is full of entries nothing will use: acknowledge them now rather than stall."""
         assert self.lease.token is not None
@@ -364,12 +387,15 @@ class Reconciler:
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
         with self.lease.renewing():  # the update and its validation may outlast the lease's TTL
+            replay = self.settings.head_gradient == "replay"
+            recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
+                if self.settings.guard_traffic or replay else None
+            evidence = self.on_device(self._head_replay, parent, recent or []) if replay else None
             result = propose_update(parent.spec, parent.params, feedback_records(batch.usable, parent.spec.num_classes),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
-                                    self.settings.update_config(), self._last_step(parent))
-            recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
-                if self.settings.guard_traffic else None
-            verdict = self.guard.judge(parent, result.params, recent)
+                                    self.settings.update_config(), self._last_step(parent), evidence)
+            verdict = self.on_device(self.guard.judge, parent, result.params,
+                                     recent if self.settings.guard_traffic else None)
         if not self.lease.held:
             self._lost("the lease expired while the candidate was built and validated")
             return ReconcileOutcome(False, None, parent.version, {}, "lost leadership: the lease expired while "

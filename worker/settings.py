@@ -64,12 +64,18 @@ class WorkerSettings(BaseSettings):
                                                   "at most this moves nothing (the factor is max(0, 1 - t0^2/t^2))")
     max_step: float = Field(0.01, ge=0, description="signal steps: largest step of a group, as a share of its "
                                                    "weights' norm (0: no cap)")
-    head_gradient: Literal["logits", "spsa"] = Field(
-        "logits", description="signal steps: the head's gradient from the logits its probes moved (paired records "
-                              "keep both; C measurements a record, marketplace.head), or spsa from loss differences "
-                              "as every other group")
-    head_learning_rate: float = Field(0.03, ge=0, description="SGD rate of the logits head gradient (its step is "
-                                                             "capped by max_step too; a schedule scales it as η)")
+    head_gradient: Literal["replay", "logits", "spsa"] = Field(
+        "replay", description="signal steps: the head's exact gradient on the labelled inputs the API keeps whole "
+                              "(the replay stream; one forward pass of the feature groups), damped along the "
+                              "holdout's features (head_damping), the logits estimate where none is kept; logits: "
+                              "estimated from the logits its probes moved (C measurements a record, "
+                              "marketplace.head); spsa: from loss differences as every other group")
+    head_learning_rate: float | None = Field(
+        None, ge=0, description="SGD rate of the head's gradient (its step is capped by max_step too; a schedule "
+                                "scales it as η); unset: 1.0 for replay (its damped gradient is small), 0.03 else")
+    head_damping: float = Field(3000.0, ge=0, description="head_gradient=replay: damp the head's step by up to "
+                                                          "1/(1 + this) along the holdout's features, so learning "
+                                                          "new inputs keeps the known answers (0: undamped)")
     learn_groups: str = Field("head", pattern=LEARN_GROUPS_PATTERN,
                               description="layer groups that learn: head (the last, default), all, or indices like "
                                           "0,2; the others keep their weights and run unperturbed in new versions")
@@ -128,6 +134,14 @@ class WorkerSettings(BaseSettings):
         return v.lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
+    def _head_rate_for_its_gradient(self) -> WorkerSettings:
+        """Unset, the head's rate follows its gradient: the damped replay gradient is far smaller than the logits
+        estimate (both steps stay under max_step)."""
+        if self.head_learning_rate is None:
+            self.head_learning_rate = 1.0 if self.head_gradient == "replay" else 0.03
+        return self
+
+    @model_validator(mode="after")
     def _poll_within_lease(self) -> WorkerSettings:
         """A blocking read must end well before the lease needs renewing (every ttl/3)."""
         if self.poll_ms * 3 > self.lease_ttl_ms:
@@ -141,7 +155,8 @@ class WorkerSettings(BaseSettings):
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
             min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
             max_step=self.max_step, shrink=self.shrink, learn_groups=self.learn_groups,
-            shrink_t=self.shrink_t, head_gradient=self.head_gradient, head_learning_rate=self.head_learning_rate)
+            shrink_t=self.shrink_t, head_gradient=self.head_gradient,
+            head_learning_rate=float(self.head_learning_rate or 0.0))
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -152,7 +167,7 @@ class WorkerSettings(BaseSettings):
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "baseline", "step", "shrink", "shrink_t", "max_step", "head_gradient",
-                "head_learning_rate", "learn_groups", "probe_scale", "vendors",
+                "head_learning_rate", "head_damping", "learn_groups", "probe_scale", "vendors",
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",

@@ -136,7 +136,7 @@ class ReconcileStats:
                 "held_back": self.held_back, "inputs": inputs, "reconciler": {**reconciler, "trigger": self.trigger},
                 "training": {"kind": kind, "direction_norm": self.update["direction_norm"],
                              "loss_gap": self.update["loss_gap"],
-                             "head_gradient": self.update.get("head_gradient"),  # logits | spsa | None (frozen)
+                             "head_gradient": self.update.get("head_gradient"),  # logits | replay | spsa | None
                              "head_records": self.update.get("head_records")}}
 
     def publish_record(self, parent: int, inputs: Mapping[str, Any], weights_sha256: str, consumer: str,

@@ -106,12 +106,14 @@ def worker(redis_proc: RedisProcess, store: ModelStore, tmp_path_factory: pytest
 
     It never reconciles by itself: no timer (worker_args), and a min_records it never reaches; an admin request is a
     forced reconciliation, which needs only min_cohort usable records. The guard acts only while a holdout set is
-    uploaded. Every group learns, so a step of a dozen records moves the holdout's closest calls (with the head alone
-    such a step may leave all of them as they were, and the guard's tests would have nothing to judge).
+    uploaded. Every group learns, and the head from its probes' logits, so a step of a dozen records moves the
+    holdout's closest calls (with the head alone, or with the replay head damped along the holdout's features, such
+    a step may leave all of them as they were, and the guard's tests would have nothing to judge).
     """
     w = ChildProcess("worker", worker_args(redis_proc.url, store.root, MODEL, "w", 100_000, "--min-cohort", "4",
                                            "--max-cohort-age", "1000", "--guard-tolerance", "0",
-                                           "--lease-ttl-ms", "10000", "--learn-groups", "all"),
+                                           "--lease-ttl-ms", "10000", "--learn-groups", "all",
+                                           "--head-gradient", "logits"),
                      tmp_path_factory.mktemp("worker") / "worker.log")
     try:
         yield w.start()

@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from common.loading import load_version, version_sources
+from marketplace.head import HeadReplay, known_damping, replay_head_gradient
 from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy
 from marketplace.update import UpdateConfig, class_loss_gap, propose_update
 from model_store import ModelStore
@@ -653,6 +654,41 @@ def test_paired_entries_give_the_head_its_gradient_from_their_logits(
     for k in p0:
         np.testing.assert_allclose(p1[k], expected.params[k], rtol=0, atol=1e-6)
         assert np.array_equal(p1[k], p0[k]) == k.startswith("0.")  # only the head (group 1) learns
+    rec.close()
+
+
+def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_along_the_holdout(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    """head_gradient=replay: the worker reads the inputs the API kept, takes their features under version 0 and
+    steps the head by the exact gradient, damped along the holdout's features: checked against NumPy features
+    and marketplace.head's pure functions, not against the worker's own engine."""
+    configured = tmp_path / "holdout.npz"
+    holdout = holdout_images(50, 8)
+    np.savez(configured, inputs=holdout, labels=np.zeros(50, np.int64))
+    x, y = keep_replay(redis_client, store, 60, 60, seed=11)
+    settings = make_settings(redis_server, store, holdout_path=configured, head_gradient="replay",
+                             head_learning_rate=0.5, max_step=0.0, guard_tolerance=1.0, guard_class_tolerance=1.0,
+                             guard_traffic_tolerance=1.0)
+    rec = Reconciler(settings, store, redis_client, MODEL)
+    out = rec.run_once()
+    assert (out.published, out.version) == (True, 1), out.reason
+    manifest = store.read_manifest(MODEL, 1)
+    assert (manifest["training"]["head_gradient"], manifest["training"]["head_records"]) == ("replay", 60)
+    assert manifest["reconciler"]["head_damping"] == 3000.0
+    p0, p1 = store.read_version(MODEL, 0)[0], store.read_version(MODEL, 1)[0]
+    spec = load_version(store, MODEL, 0).spec
+
+    def features(images: np.ndarray) -> np.ndarray:
+        flat = images.reshape(len(images), -1).astype(np.float64) * spec.input_scale
+        return np.maximum(flat @ p0["0.fc.weight"].T.astype(np.float64) + p0["0.fc.bias"], 0)
+
+    flat, _ = replay_head_gradient(spec, p0, HeadReplay(features(x), y, known_damping(features(holdout), 3000.0)))
+    expected = {"1.fc.bias": p0["1.fc.bias"] - 0.5 * flat[:CLASSES],
+                "1.fc.weight": p0["1.fc.weight"] - 0.5 * flat[CLASSES:].reshape(CLASSES, -1)}
+    for k, v in expected.items():
+        assert not np.allclose(v, p0[k])  # the step is large enough to see
+        np.testing.assert_allclose(p1[k], v, rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(p1["0.fc.weight"], p0["0.fc.weight"])
     rec.close()
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from marketplace.deltas import group_delta, vendor_signs
-from marketplace.head import head_gradient, linear_head
+from marketplace.head import HeadReplay, feature_spec, head_gradient, known_damping, linear_head, replay_head_gradient
 from marketplace.models import beautiful_mnist, mlp
 from marketplace.reconcile import ReconcileConfig, Records, VersionSeeds, cross_entropy, fresh_seeds, reconcile
 
@@ -148,3 +148,63 @@ def test_the_bench_finds_the_logits_estimate_far_closer_to_the_gradient_than_sps
                      4, EPS, rng) for _ in range(5)]
     spsa, logits = np.mean([c["spsa"] for c in cos]), np.mean([c["logits"] for c in cos])
     assert logits > 0.2 and logits > 4 * abs(spsa), (spsa, logits)  # measured: 0.28 against 0.02
+
+
+# ------------------------------------------------------------------------------------------------ replay
+def test_the_replay_gradient_without_damping_is_the_exact_gradient():
+    rng = np.random.default_rng(3)
+    params = SPEC.init_params(3)
+    h, label = np.maximum(rng.normal(size=(40, 16)), 0), rng.integers(0, 10, 40)
+    flat, n = replay_head_gradient(SPEC, params, HeadReplay(h, label))
+    gW, gb = true_gradient(h, label, params)
+    assert n == 40
+    np.testing.assert_allclose(flat[:10], gb, atol=1e-12)  # sorted keys: the bias first
+    np.testing.assert_allclose(flat[10:].reshape(10, 16), gW, atol=1e-12)
+    assert replay_head_gradient(SPEC, params, HeadReplay(h[:0], label[:0])) is None
+
+
+def test_damping_keeps_the_known_answers_and_moves_what_the_known_data_does_not_use():
+    """Known features live in the first 8 dimensions, a new input's in the last 8: the damped step barely moves
+    the known inputs' logits (it moved them fully undamped) and still moves the new input's."""
+    rng = np.random.default_rng(4)
+    params = SPEC.init_params(4)
+    known = np.hstack([np.abs(rng.normal(size=(500, 8))), np.zeros((500, 8))])
+    new = np.hstack([np.zeros((16, 8)), np.abs(rng.normal(size=(16, 8)))])
+    label = np.full(16, 3)
+    damping = known_damping(known, 300.0)
+    assert known_damping(known, 0.0) is None
+
+    def logit_moves(d):
+        flat, _ = replay_head_gradient(SPEC, params, HeadReplay(new, label, d))
+        step = np.hstack([flat[10:].reshape(10, 16), flat[:10, None]])  # (C, H+1)
+        return (np.abs(np.hstack([known, np.ones((500, 1))]) @ step.T).mean(),
+                np.abs(np.hstack([new, np.ones((16, 1))]) @ step.T).mean())
+
+    (known_plain, new_plain), (known_damped, new_damped) = logit_moves(None), logit_moves(damping)
+    assert known_damped < 0.05 * known_plain
+    assert new_damped > 0.5 * new_plain
+    with pytest.raises(ValueError, match="damping must be"):
+        HeadReplay(new, label, np.eye(3))
+
+
+def test_reconcile_steps_the_head_by_the_replay_gradient_and_falls_back_to_the_logits_without_one():
+    h, label, params, src, path, leader, probe = head_records(seed=5, n=64, V=4)
+    records = Records(np.zeros(64, np.int64), path, cross_entropy(probe, label), label,
+                      cross_entropy(leader, label), probe, leader)
+    config = ReconcileConfig(step="signal", learn_groups="head", head_gradient="replay", head_learning_rate=0.01,
+                             baseline="leader", min_cohort=1, max_step=0.0)
+    replay = HeadReplay(h[:20], label[:20])
+    out = reconcile(SPEC, params, records, {0: src}, config, replay=replay)
+    assert (out.stats["head_gradient"], out.stats["head_records"]) == ("replay", 20)
+    flat, _ = replay_head_gradient(SPEC, params, replay)
+    np.testing.assert_allclose(out.params[B_KEY], params[B_KEY] - 0.01 * flat[:10], atol=1e-6)
+    np.testing.assert_allclose(out.params[W_KEY], params[W_KEY] - 0.01 * flat[10:].reshape(10, 16), atol=1e-6)
+    assert reconcile(SPEC, params, records, {0: src}, config).stats["head_gradient"] == "logits"
+
+
+def test_the_feature_spec_is_the_model_without_its_head():
+    spec = feature_spec(beautiful_mnist())
+    assert (len(spec.groups), spec.num_classes) == (2, 576)
+    assert set(spec.param_shapes()) == {k for k in beautiful_mnist().param_shapes() if not k.startswith("2.")}
+    with pytest.raises(ValueError, match="linear layer"):
+        feature_spec(mlp(hidden=()))

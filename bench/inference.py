@@ -1,24 +1,28 @@
 """Inputs/s of plain vs balanced perturbed inference (and a naive per-input loop), side by side.
 
-    python bench/inference.py [--quick] [--json results/inference.json]
+    python bench/inference.py [--quick] [--peer torch] [--json results/inference.json]
 
 plain: the leader only (V=1), the same engine code; perturbed: V vendors per group, every input on its
 own balanced path, one kernel per layer over all vendors; naive: each input run alone through the
 weights of its own path, as the upstream continual-learning code does. Measurements are interleaved
 and each figure is the best of several rounds, so background load hits all three alike.
+``--peer torch``: the same model and weights in PyTorch (`bench/torch_peer.py`, its logits checked against the
+engine's), timed in the same rounds under ``torch.inference_mode()`` with ``--torch-threads`` threads; the
+table gains the engine's ratios to it. PyTorch is the benchmark's optional extra (`pip install .[peer]`).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import print_table, rate, write_json
 from marketplace.deltas import path_params
-from marketplace.engine import Engine, leader_seeds
+from marketplace.engine import Engine, leader_logits, leader_seeds
 from marketplace.models import get_model
 from marketplace.reconcile import fresh_seeds
 
@@ -31,6 +35,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="short measurements (under 60 s)")
+    ap.add_argument("--peer", choices=["none", "torch"], default="none", help="time the same model in PyTorch too")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
@@ -52,6 +58,17 @@ def main() -> None:
     for w in list(path_weights.values())[:1]:
         naive_engine.warmup(w)
 
+    peer = None
+    if args.peer == "torch":
+        import torch
+
+        from bench.torch_peer import check_peer, torch_logits, torch_model
+
+        torch.set_num_threads(args.torch_threads)
+        peer = torch_model(spec, params)
+        probe = Engine(spec, 1, buckets=[16])
+        check_peer(peer, spec, leader_logits(probe, params, data[:16]), data[:16])
+
     rows = []
     for batch in batches:
         x = data[:batch]
@@ -71,17 +88,24 @@ def main() -> None:
         runs = {"plain": lambda x=x, e=plain, w=plain_w: len(e.forward(w, x, rng)[0]),
                 "perturbed": lambda x=x, e=pert, w=pert_w: len(e.forward(w, x, rng)[0]),
                 "naive": run_naive}
+        if peer is not None:
+            runs["torch"] = lambda x=x: len(torch_logits(peer, spec, x))
         best = dict.fromkeys(runs, 0.0)
         for _ in range(args.rounds):
             for name, fn in runs.items():
                 best[name] = max(best[name], rate(fn, args.seconds))
-        rows.append({"batch": batch, "plain_per_s": best["plain"], "perturbed_per_s": best["perturbed"],
-                     "ratio": best["perturbed"] / best["plain"], "naive_per_s": best["naive"],
-                     "vs_naive": best["perturbed"] / best["naive"]})
+        row = {"batch": batch, "plain_per_s": best["plain"], "perturbed_per_s": best["perturbed"],
+               "ratio": best["perturbed"] / best["plain"], "naive_per_s": best["naive"],
+               "vs_naive": best["perturbed"] / best["naive"]}
+        if peer is not None:
+            row.update(torch_per_s=best["torch"], plain_vs_torch=best["plain"] / best["torch"],
+                       perturbed_vs_torch=best["perturbed"] / best["torch"])
+        rows.append(row)
         print_table(rows[-1:], list(rows[-1]))
     print()
-    print_table(rows, ["batch", "plain_per_s", "perturbed_per_s", "ratio", "naive_per_s", "vs_naive"])
-    write_json(args.json, {"benchmark": "inference", "model": args.model, "vendors": V, "rows": rows})
+    print_table(rows, list(rows[0]))
+    write_json(args.json, {"benchmark": "inference", "model": args.model, "vendors": V, "peer": args.peer,
+                           "torch_threads": args.torch_threads if peer is not None else None, "rows": rows})
 
 
 if __name__ == "__main__":

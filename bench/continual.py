@@ -61,7 +61,8 @@ CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_onlin
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
                  "step", "shrink", "shrink_t", "max_step", "head_gradient",
-                 "head_learning_rate", "head_damping", "learn_groups", "outlier", "outlier_z", "outlier_quantile",
+                 "head_learning_rate", "head_replay_learning_rate", "head_damping", "learn_groups", "outlier",
+                 "outlier_z", "outlier_quantile",
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
@@ -303,7 +304,7 @@ class EngineRun:
             anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
             self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), strict=True))
 
-    def replay_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def kept_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """The kept inputs and labels, newest first (as the worker reads the replay stream)."""
         if not self.replay:
             return np.zeros((0, *self.spec.input_shape), np.float32), np.zeros(0, np.int64)
@@ -347,10 +348,10 @@ class EngineRun:
         served = (cross_entropy(answer, truth), answer.argmax(1) == truth)
         sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
         last = previous_step(self.params, self.grandparent) if self.uc.momentum else None
-        replay = self.settings.head_gradient == "replay"
+        replay = self.settings.head_gradient == "replay" and self.learned[-1] and self.settings.step == "signal"
         if self.guard or replay:
             self.keep_for_replay(x, y)
-        evidence = self.head_replay.evidence(self.spec, self.params, *self.replay_arrays(),
+        evidence = self.head_replay.evidence(self.spec, self.params, *self.kept_inputs(),
                                              self.holdout if self.guard else None) if replay else None
         result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last, evidence)
         if self.guard:
@@ -519,6 +520,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--learn-groups", help="layer groups that learn: head, all, or indices like 0,2")
     ap.add_argument("--head-gradient", choices=["logits", "replay", "spsa"])
     ap.add_argument("--head-damping", type=float)
+    ap.add_argument("--head-replay-learning-rate", type=float)
     ap.add_argument("--head-learning-rate", type=float)
     ap.add_argument("--shrink", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attribution", choices=["zscore", "rank"])

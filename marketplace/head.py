@@ -157,6 +157,8 @@ def replay_head_gradient(spec: ModelSpec, params: dict[str, np.ndarray], replay:
     if keys is None or not len(replay.labels):
         return None
     w_key, b_key = keys
+    if replay.labels.min() < 0 or replay.labels.max() >= spec.num_classes:
+        raise ValueError(f"replay labels must lie in 0..{spec.num_classes - 1}")
     W, b = params[w_key].astype(np.float64), params[b_key].astype(np.float64)
     h = replay.features.astype(np.float64)
     G = softmax(h @ W.T + b)

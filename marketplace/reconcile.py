@@ -90,7 +90,8 @@ class ReconcileConfig:
     # where records carry both logits; "replay" takes it exactly from the inputs the API kept whole, damped along
     # the known data's features (logits where none is given); "spsa" from loss differences, as every other group
     head_gradient: Literal["spsa", "logits", "replay"] = "spsa"
-    head_learning_rate: float = 0.03  # the SGD rate of the head's gradient (capped by max_step as well)
+    head_learning_rate: float = 0.03  # the SGD rate of the logits gradient, and of an undamped replay one (capped)
+    replay_learning_rate: float = 1.0  # the SGD rate of the damped replay gradient, far smaller (capped as well)
 
 
 LEARN_GROUPS_PATTERN = r"^(all|head|\d+(,\d+)*)$"
@@ -357,8 +358,11 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
         directions.append(group_direction(credit_by_version, sources, S - 1, sizes[-1]))
     else:
         directions.append(np.zeros(sizes[-1]))
-    # η scales the head's rate too: a schedule moves both, and η = 0 stops every step
-    head_rate = config.head_learning_rate * eta / config.learning_rate if config.learning_rate > 0 else 0.0
+    # η scales the head's rate too: a schedule moves both, and η = 0 stops every step. A damped replay gradient
+    # steps at its own rate; the logits estimate it may fall back to, or an undamped one, at the head's
+    damped = head_kind == "replay" and replay is not None and replay.damping is not None
+    rate = config.replay_learning_rate if damped else config.head_learning_rate
+    head_rate = rate * eta / config.learning_rate if config.learning_rate > 0 else 0.0
     norms = [float(np.linalg.norm(d)) for d in directions]
     total_norm = float(np.sqrt(sum(x * x for x in norms)))
     if config.step == "signal":

@@ -44,11 +44,14 @@ class HeadReplaySource:
     def evidence(self, spec: ModelSpec, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
                  holdout: Holdout | None) -> HeadReplay | None:
         """The kept inputs' features and labels under ``params`` (None: no input, or no linear head to learn)."""
-        if linear_head(spec) is None or len(spec.groups) < 2 or not len(labels):
+        if linear_head(spec) is None or len(spec.groups) < 2 or not len(labels):  # feature_spec would refuse
             return None
         engine = self._feature_engine(spec)
-        features = head_features(engine, params, inputs.astype(np.float32))
-        return HeadReplay(features.astype(np.float64), np.asarray(labels, np.int64),
+        features = head_features(engine, params, inputs.astype(np.float32)).astype(np.float64)
+        finite = np.isfinite(features).all(axis=1)  # an overflow in the feature groups must not reach the step
+        if not finite.any():
+            return None
+        return HeadReplay(features[finite], np.asarray(labels, np.int64)[finite],
                           self._known_damping(params, engine, holdout))
 
     def _feature_engine(self, spec: ModelSpec) -> Engine:
@@ -62,7 +65,7 @@ class HeadReplaySource:
         """The damping from the holdout's features; recomputed only when the holdout or the feature groups change."""
         if holdout is None or self.strength <= 0:
             return None
-        key = (holdout.sha256, _digest(params, list(engine.spec.param_shapes())))
+        key = (holdout.sha256, repr(engine.spec.architecture) + _digest(params, list(engine.spec.param_shapes())))
         if self._damping is None or self._damping[0] != key:
             known = head_features(engine, params, holdout.inputs.astype(np.float32))
             self._damping = (key, known_damping(known, self.strength))

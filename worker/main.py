@@ -54,6 +54,7 @@ def run(settings: WorkerSettings, stop: threading.Event, engine_thread: EngineTh
     """
     store = ModelStore(settings.store_dir)
     client = worker_client(settings.redis_url, settings.poll_ms)
+    own = engine_thread is None
     engine_thread = engine_thread or EngineThread()
     threads = [
         threading.Thread(target=Reconciler(settings, store, client, model, on_device=engine_thread.call).serve_forever,
@@ -72,6 +73,8 @@ def run(settings: WorkerSettings, stop: threading.Event, engine_thread: EngineTh
         for t in threads:
             t.join()
         client.close()
+        if own:
+            engine_thread.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _on_signal)
     log.info("worker %s: models %s, store %s, device %s", settings.consumer, settings.models, settings.store_dir,
              device)
-    run(settings, stop, engine_thread)
-    engine_thread.shutdown()
+    try:
+        run(settings, stop, engine_thread)
+    finally:
+        engine_thread.shutdown()
     log.info("worker %s stopped", settings.consumer)
     return 0

@@ -34,7 +34,7 @@ from common.faults import fault_point
 from common.loading import LoadedVersion, fallback_base, load_version, version_sources
 from common.names import validate_model_name
 from marketplace.head import HeadReplay
-from marketplace.reconcile import VersionSeeds
+from marketplace.reconcile import VersionSeeds, learned_groups
 from marketplace.update import previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionNotFound
 from redis_io.admin_queue import pop_requests, send_reply
@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 OnDevice = Callable[..., Any]
 
 
-def _here(fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
+def _here(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
 
 NOT_LEADER = "not leader"
 READ_CHUNK = 10_000
@@ -358,7 +358,12 @@ class Reconciler:
             log.error("%s: the holdout set cannot be read (%s); the head steps undamped", self.model, exc)
             holdout = None
         _, inputs, labels = replay_arrays(recent, parent.spec)
-        return self.head_replay.evidence(parent.spec, parent.params, inputs, labels, holdout)
+        try:
+            return self.head_replay.evidence(parent.spec, parent.params, inputs, labels, holdout)
+        except Exception:  # a failing forward pass must not stop learning: the logits estimate steps instead
+            log.exception("%s: the kept inputs' features could not be computed; the head steps on its logits",
+                          self.model)
+            return None
 
     def _ack_dropped(self, batch: Batch, current: int | None, stats: dict[str, Any]) -> None:
         """The buffer is full of entries nothing will use: acknowledge them now rather than stall."""
@@ -387,7 +392,8 @@ class Reconciler:
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
         with self.lease.renewing():  # the update and its validation may outlast the lease's TTL
-            replay = self.settings.head_gradient == "replay"
+            replay = self.settings.head_gradient == "replay" and self.settings.step == "signal" \
+                and bool(learned_groups(self.settings.learn_groups, len(parent.spec.groups))[-1])
             recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
                 if self.settings.guard_traffic or replay else None
             evidence = self.on_device(self._head_replay, parent, recent or []) if replay else None

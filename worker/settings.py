@@ -70,9 +70,13 @@ class WorkerSettings(BaseSettings):
                               "holdout's features (head_damping), the logits estimate where none is kept; logits: "
                               "estimated from the logits its probes moved (C measurements a record, "
                               "marketplace.head); spsa: from loss differences as every other group")
-    head_learning_rate: float | None = Field(
-        None, ge=0, description="SGD rate of the head's gradient (its step is capped by max_step too; a schedule "
-                                "scales it as η); unset: 1.0 for replay (its damped gradient is small), 0.03 else")
+    head_learning_rate: float = Field(0.03, ge=0, description="SGD rate of the head's logits gradient, and of a "
+                                                             "replay gradient without a holdout to damp it (its "
+                                                             "step is capped by max_step too; a schedule scales it "
+                                                             "as η)")
+    head_replay_learning_rate: float = Field(1.0, ge=0, description="SGD rate of the damped replay gradient, far "
+                                                                    "smaller than the logits one (capped by max_step "
+                                                                    "too; a schedule scales it as η)")
     head_damping: float = Field(3000.0, ge=0, description="head_gradient=replay: damp the head's step by up to "
                                                           "1/(1 + this) along the holdout's features, so learning "
                                                           "new inputs keeps the known answers (0: undamped)")
@@ -134,14 +138,6 @@ class WorkerSettings(BaseSettings):
         return v.lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _head_rate_for_its_gradient(self) -> WorkerSettings:
-        """Unset, the head's rate follows its gradient: the damped replay gradient is far smaller than the logits
-        estimate (both steps stay under max_step)."""
-        if self.head_learning_rate is None:
-            self.head_learning_rate = 1.0 if self.head_gradient == "replay" else 0.03
-        return self
-
-    @model_validator(mode="after")
     def _poll_within_lease(self) -> WorkerSettings:
         """A blocking read must end well before the lease needs renewing (every ttl/3)."""
         if self.poll_ms * 3 > self.lease_ttl_ms:
@@ -155,8 +151,8 @@ class WorkerSettings(BaseSettings):
             outlier_quantile=self.outlier_quantile, attribution=self.attribution, normalize=self.normalize,
             min_cohort=self.min_cohort, class_weights=self.class_weights, baseline=self.baseline, step=self.step,
             max_step=self.max_step, shrink=self.shrink, learn_groups=self.learn_groups,
-            shrink_t=self.shrink_t, head_gradient=self.head_gradient,
-            head_learning_rate=float(self.head_learning_rate or 0.0))
+            shrink_t=self.shrink_t, head_gradient=self.head_gradient, head_learning_rate=self.head_learning_rate,
+            replay_learning_rate=self.head_replay_learning_rate)
 
     def update_config(self) -> UpdateConfig:
         """How the reconciled direction becomes a step (schedule, momentum)."""
@@ -167,7 +163,8 @@ class WorkerSettings(BaseSettings):
         """The settings that shaped a version, for its manifest (no URLs or paths: they are deployment)."""
         keys = ("learning_rate", "outlier", "outlier_z", "outlier_quantile", "attribution", "normalize",
                 "class_weights", "baseline", "step", "shrink", "shrink_t", "max_step", "head_gradient",
-                "head_learning_rate", "head_damping", "learn_groups", "probe_scale", "vendors",
+                "head_learning_rate", "head_replay_learning_rate", "head_damping", "learn_groups", "probe_scale",
+                "vendors",
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",

@@ -627,9 +627,10 @@ def test_learning_options_reach_the_published_versions(
 
 def test_paired_entries_give_the_head_its_gradient_from_their_logits(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore) -> None:
-    """The default head_gradient=logits: the worker reads both logits from the feedback entries and steps the head
-    as marketplace.reconcile does on the same records, built here from what was written, not by the worker."""
-    rec = Reconciler(make_settings(redis_server, store), store, redis_client, MODEL)
+    """head_gradient=logits (and replay's fallback when no input is kept, as here): the worker reads both logits from
+    the feedback entries and steps the head as marketplace.reconcile does on the same records, built here from what
+    was written, not by the worker; at the logits rate either way."""
+    rec = Reconciler(make_settings(redis_server, store, head_gradient="logits"), store, redis_client, MODEL)
     rng = np.random.default_rng(40)
     leader = rng.normal(0, 2, (48, CLASSES)).astype(np.float32)
     probe = (leader + rng.normal(0, 0.3, leader.shape)).astype(np.float32)
@@ -655,6 +656,24 @@ def test_paired_entries_give_the_head_its_gradient_from_their_logits(
         np.testing.assert_allclose(p1[k], expected.params[k], rtol=0, atol=1e-6)
         assert np.array_equal(p1[k], p0[k]) == k.startswith("0.")  # only the head (group 1) learns
     rec.close()
+    fallback = Reconciler(make_settings(redis_server, store, head_gradient="replay"), store, redis_client, MODEL)
+    ModelLog(redis_client, MODEL).write_predictions(
+        [PredictionRecord(f"g{i}", 1, tuple(int(v) for v in paths[i]), probe[i], label=int(labels[i]),
+                          leader_logits=leader[i]) for i in range(48)])
+    out = fallback.run_once()
+    assert (out.published, out.version) == (True, 2), out.reason
+    assert store.read_manifest(MODEL, 2)["training"]["head_gradient"] == "logits"  # no input kept: the fallback
+    loaded1 = load_version(store, MODEL, 1)
+    sources1 = {1: VersionSeeds(np.array(store.read_manifest(MODEL, 1)["seeds"], dtype=np.uint64),
+                                float(store.read_manifest(MODEL, 1)["probe_scale"]))}
+    records1 = Records(np.ones(48, np.int64), paths, records.loss, labels, records.base, records.logits,
+                       records.leader_logits)
+    expected2 = propose_update(loaded1.spec, p1, records1, sources1, fallback.settings.reconcile_config(),
+                               UpdateConfig())
+    p2 = store.read_version(MODEL, 2)[0]
+    for k in p1:
+        np.testing.assert_allclose(p2[k], expected2.params[k], rtol=0, atol=1e-6)
+    fallback.close()
 
 
 def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_along_the_holdout(
@@ -667,7 +686,8 @@ def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_a
     np.savez(configured, inputs=holdout, labels=np.zeros(50, np.int64))
     x, y = keep_replay(redis_client, store, 60, 60, seed=11)
     settings = make_settings(redis_server, store, holdout_path=configured, head_gradient="replay",
-                             head_learning_rate=0.5, max_step=0.0, guard_tolerance=1.0, guard_class_tolerance=1.0,
+                             head_replay_learning_rate=0.5, head_learning_rate=0.001, max_step=0.0,
+                             guard_tolerance=1.0, guard_class_tolerance=1.0,
                              guard_traffic_tolerance=1.0)
     rec = Reconciler(settings, store, redis_client, MODEL)
     out = rec.run_once()

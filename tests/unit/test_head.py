@@ -208,3 +208,27 @@ def test_the_feature_spec_is_the_model_without_its_head():
     assert set(spec.param_shapes()) == {k for k in beautiful_mnist().param_shapes() if not k.startswith("2.")}
     with pytest.raises(ValueError, match="linear layer"):
         feature_spec(mlp(hidden=()))
+
+
+def test_the_head_steps_at_the_rate_of_the_gradient_it_took():
+    """A damped replay gradient at replay_learning_rate; the logits fallback and an undamped replay gradient at
+    head_learning_rate (the damped gradient is far smaller: its rate would throw the others to the cap)."""
+    h, label, params, src, path, leader, probe = head_records(seed=6, n=64, V=4)
+    records = Records(np.zeros(64, np.int64), path, cross_entropy(probe, label), label,
+                      cross_entropy(leader, label), probe, leader)
+    config = ReconcileConfig(step="signal", learn_groups="head", head_gradient="replay", head_learning_rate=0.02,
+                             replay_learning_rate=0.7, baseline="leader", min_cohort=1, max_step=0.0)
+    damping = known_damping(h, 10.0)
+    rates = {name: (out.stats["head_gradient"], out.stats["head_learning_rate"]) for name, out in {
+        "damped": reconcile(SPEC, params, records, {0: src}, config, replay=HeadReplay(h, label, damping)),
+        "undamped": reconcile(SPEC, params, records, {0: src}, config, replay=HeadReplay(h, label)),
+        "none kept": reconcile(SPEC, params, records, {0: src}, config)}.items()}
+    assert rates == {"damped": ("replay", 0.7), "undamped": ("replay", 0.02), "none kept": ("logits", 0.02)}
+
+
+def test_replay_labels_outside_the_classes_are_refused():
+    params = SPEC.init_params(7)
+    with pytest.raises(ValueError, match="labels must lie in 0..9"):
+        replay_head_gradient(SPEC, params, HeadReplay(np.ones((2, 16)), np.array([3, 10])))
+    with pytest.raises(ValueError, match="labels must lie"):
+        replay_head_gradient(SPEC, params, HeadReplay(np.ones((2, 16)), np.array([-1, 0])))

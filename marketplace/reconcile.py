@@ -352,7 +352,7 @@ def reconcile(spec: ModelSpec, params: dict[str, np.ndarray], records: Records,
             head, head_kind = logits_head(spec, records, sources, keep, config), "logits"
     directions = [group_direction(credit_by_version, sources, s, sizes[s]) if learned[s] else np.zeros(sizes[s])
                   for s in range(S - 1)]
-    if head is not None:  # minus the gradient estimated from the logits: a descent direction, as D_s is
+    if head is not None:  # minus the head's gradient (replayed or estimated): a descent direction, as D_s is
         directions.append(-head[0])
     elif learned[-1]:
         directions.append(group_direction(credit_by_version, sources, S - 1, sizes[-1]))

@@ -68,6 +68,7 @@ class HeadReplaySource:
         key = (holdout.sha256, repr(engine.spec.architecture) + _digest(params, list(engine.spec.param_shapes())))
         if self._damping is None or self._damping[0] != key:
             known = head_features(engine, params, holdout.inputs.astype(np.float32))
+            known = known[np.isfinite(known).all(axis=1)]  # as the kept inputs': an overflow must not poison it
             self._damping = (key, known_damping(known, self.strength))
             log.info("head damping from %d holdout features (strength %g)", len(known), self.strength)
         return self._damping[1]

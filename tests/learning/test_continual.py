@@ -2,8 +2,8 @@
 
 The `--quick` runs with the shipped defaults (engine mode: the Engine serves with paired probes, `propose_update`
 reconciles with the worker's configs) must learn a new class (A) and a new look of a known class (B), and keep up
-with drift (C) better than the same
-base kept frozen, while no evaluation point finds the known data worse than the base, with or without a shift (N);
+with drift (C) better than the same base kept frozen, while no evaluation point finds the known data worse than the
+base, with or without a shift (N);
 one short `--http` run against a real stack (redis, API, worker via `mpserve up`) must publish versions and report
 sane figures. The margins come from repeated runs (see the figures below).
 """

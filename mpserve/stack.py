@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.loading import seed_default_model
 from common.logs import configure_logging
 from model_store import ModelStore
-from redis_io.connect import blocking_client, wait_until_up
+from redis_io.connect import RedisUrl, blocking_client, wait_until_up
 from redis_io.recordlog import RecordLog
 
 log = logging.getLogger("mpserve.up")
@@ -41,7 +41,9 @@ class StackSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address the API listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the API listens on")
     data_dir: Path = Field(Path("./data"), description="model store, Redis data and logs")
-    redis_url: str | None = Field(None, description="an existing Redis (unset: start an embedded redis-server)")
+    redis_url: RedisUrl | None = Field(
+        None, description="an existing Redis, or a Redis Cluster as redis+cluster://host:port,host:port "
+                          "(unset: start an embedded redis-server)")
     redis_port: int = Field(0, ge=0, le=65535, description="port of the embedded Redis (0: any free port)")
     appendfsync: str = Field("everysec", pattern="^(always|everysec|no)$",
                              description="AOF fsync policy of the embedded Redis (always: no acknowledged label lost)")

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.names import validate_model_name
 from common.settings_types import ApiKeys, ClientNames, ModelNames
+from redis_io.connect import RedisUrl
 from redis_io.protocol import REPLAY_READ_MAX
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -26,7 +27,8 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared by replicas and the worker")
+    redis_url: RedisUrl = Field("redis://127.0.0.1:6379/0", description="Redis shared by replicas and the worker "
+                              "(a Redis Cluster: redis+cluster://host:port,host:port)")
     store_dir: Path = Field(Path("./data/store"), description="root of the model store")
     default_model: str = Field("fashion", description="model used when a request names none")
     models: ModelNames = Field(default_factory=lambda: ["fashion"],

@@ -13,7 +13,7 @@ from common.device import select_device
 from common.engine_thread import EngineThread
 from common.loading import seed_default_model
 from model_store import ModelStore
-from redis_io.connect import AsyncClient, SyncClient, api_client, blocking_client, events_client
+from redis_io.connect import AsyncClient, LazyClient, api_client, blocking_client, events_client
 from redis_io.recordlog import AsyncRecordLog
 from server.access import ClientAccess
 from server.batcher import MicroBatcher
@@ -49,7 +49,7 @@ class AppState:
     store: ModelStore
     redis: AsyncClient  # requests: every call bounded by redis_timeout_s
     events_redis: AsyncClient  # pub/sub: a long-lived read without a socket timeout
-    sync_redis: SyncClient  # the worker's trigger runs on a thread with a blocking client
+    blocking_redis: LazyClient  # the worker's trigger runs on a thread with a blocking client
     engine_thread: EngineThread
     metrics: ServerMetrics
     models: dict[str, ModelContext]
@@ -70,7 +70,7 @@ class AppState:
         t = settings.redis_timeout_s
         client = api_client(settings.redis_url, t)
         events = events_client(settings.redis_url, t)
-        sync_client = blocking_client(settings.redis_url, t, settings.reconcile_timeout_s + 10)
+        sync_client = LazyClient(lambda: blocking_client(settings.redis_url, t, settings.reconcile_timeout_s + 10))
         store = ModelStore(settings.store_dir)
         if settings.seed_default:
             await asyncio.to_thread(seed_default_model, store, settings.default_model)
@@ -116,7 +116,7 @@ class AppState:
         await asyncio.to_thread(self.engine_thread.shutdown)
         for client in (self.redis, self.events_redis):
             await client.aclose()
-        self.sync_redis.close()
+        self.blocking_redis.close()
 
 
 async def get_state(request: Request) -> AppState:

@@ -136,11 +136,13 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
 class RedisProcess:
     """A redis-server child process on 127.0.0.1, with its data in ``tmp_dir``."""
 
-    def __init__(self, tmp_dir: Path, port: int, appendonly: bool, appendfsync: str) -> None:
+    def __init__(self, tmp_dir: Path, port: int, appendonly: bool, appendfsync: str,
+                 extra_args: Sequence[str] = ()) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.port = port
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -164,6 +166,7 @@ class RedisProcess:
             "--appendfsync", self.appendfsync,
             "--dir", str(self.tmp_dir),
             "--logfile", str(self.log_path),
+            *self.extra_args,
         ]  # fmt: skip
 
     def start(self, timeout: float = 10.0) -> None:
@@ -283,6 +286,68 @@ def fitted_mlp(spec, x, y, seed: int = 0):  # type: ignore[no-untyped-def]
     w = np.linalg.solve(h1.T @ h1 + np.eye(h1.shape[1]), h1.T @ target)
     params["1.fc.weight"], params["1.fc.bias"] = w[:-1].T.astype(np.float32), w[-1].astype(np.float32)
     return params
+
+
+class RedisClusterProcesses:
+    """A real Redis Cluster on loopback: ``primaries`` redis-server processes in cluster mode, no replicas,
+    joined by ``redis-cli --cluster create`` (slots spread evenly); ``.url`` is mpserve's cluster URL."""
+
+    def __init__(self, tmp_dir: Path, primaries: int = 3) -> None:
+        self.nodes = []
+        for _ in range(primaries):
+            port = free_port()
+            node_dir = Path(tmp_dir) / f"node-{port}"
+            self.nodes.append(RedisProcess(node_dir, port, False, "everysec", [
+                "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", "2000"]))
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> RedisClusterProcesses:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli not found on PATH (Debian's redis-tools, installed with redis-server)")
+        out = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                              "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True,
+                             timeout=timeout)
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+
+        def settled() -> bool:  # every node agrees the cluster is whole and knows every other node
+            for node in self.nodes:
+                client = redis.Redis(port=node.port, host="127.0.0.1", socket_timeout=1)
+                try:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    known = len(client.execute_command("CLUSTER", "NODES").decode().strip().splitlines())
+                finally:
+                    client.close()
+                if "cluster_state:ok" not in info or known != len(self.nodes):
+                    return False
+            return True
+
+        wait_until(settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles")
+        return self
+
+    def port_of_slot(self, slot: int) -> int:
+        """The port of the primary that serves ``slot``."""
+        client = redis.Redis(port=self.nodes[0].port, host="127.0.0.1")
+        try:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(primary[1])
+        finally:
+            client.close()
+        raise LookupError(f"no node serves slot {slot}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 # ------------------------------------------------------------------------------------------ feedback

@@ -18,7 +18,7 @@ from common.logs import configure_logging
 from marketplace.models import spec_from_architecture
 from marketplace.reconcile import learned_groups
 from model_store import ModelStore
-from redis_io.connect import worker_client
+from redis_io.connect import connect_when_up, worker_client
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
 
@@ -53,7 +53,9 @@ def run(settings: WorkerSettings, stop: threading.Event, engine_thread: EngineTh
     The models' threads run their tinygrad work on one ``engine_thread`` (tinygrad is not thread-safe).
     """
     store = ModelStore(settings.store_dir)
-    client = worker_client(settings.redis_url, settings.poll_ms)
+    client = connect_when_up(lambda: worker_client(settings.redis_url, settings.poll_ms), stop)
+    if client is None:
+        return
     own = engine_thread is None
     engine_thread = engine_thread or EngineThread()
     threads = [

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.settings_types import ClientNames, ModelNames, VersionNumbers
 from marketplace.reconcile import LEARN_GROUPS_PATTERN, ReconcileConfig
 from marketplace.update import UpdateConfig
+from redis_io.connect import RedisUrl
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -31,7 +32,8 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MPSERVE_", extra="ignore", validate_default=True)
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis shared with the API replicas")
+    redis_url: RedisUrl = Field("redis://127.0.0.1:6379/0", description="Redis shared with the API replicas "
+                              "(a Redis Cluster: redis+cluster://host:port,host:port)")
     store_dir: Path = Field(Path("./data/store"), description="root of the model store")
     # MPSERVE_MODELS=a,b or a JSON list (see common.settings_types)
     models: ModelNames = Field(default_factory=lambda: ["fashion"],

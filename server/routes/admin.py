@@ -85,7 +85,8 @@ async def reconcile(body: ReconcileRequest, state: StateDep) -> ReconcileRespons
     async with redis_op("reconcile", settings.redis_timeout_s):  # fail fast: the waiting client waits long
         await ping(state.redis)
     try:
-        outcome = await asyncio.to_thread(ask_leader, state.sync_redis, ctx.name, settings.reconcile_timeout_s)
+        outcome = await asyncio.to_thread(  # the blocking client is made on this thread, on first use
+            lambda: ask_leader(state.blocking_redis.get(), ctx.name, settings.reconcile_timeout_s))
     except NoLeader as exc:
         raise ApiError(503, str(exc)) from exc
     except ReconcileTimeout as exc:

@@ -6,6 +6,10 @@ so each group runs as one kernel over all vendors. Inputs are placed on slots by
 (on the host, free), and between groups one gather applies an independent random permutation, so the
 vendor choices of different groups are independent. One TinyJit graph per bucket serves every batch
 and every version (weights and permutations are graph inputs, not constants).
+
+A lone input (a batch of one) is not padded to a bucket of V slots: it takes one random path at the cost of one
+slot. Each group's vendor is a bound symbolic Variable that offsets a view of the stacked weights, so one graph
+serves every path; paired, the leader and the path run as a two-slot bucket (V=2, one slot each).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, dtypes
+from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
 
 from marketplace.deltas import vendor_signs
 from marketplace.models import ModelSpec
@@ -86,6 +90,8 @@ class Engine:
         self._group_keys = [list(spec.group_shapes(s)) for s in range(len(spec.groups))]
         self._jits: dict[tuple[int, bool], TinyJit] = {}
         self._fwd_inputs: dict[int, tuple[Tensor, Tensor, list[Tensor]]] = {}
+        self._lone_jits: dict[bool, TinyJit] = {}
+        self._lone_inputs: dict[bool, Tensor] = {}
         self._group_sizes = spec.group_sizes()
         self._materialize_jit: TinyJit | None = None
         self._mat_inputs: list[Tensor] | None = None
@@ -175,7 +181,7 @@ class Engine:
             h = h + spec.input_offset
         wi = 0
         for s, group in enumerate(spec.groups):
-            if s > 0 and V > 1:
+            if s > 0 and V > 1 and perms:  # no perms: slot j keeps vendor j in every group (a lone input)
                 feat = h.shape[2:]
                 h = h.reshape(B, *feat)[perms[s - 1]].reshape(V, k, *feat)
             for lname, layer in group.layers:
@@ -203,6 +209,44 @@ class Engine:
 
             self._jits[(bucket, paired)] = TinyJit(run_paired if paired else run)
         return self._jits[(bucket, paired)]
+
+    def _lone_jit(self, paired: bool) -> TinyJit:
+        """The one-input graph: weights of group s are the view of vendor ``vendor_s`` (a bound Variable)."""
+        if paired not in self._lone_jits:
+            S = len(self.spec.groups)
+
+            def path_weights(vendors: tuple[Variable, ...], weights: tuple[Tensor, ...]) -> list[Tensor]:
+                out, wi = [], 0
+                for s in range(S):
+                    for _ in self._group_keys[s]:
+                        w = weights[wi]
+                        view = w.shrink(((vendors[s], vendors[s] + 1), *((0, d) for d in w.shape[1:])))
+                        # paired: [leader; path] copied into one buffer (a kernel per tensor, cheaper than reading
+                        # two views in every kernel of the graph)
+                        out.append(w[0:1].cat(view).contiguous() if paired else view)
+                        wi += 1
+                return out
+
+            def run(x: Tensor, *rest: Tensor) -> Tensor:
+                vendors, weights = rest[:S], rest[S:]
+                return self.graph(x, [], path_weights(vendors, weights), vendors=2 if paired else 1).realize()
+
+            self._lone_jits[paired] = TinyJit(run)
+        return self._lone_jits[paired]
+
+    def _run_lone(self, weights: PerturbedWeights, x: np.ndarray, rng: np.random.Generator, paired: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """One input on one random path (each group's vendor uniform), and paired, the leader beside it."""
+        S = len(self.spec.groups)
+        path = rng.integers(0, self.V, size=S)
+        if paired not in self._lone_inputs:
+            self._lone_inputs[paired] = _device_tensor((2 if paired else 1, *self.spec.input_shape), dtypes.float32,
+                                                       self.device)
+        xt = self._lone_inputs[paired]
+        _copy_into(xt, np.concatenate([x, x]) if paired else x)
+        vendors = [Variable(f"vendor{s}", 0, self.V - 1).bind(int(v)) for s, v in enumerate(path)]
+        out = self._lone_jit(paired)(xt, *vendors, *weights.tensors).numpy()
+        return (out[1:], path[None, :], out[:1]) if paired else (out, path[None, :], None)
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -238,6 +282,8 @@ class Engine:
             leaders = [p[2] for p in parts]
             return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                     np.concatenate(leaders) if paired else None)  # type: ignore[arg-type]
+        if n == 1 and self.V > 1:
+            return self._run_lone(weights, x, rng, paired)
         bucket = self.bucket_for(n)
         plan = plan_paths(n, bucket, self.V, len(self.spec.groups), rng)
         padded = np.zeros((bucket, *self.spec.input_shape), dtype=np.float32)
@@ -270,9 +316,12 @@ class Engine:
         return self._fwd_inputs[bucket]
 
     def warmup(self, weights: PerturbedWeights, buckets: list[int] | None = None, paired: bool = False) -> None:
-        """Capture the JIT of each bucket (TinyJit records on its second call) off the request path."""
+        """Capture the JIT of each bucket (TinyJit records on its second call) off the request path; with the
+        smallest bucket, the lone input's graph too (a batch of one runs there instead)."""
         rng = np.random.default_rng(0)
-        for b in buckets or self.buckets:
+        buckets = buckets or self.buckets
+        sizes = [*buckets, 1] if self.V > 1 and self.buckets[0] in buckets else buckets
+        for b in sizes:
             for _ in range(3):
                 self._run(weights, np.zeros((b, *self.spec.input_shape), np.float32), rng, paired)
 

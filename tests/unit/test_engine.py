@@ -99,6 +99,34 @@ def test_batches_larger_than_the_largest_bucket_are_split_in_order(paired):
         np.testing.assert_allclose(logits[i], twin, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("paired", [False, True], ids=["forward", "forward_paired"])
+def test_a_lone_input_takes_one_random_path_in_one_graph(paired):
+    """A batch of one runs on its own graph (one slot; paired, two: the leader and the path) instead of a bucket of
+    V slots: each of 24 calls gets the NumPy twin's logits of the path it reports, replayed by one captured graph
+    whose vendors are bound per call, and the paths it draws reach every vendor of every group."""
+    spec, V, eps = mlp(hidden=(8,)), 4, 0.05
+    params = spec.init_params(0)
+    seeds = fresh_seeds(len(spec.groups), V, np.random.default_rng(0))
+    engine = Engine(spec, V, max_batch=8)
+    weights = engine.materialize(params, seeds, eps)
+    engine.warmup(weights, [engine.buckets[0]], paired)
+    assert engine._lone_jits[paired].captured is not None  # warmed with the smallest bucket, off the request path
+    x = np.random.default_rng(4).uniform(0, 255, size=(24, *spec.input_shape)).astype(np.float32)
+    rng, seen = np.random.default_rng(5), []
+    for i in range(len(x)):
+        if paired:
+            logits, paths, leader = engine.forward_paired(weights, x[i:i + 1], rng)
+            np.testing.assert_allclose(leader, numpy_mlp(spec, params, x[i:i + 1]), rtol=1e-4, atol=1e-4)
+        else:
+            logits, paths = engine.forward(weights, x[i:i + 1], rng)
+        assert logits.shape == (1, 10) and paths.shape == (1, len(spec.groups))
+        twin = numpy_mlp(spec, path_params(spec, params, seeds, paths[0], eps), x[i:i + 1])
+        np.testing.assert_allclose(logits, twin, rtol=1e-4, atol=1e-4)
+        seen.append(paths[0])
+    for s in range(len(spec.groups)):
+        assert set(np.asarray(seen)[:, s].tolist()) == set(range(V))
+
+
 def test_bad_shapes_are_refused():
     spec = mlp(hidden=(8,))
     engine = Engine(spec, 2, max_batch=8)

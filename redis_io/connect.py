@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -38,7 +38,10 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 #: Any failure redis-py reports (a refused script, a wrong type, ... and the outages below).
 RedisError = redis.exceptions.RedisError
 #: redis-py's own outage errors: no connection, or no answer in time.
-CONNECTION_ERRORS: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+#: A cluster adds its own: no seed reachable, a slot no node serves, a cluster that answers CLUSTERDOWN.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.RedisClusterUnreachableError,
+    redis.exceptions.SlotNotCoveredError, redis.exceptions.ClusterDownError)
 #: An outage as a caller sees it: redis-py's errors, or a caller's own ``asyncio.timeout`` running out.
 REDIS_DOWN: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
 
@@ -66,12 +69,17 @@ def parse_redis_url(url: str) -> RedisAddress:
     auth, _, hosts = parts.netloc.rpartition("@")
     seeds = []
     for item in hosts.split(","):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:  # urlsplit reads [v6]:port and checks the port's range
+            seed = urlsplit("//" + item)
+            host, port = seed.hostname, seed.port
+        except ValueError:
+            host = port = None
+        if not host or port is None or port == 0:
             raise ValueError(f"a Redis Cluster seed must read host:port, not {item!r} (in {parts.scheme}:// URL)")
-        seeds.append((host, int(port)))
-    if parts.path not in ("", "/", "/0"):
-        raise ValueError(f"a Redis Cluster has only database 0, not {parts.path.lstrip('/')!r}: drop the path")
+        seeds.append((host, port))
+    if parts.path not in ("", "/", "/0") or any(k == "db" and v != "0" for k, v in parse_qsl(parts.query)):
+        raise ValueError(f"a Redis Cluster has only database 0, not {parts.path.lstrip('/') or parts.query!r}: "
+                         "drop the path and any db option")
     first = f"{auth}@{hosts.split(',')[0]}" if auth else hosts.split(",")[0]
     return RedisAddress(urlunsplit((node_scheme, first, "", parts.query, "")), tuple(seeds))
 
@@ -87,16 +95,13 @@ RedisUrl = Annotated[str, AfterValidator(_checked_url)]
 
 def sync_client(url: str, **options: Any) -> SyncClient:
     """A blocking client of ``url`` (one server, or a cluster's client). A cluster's client reads the slot map
-    when it is made, so making one raises a :data:`CONNECTION_ERRORS` when no seed answers."""
+    when it is made, so making one raises one of :data:`CONNECTION_ERRORS` when no seed answers (and
+    redis-py's RedisClusterException for what waiting cannot mend: a node not in cluster mode, say)."""
     address = parse_redis_url(url)
     if not address.cluster:
         return redis.Redis.from_url(url, decode_responses=False, **options)
     nodes = [redis.cluster.ClusterNode(host, port) for host, port in address.seeds]
-    try:
-        return redis.cluster.RedisCluster.from_url(address.url, startup_nodes=nodes, decode_responses=False,
-                                                   **options)
-    except redis.exceptions.RedisClusterException as exc:  # "no seed answered", as an outage
-        raise redis.exceptions.ConnectionError(str(exc)) from exc
+    return redis.cluster.RedisCluster.from_url(address.url, startup_nodes=nodes, decode_responses=False, **options)
 
 
 def async_client(url: str, **options: Any) -> AsyncClient:
@@ -105,6 +110,8 @@ def async_client(url: str, **options: Any) -> AsyncClient:
     if not address.cluster:
         return redis.asyncio.Redis.from_url(url, decode_responses=False, **options)
     nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in address.seeds]
+    # its connections per node are bounded (100 by default), and one more raises at once instead of waiting
+    options.setdefault("max_connections", 1024)
     return redis.asyncio.cluster.RedisCluster.from_url(address.url, startup_nodes=nodes, decode_responses=False,
                                                        **options)
 
@@ -116,7 +123,8 @@ def api_client(url: str, timeout_s: float) -> AsyncClient:
 
 
 def events_client(url: str, connect_timeout_s: float) -> AsyncClient:
-    """An API replica's client for pub/sub: a long-lived read, so no socket timeout (keepalive and health checks)."""
+    """An API replica's client for pub/sub: a long-lived read, so no socket timeout (keepalive and health checks;
+    a cluster's client keeps its own 5 s socket timeout, which the subscription's reads stay under)."""
     return async_client(url, socket_connect_timeout=connect_timeout_s, socket_keepalive=True,
                         health_check_interval=30)
 
@@ -128,7 +136,7 @@ def blocking_client(url: str, connect_timeout_s: float, socket_timeout_s: float)
 
 def worker_client(url: str, poll_ms: int) -> SyncClient:
     """The worker's client. A half-open connection must not block a reconciler forever: reads block at most
-    ``poll_ms``, so a few seconds more than that is a dead socket."""
+    ``poll_ms``, so a few seconds more than that is a dead socket (a cluster's client has no health checks)."""
     return sync_client(url, socket_timeout=poll_ms / 1000 + 5, socket_connect_timeout=5, socket_keepalive=True,
                        health_check_interval=30)
 

@@ -72,7 +72,7 @@ class _Base:
 
     def __init__(self, client: Any, model: str, label_window_s: int = 86400, group: str = DEFAULT_GROUP,
                  history_max: int = HISTORY_MAX, replay_size: int = 0, replay_window_s: int = 3600) -> None:
-        kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+        kwargs = client.get_connection_kwargs()  # one server's or a cluster's client alike
         if kwargs.get("decode_responses"):
             raise ValueError("RecordLog needs a Redis client with decode_responses=False")
         if not group:

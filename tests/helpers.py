@@ -293,7 +293,7 @@ class RedisClusterProcesses:
     joined by ``redis-cli --cluster create`` (slots spread evenly); ``.url`` is mpserve's cluster URL."""
 
     def __init__(self, tmp_dir: Path, primaries: int = 3) -> None:
-        self.nodes = []
+        self.nodes, self.created = [], False
         for _ in range(primaries):
             port = free_port()
             node_dir = Path(tmp_dir) / f"node-{port}"
@@ -309,6 +309,9 @@ class RedisClusterProcesses:
     def start(self, timeout: float = 30.0) -> RedisClusterProcesses:
         for node in self.nodes:
             node.start()
+        if self.created:  # a restart: the nodes find each other again from their cluster config files
+            wait_until(self._settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles again")
+            return self
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli not found on PATH (Debian's redis-tools, installed with redis-server)")
@@ -319,20 +322,22 @@ class RedisClusterProcesses:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
 
-        def settled() -> bool:  # every node agrees the cluster is whole and knows every other node
-            for node in self.nodes:
-                client = redis.Redis(port=node.port, host="127.0.0.1", socket_timeout=1)
-                try:
-                    info = client.execute_command("CLUSTER", "INFO").decode()
-                    known = len(client.execute_command("CLUSTER", "NODES").decode().strip().splitlines())
-                finally:
-                    client.close()
-                if "cluster_state:ok" not in info or known != len(self.nodes):
-                    return False
-            return True
-
-        wait_until(settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles")
+        wait_until(self._settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles")
+        self.created = True
         return self
+
+    def _settled(self) -> bool:
+        """Every node agrees the cluster is whole and knows every other node."""
+        for node in self.nodes:
+            client = redis.Redis(port=node.port, host="127.0.0.1", socket_timeout=1)
+            try:
+                info = client.execute_command("CLUSTER", "INFO").decode()
+                known = len(client.execute_command("CLUSTER", "NODES").decode().strip().splitlines())
+            finally:
+                client.close()
+            if "cluster_state:ok" not in info or known != len(self.nodes):
+                return False
+        return True
 
     def port_of_slot(self, slot: int) -> int:
         """The port of the primary that serves ``slot``."""

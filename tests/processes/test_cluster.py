@@ -303,3 +303,27 @@ def test_labels_after_every_primary_forgot_its_scripts_and_a_rollback_by_pubsub(
     clients[0].rollback(target, model=model)
     assert serving(rc, model) == target
     wait_served(clients, model, target)  # polling is slowed to a minute: the rollback came by pub/sub
+
+
+def test_a_cluster_that_is_down_is_a_503_naming_redis_and_service_resumes_when_it_is_back(
+        cluster: RedisClusterProcesses, replicas: list[ApiProcess], clients: list[MPServeClient]) -> None:
+    """Last in this module: it stops every primary. A cluster client's own outage errors (no node reachable,
+    CLUSTERDOWN, a slot nobody serves) are outages like a refused connection: the clear 503 of one server."""
+    url = replicas[0].url
+    x = images(1, 30).tolist()
+    for node in cluster.nodes:
+        node.stop()
+    try:
+        for path, body in (("/predict", {"inputs": x, "model": MODELS[0]}), ("/label", {"id": "a" * 32, "label": 1}),
+                           ("/models", None), ("/admin/reconcile", {"model": MODELS[0]})):
+            resp = httpx.request("GET" if body is None else "POST", url + path, json=body, timeout=30,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+            assert resp.status_code == 503 and "Redis" in resp.json()["detail"], (path, resp.text[:300])
+        ready = httpx.get(url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["reasons"], ready.text[:300]
+    finally:
+        cluster.start()  # the same nodes and ports, their cluster config kept (their data is not)
+    for s in replicas:
+        wait_until(lambda s=s: httpx.get(s.url + "/readyz", timeout=30).status_code == 200, timeout=30,
+                   interval=0.1, what=f"{s.url} ready again")
+    assert clients[0].predict(images(1, 31), model=MODELS[0])["predictions"]

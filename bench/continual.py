@@ -50,7 +50,7 @@ from marketplace.training import TrainConfig, train
 from marketplace.update import online_metrics, previous_step, propose_update
 from model_store import Holdout
 from model_store.holdout import decode_holdout, encode_holdout
-from worker.guard import TrafficCheck, correct_answers, holdout_figures, judge_candidate
+from worker.guard import TrafficCheck, correct_answers, holdout_figures, judge_candidate, judged_only
 from worker.head_replay import HeadReplaySource
 from worker.settings import WorkerSettings
 
@@ -66,7 +66,7 @@ LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "norm
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                  "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
-                 "guard_drift_z", "reseed_on_refusal", "min_cohort")
+                 "guard_traffic_share", "guard_drift_z", "reseed_on_refusal", "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -284,13 +284,16 @@ class EngineRun:
         self.eps = self.settings.probe_scale or self.eps
         self.antithetic = self.settings.antithetic
         self.learned = learned_groups(self.settings.learn_groups, S)
+        self.replay_head = (self.settings.head_gradient == "replay" and self.learned[-1]
+                            and self.settings.step == "signal")
         self.seeds = self.fresh_seeds()
         self.rc, self.uc = self.settings.reconcile_config(), self.settings.update_config()
         self.base_params = self.params
         self.frozen_weights = self.engine.materialize(self.params, self.seeds, self.eps, 0, self.antithetic)
         self.frozen_rng = np.random.default_rng([self.seed, 7])
         self.replay_rng = np.random.default_rng([self.seed, 9])
-        self.replay: deque[tuple[np.ndarray, int, bool]] = deque(maxlen=self.replay_size)
+        self.replay: deque[tuple[np.ndarray, int, bool, bool]] = deque(maxlen=self.replay_size)
+        self.kept_count = 0  # names each kept input, as a record id names it in the worker (split_replay)
         self.head_replay = HeadReplaySource(self.settings.head_damping)
 
     def fresh_seeds(self) -> np.ndarray:
@@ -302,20 +305,29 @@ class EngineRun:
         pick = self.replay_rng.random(len(y)) < self.replay_share
         if pick.any():
             anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
-            self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), strict=True))
+            split = self.settings.guard_traffic and self.replay_head  # the worker's split_replay, on the same rule
+            judged = [split and judged_only(f"kept-{self.kept_count + i}", self.settings.guard_traffic_share)
+                      for i in range(int(pick.sum()))]
+            self.kept_count += int(pick.sum())
+            self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), judged, strict=True))
 
     def kept_inputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """The kept inputs and labels, newest first (as the worker reads the replay stream)."""
-        if not self.replay:
+        """The kept inputs the head learns from and their labels, newest first (as the worker reads the replay
+        stream): with the recent-traffic check on, those it does not judge on."""
+        learn = [(x, y) for x, y, _, judged in reversed(self.replay) if not judged]
+        if not learn:
             return np.zeros((0, *self.spec.input_shape), np.float32), np.zeros(0, np.int64)
-        xs, ys, _ = zip(*reversed(self.replay), strict=True)
+        xs, ys = zip(*learn, strict=True)
         return np.stack(xs), np.array(ys, np.int64)
 
     def traffic_check(self) -> TrafficCheck | None:
-        """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0)."""
-        if not self.settings.guard_traffic or len(self.replay) < self.settings.guard_traffic_min:
+        """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0): on
+        the kept inputs the head never learns from when it learns from kept inputs, else on all of them."""
+        split = self.settings.guard_traffic and self.replay_head
+        judged = [(x, y, a) for x, y, a, j in self.replay if j or not split]
+        if not self.settings.guard_traffic or len(judged) < self.settings.guard_traffic_min:
             return None
-        xs, ys, anchor = zip(*self.replay, strict=True)
+        xs, ys, anchor = zip(*judged, strict=True)
         return TrafficCheck(np.stack(xs), np.array(ys), np.array(anchor), 0, self.settings.guard_traffic_tolerance,
                             self.settings.guard_drift_z)
 
@@ -348,7 +360,7 @@ class EngineRun:
         served = (cross_entropy(answer, truth), answer.argmax(1) == truth)
         sources = {self.version: VersionSeeds(self.seeds, self.eps, self.antithetic)}
         last = previous_step(self.params, self.grandparent) if self.uc.momentum else None
-        replay = self.settings.head_gradient == "replay" and self.learned[-1] and self.settings.step == "signal"
+        replay = self.replay_head
         if self.guard or replay:
             self.keep_for_replay(x, y)
         evidence = self.head_replay.evidence(self.spec, self.params, *self.kept_inputs(),
@@ -545,6 +557,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
                     help="also judge candidates on recent labelled traffic against the base (worker default: on)")
     ap.add_argument("--guard-traffic-tolerance", type=float)
     ap.add_argument("--guard-traffic-min", type=int)
+    ap.add_argument("--guard-traffic-share", type=float)
     ap.add_argument("--guard-drift-z", type=float)
 
 

@@ -17,6 +17,7 @@ leaves the holdout checks: the holdout keeps judging only the classes it still s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -289,6 +290,24 @@ def replay_arrays(recent: list[ReplayEntry], spec: ModelSpec) -> tuple[list[Repl
     finite = np.isfinite(inputs).reshape(len(fit), -1).all(axis=1)
     fit, inputs = [e for e, ok in zip(fit, finite, strict=True) if ok], inputs[finite]
     return fit, inputs, np.array([e.label for e in fit], np.int64)
+
+
+def judged_only(key: str, share: float) -> bool:
+    """Whether the kept input named ``key`` (its record id) is one the head never learns from, kept for the
+    recent-traffic check: a stable hash, so an input stays on its side across updates.
+
+    A step must be judged on inputs it did not learn from. Judged on the very inputs the head's replay gradient
+    fits, every candidate looks at least as good as the frozen model there, and the check refuses nothing.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"mpserve-judge").digest()
+    return int.from_bytes(digest, "big") < share * 2.0 ** 64
+
+
+def split_replay(recent: list[ReplayEntry], share: float) -> tuple[list[ReplayEntry], list[ReplayEntry]]:
+    """(the entries the head learns from, the entries the recent-traffic check judges on), disjoint."""
+    judged = [judged_only(e.record_id, share) for e in recent]
+    return ([e for e, j in zip(recent, judged, strict=True) if not j],
+            [e for e, j in zip(recent, judged, strict=True) if j])
 
 
 class ValidationGuard:

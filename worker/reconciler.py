@@ -42,7 +42,7 @@ from redis_io.connect import CONNECTION_ERRORS, RedisError, SyncClient
 from redis_io.fenced import fenced_ack
 from redis_io.protocol import EntryNotPendingError, FeedbackEntry, ReplayEntry, StaleLeaderError, VersionMovedError
 from redis_io.recordlog import RecordLog
-from worker.guard import ValidationGuard, Verdict, replay_arrays, traffic_anchor
+from worker.guard import ValidationGuard, Verdict, replay_arrays, split_replay, traffic_anchor
 from worker.head_replay import HeadReplaySource
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
@@ -395,13 +395,15 @@ class Reconciler:
             replay = self.settings.head_gradient == "replay" and self.settings.step == "signal" \
                 and bool(learned_groups(self.settings.learn_groups, len(parent.spec.groups))[-1])
             recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
-                if self.settings.guard_traffic or replay else None
-            evidence = self.on_device(self._head_replay, parent, recent or []) if replay else None
+                if self.settings.guard_traffic or replay else []
+            learn, judged = split_replay(recent, self.settings.guard_traffic_share) \
+                if replay and self.settings.guard_traffic else (recent, recent)  # judged on what it did not learn
+            evidence = self.on_device(self._head_replay, parent, learn) if replay else None
             result = propose_update(parent.spec, parent.params, feedback_records(batch.usable, parent.spec.num_classes),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),
                                     self.settings.update_config(), self._last_step(parent), evidence)
             verdict = self.on_device(self.guard.judge, parent, result.params,
-                                     recent if self.settings.guard_traffic else None)
+                                     judged if self.settings.guard_traffic else None)
         if not self.lease.held:
             self._lost("the lease expired while the candidate was built and validated")
             return ReconcileOutcome(False, None, parent.version, {}, "lost leadership: the lease expired while "

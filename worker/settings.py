@@ -112,6 +112,9 @@ class WorkerSettings(BaseSettings):
                                                                   "this")
     guard_traffic_min: int = Field(128, ge=1, description="judge on recent traffic once this many labelled inputs "
                                                           "are kept")
+    guard_traffic_share: float = Field(0.5, gt=0, lt=1, description="with the head learning from kept inputs "
+                                       "(head_gradient replay): the share of them it never learns from, which the "
+                                       "recent-traffic check judges on (each input's side fixed by its record id)")
     reseed_on_refusal: bool = Field(True, description="after a refused candidate, publish the same weights with fresh "
                                                       "seeds, so the next candidate probes new directions")
     version_seed: int | None = Field(None, ge=0, description="seed of the generator that draws each new version's "
@@ -170,7 +173,7 @@ class WorkerSettings(BaseSettings):
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
-                "guard_drift_z", "guard_traffic_max_age_s", "reseed_on_refusal",
+                "guard_traffic_share", "guard_drift_z", "guard_traffic_max_age_s", "reseed_on_refusal",
                 "min_cohort", "max_cohort_age", "min_records", "interval_s",
                 "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

@@ -46,6 +46,7 @@ from tests.helpers import (
     wait_until,
     worker_args,
 )
+from worker.guard import judged_only
 from worker.main import build_settings, check_learn_groups
 from worker.reconciler import Reconciler
 from worker.settings import WorkerSettings
@@ -680,7 +681,8 @@ def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_a
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
     """head_gradient=replay: the worker reads the inputs the API kept, takes their features under version 0 and
     steps the head by the exact gradient, damped along the holdout's features: checked against NumPy features
-    and marketplace.head's pure functions, not against the worker's own engine."""
+    and marketplace.head's pure functions, not against the worker's own engine. With the recent-traffic check on
+    (the default), the head learns only from the kept inputs that check never judges on (split_replay)."""
     configured = tmp_path / "holdout.npz"
     holdout = holdout_images(50, 8)
     np.savez(configured, inputs=holdout, labels=np.zeros(50, np.int64))
@@ -693,7 +695,10 @@ def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_a
     out = rec.run_once()
     assert (out.published, out.version) == (True, 1), out.reason
     manifest = store.read_manifest(MODEL, 1)
-    assert (manifest["training"]["head_gradient"], manifest["training"]["head_records"]) == ("replay", 60)
+    learn = np.array([not judged_only(f"r11-{i}", settings.guard_traffic_share) for i in range(60)])
+    assert 10 < learn.sum() < 50  # both sides hold some of the 60
+    x, y = x[learn], y[learn]
+    assert (manifest["training"]["head_gradient"], manifest["training"]["head_records"]) == ("replay", learn.sum())
     assert manifest["reconciler"]["head_damping"] == 3000.0
     p0, p1 = store.read_version(MODEL, 0)[0], store.read_version(MODEL, 1)[0]
     spec = load_version(store, MODEL, 0).spec

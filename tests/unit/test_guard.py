@@ -10,8 +10,17 @@ from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine
 from marketplace.models import mlp
 from model_store.holdout import decode_holdout, encode_holdout
+from redis_io.protocol import ReplayEntry
 from tests.helpers import fitted_mlp, numpy_mlp
-from worker.guard import TrafficCheck, drifted_classes, judge_candidate, traffic_anchor, verdict
+from worker.guard import (
+    TrafficCheck,
+    drifted_classes,
+    judge_candidate,
+    judged_only,
+    split_replay,
+    traffic_anchor,
+    verdict,
+)
 
 HOLDOUT = decode_holdout(encode_holdout(np.zeros((4, 1, 28, 28), np.float32), np.arange(4)))
 OTHER = decode_holdout(encode_holdout(np.ones((4, 1, 28, 28), np.float32), np.arange(4)))
@@ -281,3 +290,18 @@ def test_drifted_classes_leave_the_holdout_checks_and_the_rest_still_judge() -> 
     # the aggregate's slack is two of the examples left: 2/150 here, above the 1% tolerance
     assert aggregate.validation["judged_tolerance"] == pytest.approx(2 / 150)
     assert verdict(classes(0.60, 0.79, 0.79, 0.79), ref, anchor, CLASSES, 0.01, "anchor", 0.05, drifted).accepted
+
+
+def test_the_traffic_check_judges_kept_inputs_the_head_never_learns_from():
+    """split_replay: disjoint sides whose union is every entry, in order; each entry's side is fixed by its record
+    id (the same in every update, whatever else is kept); the judged share follows the setting."""
+    entries = [ReplayEntry(f"{i}-0", f"rec{i}", b"", i % 10) for i in range(4000)]
+    learn, judged = split_replay(entries, 0.5)
+    assert {e.record_id for e in learn}.isdisjoint(e.record_id for e in judged)
+    assert sorted(learn + judged, key=entries.index) == entries
+    assert learn == [e for e in entries if e in learn] and judged == [e for e in entries if e in judged]
+    assert 0.46 < len(judged) / len(entries) < 0.54
+    later_learn, later_judged = split_replay(entries[1000:3000], 0.5)  # older ones gone, the rest stay put
+    assert set(later_judged) == set(judged) & set(entries[1000:3000])
+    assert 0.16 < len(split_replay(entries, 0.2)[1]) / len(entries) < 0.24
+    assert all(judged_only(e.record_id, 0.5) for e in judged)

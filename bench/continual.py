@@ -305,7 +305,7 @@ class EngineRun:
         pick = self.replay_rng.random(len(y)) < self.replay_share
         if pick.any():
             anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
-            split = self.settings.guard_traffic and self.replay_head  # the worker's split_replay, on the same rule
+            split = self.guard and self.settings.guard_traffic and self.replay_head  # the worker's split_replay
             judged = [split and judged_only(f"kept-{self.kept_count + i}", self.settings.guard_traffic_share)
                       for i in range(int(pick.sum()))]
             self.kept_count += int(pick.sum())
@@ -323,7 +323,7 @@ class EngineRun:
     def traffic_check(self) -> TrafficCheck | None:
         """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0): on
         the kept inputs the head never learns from when it learns from kept inputs, else on all of them."""
-        split = self.settings.guard_traffic and self.replay_head
+        split = self.guard and self.settings.guard_traffic and self.replay_head
         judged = [(x, y, a) for x, y, a, j in self.replay if j or not split]
         if not self.settings.guard_traffic or len(judged) < self.settings.guard_traffic_min:
             return None

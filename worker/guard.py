@@ -347,8 +347,9 @@ class ValidationGuard:
               recent: list[ReplayEntry] | None = None) -> Verdict | None:
         """None without a holdout set; else whether ``candidate`` may replace ``parent``, with its figures.
 
-        ``recent``: the replay stream's labelled inputs (newest first); with ``guard_traffic`` and enough of
-        them, the candidate must also serve them at least as well as the anchor version (`TrafficCheck`).
+        ``recent``: the replay stream's labelled inputs to judge on (newest first; with the replay head, the side
+        of `split_replay` it did not learn from); with ``guard_traffic`` and enough of them, the candidate must
+        also serve them at least as well as the anchor version (`TrafficCheck`).
         """
         try:
             holdout = self.holdout()

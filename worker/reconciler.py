@@ -350,6 +350,13 @@ class Reconciler:
         trigger = trigger or ("records" if len(batch.usable) >= self.settings.min_records else "timer")
         return self._reconcile_and_publish(batch, sources, trigger, current, t0)
 
+    def _has_holdout(self) -> bool:
+        """Whether the guard has a holdout set to judge with (no holdout: the guard, traffic check and all, is off)."""
+        try:
+            return self.guard.holdout() is not None
+        except (OSError, ModelStoreError, ValueError):
+            return False
+
     def _head_replay(self, parent: LoadedVersion, recent: list[ReplayEntry]) -> HeadReplay | None:
         """The kept inputs' features for the head's exact gradient; None (the logits estimate steps) if unusable."""
         try:
@@ -396,8 +403,8 @@ class Reconciler:
                 and bool(learned_groups(self.settings.learn_groups, len(parent.spec.groups))[-1])
             recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
                 if self.settings.guard_traffic or replay else []
-            learn, judged = split_replay(recent, self.settings.guard_traffic_share) \
-                if replay and self.settings.guard_traffic else (recent, recent)  # judged on what it did not learn
+            split = replay and self.settings.guard_traffic and self._has_holdout()  # else nothing is judged on
+            learn, judged = split_replay(recent, self.settings.guard_traffic_share) if split else (recent, recent)
             evidence = self.on_device(self._head_replay, parent, learn) if replay else None
             result = propose_update(parent.spec, parent.params, feedback_records(batch.usable, parent.spec.num_classes),
                                     {n: sources[n] for n in cohort_versions}, self.settings.reconcile_config(),

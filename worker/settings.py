@@ -111,7 +111,8 @@ class WorkerSettings(BaseSettings):
     guard_traffic_max_age_s: int = Field(86400, ge=1, description="recent traffic: labelled inputs no older than "
                                                                   "this")
     guard_traffic_min: int = Field(128, ge=1, description="judge on recent traffic once this many labelled inputs "
-                                                          "are kept")
+                                                          "are kept for the check (with the replay head, on its "
+                                                          "side of guard_traffic_share)")
     guard_traffic_share: float = Field(0.5, gt=0, lt=1, description="with the head learning from kept inputs "
                                        "(head_gradient replay): the share of them it never learns from, which the "
                                        "recent-traffic check judges on (each input's side fixed by its record id)")

@@ -677,12 +677,15 @@ def test_paired_entries_give_the_head_its_gradient_from_their_logits(
     fallback.close()
 
 
+@pytest.mark.parametrize("traffic", [True, False], ids=["traffic-check", "no-traffic-check"])
 def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_along_the_holdout(
-        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path,
+        traffic: bool) -> None:
     """head_gradient=replay: the worker reads the inputs the API kept, takes their features under version 0 and
     steps the head by the exact gradient, damped along the holdout's features: checked against NumPy features
     and marketplace.head's pure functions, not against the worker's own engine. With the recent-traffic check on
-    (the default), the head learns only from the kept inputs that check never judges on (split_replay)."""
+    (the default), the head learns only from the kept inputs that check never judges on (split_replay), and the
+    check judges the others; with it off, the head learns from all of them."""
     configured = tmp_path / "holdout.npz"
     holdout = holdout_images(50, 8)
     np.savez(configured, inputs=holdout, labels=np.zeros(50, np.int64))
@@ -690,13 +693,17 @@ def test_head_gradient_replay_steps_the_head_exactly_on_the_kept_inputs_damped_a
     settings = make_settings(redis_server, store, holdout_path=configured, head_gradient="replay",
                              head_replay_learning_rate=0.5, head_learning_rate=0.001, max_step=0.0,
                              guard_tolerance=1.0, guard_class_tolerance=1.0,
-                             guard_traffic_tolerance=1.0)
+                             guard_traffic_tolerance=1.0, guard_traffic_min=1, guard_traffic=traffic)
     rec = Reconciler(settings, store, redis_client, MODEL)
     out = rec.run_once()
     assert (out.published, out.version) == (True, 1), out.reason
     manifest = store.read_manifest(MODEL, 1)
-    learn = np.array([not judged_only(f"r11-{i}", settings.guard_traffic_share) for i in range(60)])
-    assert 10 < learn.sum() < 50  # both sides hold some of the 60
+    learn = np.array([not traffic or not judged_only(f"r11-{i}", settings.guard_traffic_share) for i in range(60)])
+    if traffic:
+        assert manifest["validation"]["traffic"]["size"] == 60 - learn.sum()  # the check judged the other side
+        assert 10 < learn.sum() < 50  # both sides hold some of the 60
+    else:
+        assert "size" not in (manifest["validation"].get("traffic") or {}) and learn.all()
     x, y = x[learn], y[learn]
     assert (manifest["training"]["head_gradient"], manifest["training"]["head_records"]) == ("replay", learn.sum())
     assert manifest["reconciler"]["head_damping"] == 3000.0

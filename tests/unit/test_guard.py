@@ -294,14 +294,20 @@ def test_drifted_classes_leave_the_holdout_checks_and_the_rest_still_judge() -> 
 
 def test_the_traffic_check_judges_kept_inputs_the_head_never_learns_from():
     """split_replay: disjoint sides whose union is every entry, in order; each entry's side is fixed by its record
-    id (the same in every update, whatever else is kept); the judged share follows the setting."""
-    entries = [ReplayEntry(f"{i}-0", f"rec{i}", b"", i % 10) for i in range(4000)]
+    id alone (the same in every update, whatever else is kept, whatever its stream entry id or label); the judged
+    share follows the setting within every class, so the check sees the traffic's class mix."""
+    rng = np.random.default_rng(0)
+    entries = [ReplayEntry(f"{i}-0", f"rec{i}", b"", int(rng.integers(10))) for i in range(4000)]
     learn, judged = split_replay(entries, 0.5)
     assert {e.record_id for e in learn}.isdisjoint(e.record_id for e in judged)
     assert sorted(learn + judged, key=entries.index) == entries
     assert learn == [e for e in entries if e in learn] and judged == [e for e in entries if e in judged]
-    assert 0.46 < len(judged) / len(entries) < 0.54
     later_learn, later_judged = split_replay(entries[1000:3000], 0.5)  # older ones gone, the rest stay put
     assert set(later_judged) == set(judged) & set(entries[1000:3000])
-    assert 0.16 < len(split_replay(entries, 0.2)[1]) / len(entries) < 0.24
-    assert all(judged_only(e.record_id, 0.5) for e in judged)
+    moved = [ReplayEntry(f"9{i}-1", e.record_id, b"x", (e.label + 1) % 10) for i, e in enumerate(entries[:400])]
+    assert [judged_only(e.record_id, 0.5) for e in moved] == [e in judged for e in entries[:400]]
+    for share in (0.5, 0.2):
+        side = split_replay(entries, share)[1]
+        for c in range(10):
+            of_class = sum(e.label == c for e in entries)
+            assert abs(sum(e.label == c for e in side) / of_class - share) < 0.09, (share, c)

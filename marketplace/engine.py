@@ -124,6 +124,24 @@ class Engine:
         Device[self.device].synchronize()  # materialized means done: the stall of a hot swap is paid here
         return PerturbedWeights(version, seeds, float(eps), tuple(outs))
 
+    def leader_weights(self, params: dict[str, np.ndarray]) -> PerturbedWeights:
+        """The unperturbed weights of a leader-only engine (V=1), copied into buffers of their own.
+
+        What `materialize` gives with seed 0 and ε = 0, bit for bit (θ + 0), without its kernels: evaluation runs
+        many versions once each (the guard's holdout and traffic, the head's features), and there the
+        perturbation kernels cost more than the forward pass itself.
+        """
+        if self.V != 1:
+            raise ValueError("leader_weights needs a leader-only engine (V=1)")
+        tensors = []
+        for s, keys in enumerate(self._group_keys):
+            shapes = self.spec.group_shapes(s)
+            for key in keys:
+                t = _device_tensor((1, *shapes[key]), dtypes.float32, self.device)
+                _copy_into(t, np.asarray(params[key], dtype=np.float32).reshape(1, *shapes[key]))
+                tensors.append(t)
+        return PerturbedWeights(0, leader_seeds(self.spec), 0.0, tuple(tensors))
+
     def _materialize_inputs(self) -> list[Tensor]:
         """The JIT's fixed inputs: key words, scale, live and sign (S, V, 1) each, then θ (1, n_s) per group."""
         if self._mat_inputs is None:
@@ -351,7 +369,7 @@ def leader_logits(engine: Engine, params: dict[str, np.ndarray], x: np.ndarray) 
     """Logits of the unperturbed weights (an engine with V=1), in chunks of the engine's largest bucket."""
     if engine.V != 1:
         raise ValueError("leader_logits needs a leader-only engine (V=1)")
-    weights = engine.materialize(params, leader_seeds(engine.spec), 0.0)
+    weights = engine.leader_weights(params)
     rng = np.random.default_rng(0)
     step = engine.max_batch
     return np.concatenate([engine.forward(weights, x[i:i + step], rng)[0] for i in range(0, len(x), step)]

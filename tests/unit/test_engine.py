@@ -201,6 +201,22 @@ def test_materialize_equals_the_numpy_twin_bit_for_bit_in_every_version(spec):
                 assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (weights.version, vendor, key)
 
 
+@pytest.mark.parametrize("spec", [mlp(hidden=(16,)), beautiful_mnist()], ids=["mlp", "beautiful_mnist"])
+def test_leader_weights_are_what_a_leader_only_materialize_gives_bit_for_bit(spec):
+    """The guard's and the head's fast path: the same tensors in the same order, and the same logits."""
+    engine = Engine(spec, 1, max_batch=4)
+    params = spec.init_params(3)
+    fast, slow = engine.leader_weights(params), engine.materialize(params, leader_seeds(spec), 0.0)
+    assert len(fast.tensors) == len(slow.tensors)
+    for a, b in zip(fast.tensors, slow.tensors, strict=True):
+        assert a.shape == b.shape and np.array_equal(a.numpy(), b.numpy())
+    x = np.random.default_rng(0).uniform(0, 255, size=(3, *spec.input_shape)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(engine.forward(fast, x, rng)[0], engine.forward(slow, x, rng)[0])
+    with pytest.raises(ValueError, match="leader-only"):
+        Engine(spec, 2, max_batch=4).leader_weights(params)
+
+
 def test_leader_only_materialize_is_the_parameters_themselves():
     spec = mlp(hidden=(16,))
     engine = Engine(spec, 1, max_batch=4)

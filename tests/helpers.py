@@ -307,11 +307,21 @@ class RedisClusterProcesses:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout: float = 30.0) -> RedisClusterProcesses:
-        for node in self.nodes:
-            node.start()
-        if self.created:  # a restart: the nodes find each other again from their cluster config files
-            wait_until(self._settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles again")
-            return self
+        """Start the nodes and join them (the first time) or wait until they find each other again (a restart);
+        on any failure every node is stopped, so no server outlives the test that started it."""
+        try:
+            for node in self.nodes:
+                node.start()
+            if not self.created:
+                self._create(timeout)
+            wait_until(self._settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles")
+        except BaseException:
+            self.stop()
+            raise
+        self.created = True
+        return self
+
+    def _create(self, timeout: float) -> None:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli not found on PATH (Debian's redis-tools, installed with redis-server)")
@@ -319,12 +329,7 @@ class RedisClusterProcesses:
                               "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True,
                              timeout=timeout)
         if out.returncode != 0:
-            self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
-
-        wait_until(self._settled, timeout=timeout, interval=0.1, what="the Redis Cluster settles")
-        self.created = True
-        return self
 
     def _settled(self) -> bool:
         """Every node agrees the cluster is whole and knows every other node."""

@@ -284,8 +284,9 @@ class EngineRun:
         self.eps = self.settings.probe_scale or self.eps
         self.antithetic = self.settings.antithetic
         self.learned = learned_groups(self.settings.learn_groups, S)
-        self.replay_head = (self.settings.head_gradient == "replay" and self.learned[-1]
-                            and self.settings.step == "signal")
+        self.replay_head = self.settings.reconcile_config().replays_head(S)
+        # the worker's split_replay: kept inputs the head learns from, and those only the traffic check judges on
+        self.split_kept = self.guard and self.settings.guard_traffic and self.replay_head
         self.seeds = self.fresh_seeds()
         self.rc, self.uc = self.settings.reconcile_config(), self.settings.update_config()
         self.base_params = self.params
@@ -305,8 +306,7 @@ class EngineRun:
         pick = self.replay_rng.random(len(y)) < self.replay_share
         if pick.any():
             anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
-            split = self.guard and self.settings.guard_traffic and self.replay_head  # the worker's split_replay
-            judged = [split and judged_only(f"kept-{self.kept_count + i}", self.settings.guard_traffic_share)
+            judged = [self.split_kept and judged_only(f"kept-{self.kept_count + i}", self.settings.guard_traffic_share)
                       for i in range(int(pick.sum()))]
             self.kept_count += int(pick.sum())
             self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), judged, strict=True))
@@ -323,8 +323,7 @@ class EngineRun:
     def traffic_check(self) -> TrafficCheck | None:
         """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0): on
         the kept inputs the head never learns from when it learns from kept inputs, else on all of them."""
-        split = self.guard and self.settings.guard_traffic and self.replay_head
-        judged = [(x, y, a) for x, y, a, j in self.replay if j or not split]
+        judged = [(x, y, a) for x, y, a, j in self.replay if j or not self.split_kept]
         if not self.settings.guard_traffic or len(judged) < self.settings.guard_traffic_min:
             return None
         xs, ys, anchor = zip(*judged, strict=True)

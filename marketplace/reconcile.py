@@ -93,6 +93,12 @@ class ReconcileConfig:
     head_learning_rate: float = 0.03  # the SGD rate of the logits gradient, and of an undamped replay one (capped)
     replay_learning_rate: float = 1.0  # the SGD rate of the damped replay gradient, far smaller (capped as well)
 
+    def replays_head(self, groups: int) -> bool:
+        """Whether the head of a model of ``groups`` layer groups learns from the inputs the API kept (so they
+        must be read, and those the guard judges on set apart)."""
+        return self.head_gradient == "replay" and self.step == "signal" and bool(
+            learned_groups(self.learn_groups, groups)[-1])
+
 
 LEARN_GROUPS_PATTERN = r"^(all|head|\d+(,\d+)*)$"
 

@@ -70,7 +70,7 @@ class AppState:
         t = settings.redis_timeout_s
         client = api_client(settings.redis_url, t)
         events = events_client(settings.redis_url, t)
-        sync_client = LazyClient(lambda: blocking_client(settings.redis_url, t, settings.reconcile_timeout_s + 10))
+        blocking = LazyClient(lambda: blocking_client(settings.redis_url, t, settings.reconcile_timeout_s + 10))
         store = ModelStore(settings.store_dir)
         if settings.seed_default:
             await asyncio.to_thread(seed_default_model, store, settings.default_model)
@@ -92,7 +92,7 @@ class AppState:
         watcher = VersionWatcher({m: c.runtime for m, c in models.items()}, events, settings.poll_interval_s)
         access = ClientAccess(settings.api_keys, settings.disabled_clients, settings.rate_limit_per_s,
                               settings.rate_limit_burst)
-        state = cls(settings, store, client, events, sync_client, engine_thread, metrics, models, watcher, access)
+        state = cls(settings, store, client, events, blocking, engine_thread, metrics, models, watcher, access)
         await asyncio.gather(*(c.runtime.sync() for c in models.values()))
         for c in models.values():
             c.runtime.start()

@@ -34,7 +34,7 @@ from common.faults import fault_point
 from common.loading import LoadedVersion, fallback_base, load_version, version_sources
 from common.names import validate_model_name
 from marketplace.head import HeadReplay
-from marketplace.reconcile import VersionSeeds, learned_groups
+from marketplace.reconcile import VersionSeeds
 from marketplace.update import previous_step, propose_update
 from model_store import ModelStore, ModelStoreError, VersionNotFound
 from redis_io.admin_queue import pop_requests, send_reply
@@ -399,8 +399,7 @@ class Reconciler:
         parent = self._parent(batch.base)
         cohort_versions = {e.version for e in batch.usable}
         with self.lease.renewing():  # the update and its validation may outlast the lease's TTL
-            replay = self.settings.head_gradient == "replay" and self.settings.step == "signal" \
-                and bool(learned_groups(self.settings.learn_groups, len(parent.spec.groups))[-1])
+            replay = self.settings.reconcile_config().replays_head(len(parent.spec.groups))
             recent = self.records.recent_inputs(self.settings.guard_traffic_max_age_s * 1000) \
                 if self.settings.guard_traffic or replay else []
             split = replay and self.settings.guard_traffic and self._has_holdout()  # else nothing is judged on

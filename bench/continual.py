@@ -44,13 +44,14 @@ from tqdm import tqdm
 from bench.common import save_figure, write_json
 from marketplace.data import Split, load_fashion_mnist
 from marketplace.engine import Engine, leader_logits
+from marketplace.leader import LeaderAnswers
 from marketplace.models import ModelSpec, get_model
 from marketplace.reconcile import Records, VersionSeeds, cross_entropy, fresh_seeds, learned_groups
 from marketplace.training import TrainConfig, train
 from marketplace.update import online_metrics, previous_step, propose_update
 from model_store import Holdout
 from model_store.holdout import decode_holdout, encode_holdout
-from worker.guard import TrafficCheck, correct_answers, holdout_figures, judge_candidate, judged_only
+from worker.guard import TrafficCheck, answers, correct_answers, holdout_figures, judge_candidate, judged_only
 from worker.head_replay import HeadReplaySource
 from worker.settings import WorkerSettings
 
@@ -65,8 +66,8 @@ LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "norm
                  "outlier_z", "outlier_quantile",
                  "antithetic", "momentum",
                  "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
-                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
-                 "guard_traffic_share", "guard_drift_z", "reseed_on_refusal", "min_cohort")
+                 "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_gain_z",
+                 "guard_traffic_min", "guard_traffic_share", "guard_drift_z", "reseed_on_refusal", "min_cohort")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -273,12 +274,14 @@ class EngineRun:
     before: dict[str, float] | None = None
     engine: Engine = field(init=False)
     eval_engine: Engine = field(init=False)
+    leader: LeaderAnswers = field(init=False)  # the guard's answers (features of inputs seen before are cached)
 
     def __post_init__(self) -> None:
         S = len(self.spec.groups)
         self.vendors = self.vendors or self.settings.vendors or 4
         self.engine = Engine(self.spec, self.vendors, buckets=[256])
-        self.eval_engine = Engine(self.spec, 1, buckets=[64, self.replay_size, 1000] if self.replay_size else [1000])
+        self.eval_engine = Engine(self.spec, 1, buckets=sorted({64, 256, self.replay_size or 1000, 1000}))
+        self.leader = LeaderAnswers(self.eval_engine)
         self.seed_rng = np.random.default_rng([self.seed, 1])
         self.path_rng = np.random.default_rng([self.seed, 2])
         self.eps = self.settings.probe_scale or self.eps
@@ -293,7 +296,7 @@ class EngineRun:
         self.frozen_weights = self.engine.materialize(self.params, self.seeds, self.eps, 0, self.antithetic)
         self.frozen_rng = np.random.default_rng([self.seed, 7])
         self.replay_rng = np.random.default_rng([self.seed, 9])
-        self.replay: deque[tuple[np.ndarray, int, bool, bool]] = deque(maxlen=self.replay_size)
+        self.replay: deque[tuple[np.ndarray, int, bool, bool, str]] = deque(maxlen=self.replay_size)
         self.kept_count = 0  # names each kept input, as a record id names it in the worker (split_replay)
         self.head_replay = HeadReplaySource(self.settings.head_damping)
 
@@ -305,35 +308,37 @@ class EngineRun:
         """Keep a share of the labelled inputs as the API does, with whether the anchor (the base) gets them right."""
         pick = self.replay_rng.random(len(y)) < self.replay_share
         if pick.any():
-            anchor = correct_answers(self.eval_engine, self.base_params, x[pick], y[pick])
-            judged = [self.split_kept and judged_only(f"kept-{self.kept_count + i}", self.settings.guard_traffic_share)
-                      for i in range(int(pick.sum()))]
-            self.kept_count += int(pick.sum())
-            self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), judged, strict=True))
+            ids = [f"kept-{self.kept_count + i}" for i in range(int(pick.sum()))]
+            anchor = correct_answers(self.leader, self.base_params, x[pick], y[pick], ids)
+            judged = [self.split_kept and judged_only(k, self.settings.guard_traffic_share) for k in ids]
+            self.kept_count += len(ids)
+            self.replay.extend(zip(x[pick], y[pick].tolist(), anchor.tolist(), judged, ids, strict=True))
 
-    def kept_inputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """The kept inputs the head learns from and their labels, newest first (as the worker reads the replay
-        stream): with the recent-traffic check on, those it does not judge on."""
-        learn = [(x, y) for x, y, _, judged in reversed(self.replay) if not judged]
+    def kept_inputs(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The kept inputs the head learns from, their labels and names, newest first (as the worker reads the
+        replay stream): with the recent-traffic check on, those it does not judge on."""
+        learn = [(x, y, k) for x, y, _, judged, k in reversed(self.replay) if not judged]
         if not learn:
-            return np.zeros((0, *self.spec.input_shape), np.float32), np.zeros(0, np.int64)
-        xs, ys = zip(*learn, strict=True)
-        return np.stack(xs), np.array(ys, np.int64)
+            return np.zeros((0, *self.spec.input_shape), np.float32), np.zeros(0, np.int64), []
+        xs, ys, ids = zip(*learn, strict=True)
+        return np.stack(xs), np.array(ys, np.int64), list(ids)
 
     def traffic_check(self) -> TrafficCheck | None:
         """The worker's check on recent traffic, once enough is kept (the anchor here is the base: version 0): on
         the kept inputs the head never learns from when it learns from kept inputs, else on all of them."""
-        judged = [(x, y, a) for x, y, a, j in self.replay if j or not self.split_kept]
+        judged = [(x, y, a, k) for x, y, a, j, k in self.replay if j or not self.split_kept]
         if not self.settings.guard_traffic or len(judged) < self.settings.guard_traffic_min:
             return None
-        xs, ys, anchor = zip(*judged, strict=True)
-        return TrafficCheck(np.stack(xs), np.array(ys), np.array(anchor), 0, self.settings.guard_traffic_tolerance,
-                            self.settings.guard_drift_z)
+        xs, ys, anchor, ids = zip(*judged, strict=True)
+        inputs, labels, gain = np.stack(xs), np.array(ys), self.settings.guard_traffic_gain_z
+        parent_loss = answers(self.leader, self.params, inputs, labels, ids)[1] if gain > 0 else None
+        return TrafficCheck(inputs, labels, np.array(anchor), 0, self.settings.guard_traffic_tolerance,
+                            self.settings.guard_drift_z, parent_loss, gain, ids)
 
     def frozen_answer(self, x: np.ndarray) -> np.ndarray:
         """What the base model, never learning, serves for ``x`` (same exploration, its own vendor paths)."""
-        if self.exploration == "paired":
-            return self.engine.forward_paired(self.frozen_weights, x, self.frozen_rng)[2]
+        if self.exploration == "paired":  # users get the leader's answer: the base's, unperturbed
+            return self.leader.logits(self.base_params, x)
         return self.engine.forward(self.frozen_weights, x, self.frozen_rng)[0]
 
     def serve_and_learn(self, x: np.ndarray, y: np.ndarray, truth: np.ndarray | None = None
@@ -362,16 +367,20 @@ class EngineRun:
         replay = self.replay_head
         if self.guard or replay:
             self.keep_for_replay(x, y)
-        evidence = self.head_replay.evidence(self.spec, self.params, *self.kept_inputs(),
-                                             self.holdout if self.guard else None) if replay else None
+        if replay:
+            kept_x, kept_y, kept_ids = self.kept_inputs()
+            evidence = self.head_replay.evidence(self.leader, self.params, kept_x, kept_y,
+                                                 self.holdout if self.guard else None, kept_ids)
+        else:
+            evidence = None
         result = propose_update(self.spec, self.params, records, sources, self.rc, self.uc, last, evidence)
         if self.guard:
             if self.before is None:
-                self.before = holdout_figures(self.eval_engine, self.params, self.holdout)
-            verdict = judge_candidate(self.eval_engine, result.params, self.holdout, self.before,
+                self.before = holdout_figures(self.leader, self.params, self.holdout)
+            traffic = self.traffic_check()
+            verdict = judge_candidate(self.leader, result.params, self.holdout, self.before,
                                       self.parent_validation, self.settings.guard_tolerance,
-                                      self.settings.guard_reference, self.settings.guard_class_tolerance,
-                                      self.traffic_check())
+                                      self.settings.guard_reference, self.settings.guard_class_tolerance, traffic)
             if not verdict.accepted:
                 self.refused += 1
                 self.refused_traffic += verdict.validation.get("traffic", {}).get("accepted") is False
@@ -555,6 +564,7 @@ def add_learning_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--guard-traffic", action=argparse.BooleanOptionalAction, default=None,
                     help="also judge candidates on recent labelled traffic against the base (worker default: on)")
     ap.add_argument("--guard-traffic-tolerance", type=float)
+    ap.add_argument("--guard-traffic-gain-z", type=float)
     ap.add_argument("--guard-traffic-min", type=int)
     ap.add_argument("--guard-traffic-share", type=float)
     ap.add_argument("--guard-drift-z", type=float)

@@ -7,6 +7,7 @@ seed. A user's own model plugs in as `package.module:factory`, a callable return
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import re
 from collections.abc import Callable
@@ -115,3 +116,13 @@ def get_model(name: str, config: dict[str, Any] | None = None) -> ModelSpec:
 def spec_from_architecture(arch: dict[str, Any]) -> ModelSpec:
     """Rebuild a spec from a manifest's architecture block."""
     return get_model(arch["name"], arch.get("config") or {})
+
+
+def params_digest(params: dict[str, np.ndarray], keys: list[str] | None = None) -> str:
+    """A sha256 over the named tensors (all by default), keys sorted: names weights by value, so figures measured
+    under them can be cached across versions that share them (a re-seeded version keeps its parent's weights)."""
+    h = hashlib.sha256()
+    for k in sorted(params if keys is None else keys):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(params[k]).tobytes())
+    return h.hexdigest()

@@ -37,6 +37,10 @@ class Holdout:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def example_ids(self) -> list[str]:
+        """A name for each example (the set's sha256 and its row), for caches of figures measured on it."""
+        return [f"holdout:{self.sha256}:{i}" for i in range(len(self))]
+
 
 def encode_holdout(inputs: np.ndarray, labels: np.ndarray) -> bytes:
     """The safetensors bytes of a holdout set (what the store keeps and what an operator may ship)."""

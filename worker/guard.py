@@ -20,14 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from common.loading import LoadedVersion, load_version
-from marketplace.engine import Engine, leader_logits
+from marketplace.engine import Engine
+from marketplace.leader import LeaderAnswers
 from marketplace.models import ModelSpec
 from marketplace.reconcile import cross_entropy
 from model_store import Holdout, ModelStore, ModelStoreError, VersionNotFound, read_holdout_file
@@ -53,9 +54,14 @@ class Verdict:
                     f"{ref:.4f} ({v['reference']}{drifted})")
         traffic = v.get("traffic")
         if traffic and traffic.get("accepted") is False:
-            return (f"accuracy {traffic['accuracy']:.4f} on {traffic['size']} recent labelled inputs is more than "
-                    f"{traffic['tolerance']:.4f} below the anchor's {traffic['anchor_accuracy']:.4f} on the same "
-                    f"inputs (version {traffic['anchor_version']}, the model kept frozen)")
+            if traffic["accuracy"] < traffic["anchor_accuracy"] - traffic["tolerance"] - _SLACK:
+                return (f"accuracy {traffic['accuracy']:.4f} on {traffic['size']} recent labelled inputs is more "
+                        f"than {traffic['tolerance']:.4f} below the anchor's {traffic['anchor_accuracy']:.4f} on the "
+                        f"same inputs (version {traffic['anchor_version']}, the model kept frozen)")
+            z = "not finite" if traffic.get("gain_z") is None else f"{traffic['gain_z']:.2f}"
+            return (f"no gain on {traffic['size']} recent labelled inputs it did not learn from: its loss does not "
+                    f"fall below the serving version's by {traffic['gain_needed']:g} standard errors (z = {z}); "
+                    f"a step must pay for itself")
         c = v["worst_class"]
         return (f"class {c}'s holdout accuracy {v['class_accuracy'][c]:.4f} is more than "
                 f"{v['class_tolerance']:.4f} below its reference {v['reference_class_accuracy'][c]:.4f} "
@@ -80,6 +86,9 @@ class TrafficCheck:
     tolerance: float
     drift_z: float = 0.0  # > 0: a class whose traffic the anchor answers this many standard errors worse than its
     # holdout examples has drifted away from them, and the holdout no longer judges it (`drifted_classes`)
+    parent_loss: np.ndarray | None = None  # the serving version's loss on each input: what a step must beat
+    gain_z: float = 0.0  # > 0: the candidate's loss must fall below parent_loss by this many standard errors
+    ids: tuple[str, ...] | None = None  # each input's name (its record id), for `LeaderAnswers`' cache
 
 
 #: a class needs this many recent labelled inputs before its drift is judged
@@ -145,19 +154,57 @@ def _drifted_together(classes: list[tuple[int, float, int, int, int]]) -> float:
     return (expected - right) / np.sqrt(max(var, 1e-12))
 
 
-def correct_answers(engine: Engine, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray
-                    ) -> np.ndarray:
+def answers(leader: LeaderAnswers, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
+            ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Whether the unperturbed weights answer each input right, and each input's cross-entropy (a non-finite
+    logit row counts as wrong, at an infinite loss); ``ids`` name the inputs, for `LeaderAnswers`' cache."""
+    logits = leader.logits(params, inputs, ids)
+    finite = np.isfinite(logits).all(axis=1)
+    loss = np.full(len(labels), np.inf)
+    if finite.any():
+        loss[finite] = cross_entropy(logits[finite], labels[finite])
+    return (logits.argmax(1) == labels) & finite, loss
+
+
+def correct_answers(leader: LeaderAnswers, params: dict[str, np.ndarray], inputs: np.ndarray, labels: np.ndarray,
+                    ids: Sequence[str] | None = None) -> np.ndarray:
     """Whether the unperturbed weights answer each input right (a non-finite logit row counts as wrong)."""
-    logits = leader_logits(engine, params, inputs)
-    return (logits.argmax(1) == labels) & np.isfinite(logits).all(axis=1)
+    return answers(leader, params, inputs, labels, ids)[0]
 
 
-def traffic_figures(correct: np.ndarray, check: TrafficCheck) -> dict[str, Any]:
-    """The manifest's ``validation.traffic`` block: the candidate against the anchor on the same recent inputs."""
+def gain_z(loss: np.ndarray, parent_loss: np.ndarray) -> float:
+    """How many standard errors the candidate's mean loss lies below the parent's on the same inputs (paired).
+
+    Each input's own difficulty cancels in the difference, so a few hundred inputs can tell a step that helps
+    from one that only moves: on traffic the model already serves well most steps are noise, and accepting every
+    one that stays within a tolerance lets them add up to a random walk down to its edge. -inf: a non-finite loss.
+    """
+    d = parent_loss - loss
+    if not np.isfinite(d).all() or not len(d):
+        return -np.inf
+    mean, sd = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    if sd == 0.0:
+        return np.inf if mean > 0 else 0.0 if mean == 0 else -np.inf
+    return mean / (sd / np.sqrt(len(d)))
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None  # manifests are strict JSON
+
+
+def traffic_figures(correct: np.ndarray, check: TrafficCheck, loss: np.ndarray | None = None) -> dict[str, Any]:
+    """The manifest's ``validation.traffic`` block: the candidate against the anchor on the same recent inputs,
+    and, with ``check.gain_z``, its loss against the serving version's there (it must pay for itself)."""
     accuracy, anchor = float(np.mean(correct)), float(np.mean(check.anchor_correct))
-    return {"size": len(correct), "accuracy": accuracy, "anchor_accuracy": anchor,
-            "anchor_version": check.anchor_version, "tolerance": check.tolerance,
-            "accepted": accuracy >= anchor - check.tolerance - _SLACK}
+    figures: dict[str, Any] = {"size": len(correct), "accuracy": accuracy, "anchor_accuracy": anchor,
+                               "anchor_version": check.anchor_version, "tolerance": check.tolerance}
+    accepted = accuracy >= anchor - check.tolerance - _SLACK
+    if check.gain_z > 0 and check.parent_loss is not None and loss is not None:
+        z = gain_z(loss, check.parent_loss)
+        figures.update(loss=_finite_or_none(np.mean(loss)), parent_loss=_finite_or_none(np.mean(check.parent_loss)),
+                       gain_z=_finite_or_none(z), gain_needed=check.gain_z)
+        accepted = bool(accepted and z >= check.gain_z)  # a numpy bool is not JSON
+    return {**figures, "accepted": accepted}
 
 
 def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
@@ -165,13 +212,13 @@ def class_accuracy(correct: np.ndarray, labels: np.ndarray, num_classes: int) ->
     return [float(np.mean(correct[labels == c])) if (labels == c).any() else None for c in range(num_classes)]
 
 
-def holdout_figures(engine: Engine, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, Any]:
+def holdout_figures(leader: LeaderAnswers, params: dict[str, np.ndarray], holdout: Holdout) -> dict[str, Any]:
     """Accuracy (overall and per class) and mean cross-entropy of the unperturbed weights on the holdout.
 
     An example with a non-finite logit counts as wrong (argmax of NaN would pick class 0), and the loss
     is then None: the figures go into manifests and the history, which are strict JSON.
     """
-    logits = leader_logits(engine, params, holdout.inputs)
+    logits = leader.logits(params, holdout.inputs, holdout.example_ids())
     finite = np.isfinite(logits).all(axis=1)
     correct = (logits.argmax(1) == holdout.labels) & finite  # as correct_answers, with the logits kept for the loss
     loss = float(np.mean(cross_entropy(logits, holdout.labels))) if finite.all() else None
@@ -252,7 +299,7 @@ def _weighted(per_class: list[float | None], counts: list[int]) -> float | None:
     return sum(a * n for a, n in pairs) / total if total else None
 
 
-def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, Any],
+def judge_candidate(leader: LeaderAnswers, candidate: dict[str, np.ndarray], holdout: Holdout, before: dict[str, Any],
                     parent_validation: dict[str, Any] | None, tolerance: float,
                     reference: Literal["anchor", "parent"], class_tolerance: float = 1.0,
                     traffic: TrafficCheck | None = None) -> Verdict:
@@ -262,11 +309,12 @@ def judge_candidate(engine: Engine, candidate: dict[str, np.ndarray], holdout: H
     the experiments measure what the server does. ``before`` is the parent's holdout figures.
     """
     drifted = None if traffic is None else lambda anchor, counts: drifted_classes(traffic, anchor, counts)
-    held = verdict(holdout_figures(engine, candidate, holdout), before, parent_validation, holdout, tolerance,
+    held = verdict(holdout_figures(leader, candidate, holdout), before, parent_validation, holdout, tolerance,
                    reference, class_tolerance, drifted)
     if traffic is None:
         return held
-    figures = traffic_figures(correct_answers(engine, candidate, traffic.inputs, traffic.labels), traffic)
+    correct, loss = answers(leader, candidate, traffic.inputs, traffic.labels, traffic.ids)
+    figures = traffic_figures(correct, traffic, loss)
     accepted = held.accepted and figures["accepted"]
     return Verdict(accepted, {**held.validation, "traffic": figures, "accepted": accepted})
 
@@ -315,7 +363,7 @@ class ValidationGuard:
 
     def __init__(self, settings: WorkerSettings, store: ModelStore, model: str) -> None:
         self.settings, self.store, self.model = settings, store, model
-        self._engines: dict[str, Engine] = {}
+        self._leaders: dict[str, LeaderAnswers] = {}
         self._holdout_key: tuple[Any, ...] | None = None
         self._holdout: Holdout | None = None
         self._parents: dict[tuple[int, str], dict[str, Any]] = {}
@@ -365,9 +413,9 @@ class ValidationGuard:
                       "not validating", self.model, holdout.inputs.shape[1:], int(holdout.labels.min()),
                       int(holdout.labels.max()), bool(np.isfinite(holdout.inputs).all()))
             return None
-        engine = self._engine(spec)
-        traffic = self._traffic_check(parent, recent or [], engine) if self.settings.guard_traffic else None
-        judged = judge_candidate(engine, candidate, holdout, self._parent_figures(parent, holdout, engine),
+        leader = self.leader(spec)
+        traffic = self._traffic_check(parent, recent or [], leader) if self.settings.guard_traffic else None
+        judged = judge_candidate(leader, candidate, holdout, self._parent_figures(parent, holdout, leader),
                                  parent.manifest.get("validation"), self.settings.guard_tolerance,
                                  self.settings.guard_reference, self.settings.guard_class_tolerance, traffic)
         if self.settings.guard_traffic and traffic is None:  # too little traffic yet: the anchor still carries on
@@ -375,7 +423,8 @@ class ValidationGuard:
             judged.validation["traffic"] = {"anchor_version": anchor}
         return judged
 
-    def _traffic_check(self, parent: LoadedVersion, recent: list[ReplayEntry], engine: Engine) -> TrafficCheck | None:
+    def _traffic_check(self, parent: LoadedVersion, recent: list[ReplayEntry], leader: LeaderAnswers
+                       ) -> TrafficCheck | None:
         """Recent labelled inputs that fit the model, with the anchor's answers (cached per entry); None: too few."""
         fit, inputs, labels = replay_arrays(recent, parent.spec)
         if len(fit) < self.settings.guard_traffic_min:
@@ -383,14 +432,17 @@ class ValidationGuard:
         version, anchor = self._anchor_params(parent)
         missing = [i for i, e in enumerate(fit) if (version, e.entry_id) not in self._anchor_correct]
         if missing:
-            right = correct_answers(engine, anchor, inputs[missing], labels[missing])
+            names = [fit[i].entry_id for i in missing]
+            right = correct_answers(leader, anchor, inputs[missing], labels[missing], names)
             self._anchor_correct.update({(version, fit[i].entry_id): bool(r) for i, r in zip(missing, right,
                                                                                            strict=True)})
         keep = {(version, e.entry_id) for e in fit}  # what the stream still holds: the cache stays that size
         self._anchor_correct = {k: v for k, v in self._anchor_correct.items() if k in keep}
         anchor_correct = np.array([self._anchor_correct[(version, e.entry_id)] for e in fit])
+        ids, gain = tuple(e.entry_id for e in fit), self.settings.guard_traffic_gain_z
+        parent_loss = answers(leader, parent.params, inputs, labels, ids)[1] if gain > 0 else None
         return TrafficCheck(inputs, labels, anchor_correct, version, self.settings.guard_traffic_tolerance,
-                            self.settings.guard_drift_z)
+                            self.settings.guard_drift_z, parent_loss, gain, ids)
 
     def _anchor_params(self, parent: LoadedVersion) -> tuple[int, dict[str, np.ndarray]]:
         """The traffic anchor's version and weights; the parent becomes the anchor when the carried one is gone."""
@@ -411,7 +463,7 @@ class ValidationGuard:
             self._anchor = (version, anchor.params)
         return self._anchor
 
-    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, engine: Engine) -> dict[str, Any]:
+    def _parent_figures(self, parent: LoadedVersion, holdout: Holdout, leader: LeaderAnswers) -> dict[str, Any]:
         recorded = parent.manifest.get("validation") or {}
         if recorded.get("holdout_sha256") == holdout.sha256 and "accuracy" in recorded \
                 and recorded.get("class_accuracy"):
@@ -419,11 +471,13 @@ class ValidationGuard:
                     "class_accuracy": recorded["class_accuracy"]}
         key = (parent.version, holdout.sha256)
         if key not in self._parents:
-            self._parents = {key: holdout_figures(engine, parent.params, holdout)}  # one parent at a time
+            self._parents = {key: holdout_figures(leader, parent.params, holdout)}  # one parent at a time
         return self._parents[key]
 
-    def _engine(self, spec: ModelSpec) -> Engine:
+    def leader(self, spec: ModelSpec) -> LeaderAnswers:
+        """The unperturbed answers of this architecture, with the features of inputs seen before cached (the
+        reconciler's replay head shares them)."""
         arch = json.dumps(spec.architecture, sort_keys=True)
-        if arch not in self._engines:
-            self._engines = {arch: Engine(spec, 1, buckets=[256])}
-        return self._engines[arch]
+        if arch not in self._leaders:
+            self._leaders = {arch: LeaderAnswers(Engine(spec, 1, buckets=[256]))}
+        return self._leaders[arch]

@@ -364,9 +364,10 @@ class Reconciler:
         except (OSError, ModelStoreError, ValueError) as exc:
             log.error("%s: the holdout set cannot be read (%s); the head steps undamped", self.model, exc)
             holdout = None
-        _, inputs, labels = replay_arrays(recent, parent.spec)
+        fit, inputs, labels = replay_arrays(recent, parent.spec)
         try:
-            return self.head_replay.evidence(parent.spec, parent.params, inputs, labels, holdout)
+            return self.head_replay.evidence(self.guard.leader(parent.spec), parent.params, inputs, labels, holdout,
+                                             [e.entry_id for e in fit])
         except Exception:  # a failing forward pass must not stop learning: the logits estimate steps instead
             log.exception("%s: the kept inputs' features could not be computed; the head steps on its logits",
                           self.model)

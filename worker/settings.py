@@ -105,6 +105,10 @@ class WorkerSettings(BaseSettings):
                                                   "keeps (its replay stream) against the anchor version, kept frozen")
     guard_traffic_tolerance: float = Field(0.0, ge=0, le=1, description="refuse a candidate whose accuracy on recent "
                                            "labelled inputs is more than this below the anchor's on the same inputs")
+    guard_traffic_gain_z: float = Field(2.0, ge=0, description="with the recent-traffic check: a candidate's loss on "
+                                        "the recent inputs it did not learn from must fall below the serving "
+                                        "version's by this many standard errors (paired), so steps that only move "
+                                        "the model are refused (0: staying within the tolerances is enough)")
     guard_drift_z: float = Field(3.0, ge=0, description="with the recent-traffic check: a class whose recent "
                                  "traffic the anchor answers this many standard errors worse than its holdout "
                                  "examples has drifted, and leaves the holdout checks (0: never)")
@@ -173,8 +177,8 @@ class WorkerSettings(BaseSettings):
                 "vendors",
                 "antithetic",
                 "momentum", "lr_schedule", "lr_min_ratio", "gap_scale", "guard_tolerance", "guard_class_tolerance",
-                "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_min",
-                "guard_traffic_share", "guard_drift_z", "guard_traffic_max_age_s", "reseed_on_refusal",
-                "min_cohort", "max_cohort_age", "min_records", "interval_s",
+                "guard_reference", "guard_traffic", "guard_traffic_tolerance", "guard_traffic_gain_z",
+                "guard_traffic_min", "guard_traffic_share", "guard_drift_z", "guard_traffic_max_age_s",
+                "reseed_on_refusal", "min_cohort", "max_cohort_age", "min_records", "interval_s",
                 "max_records_per_reconcile", "label_window_s", "consumer", "disabled_clients")
         return {k: getattr(self, k) for k in keys}

@@ -535,6 +535,33 @@ def test_guard_refuses_a_candidate_that_serves_recent_traffic_worse_than_the_fro
     off.close()
 
 
+def test_guard_refuses_a_step_that_does_not_pay_for_itself_on_recent_traffic(
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+    """A step too small to change any answer holds every tolerance, and is refused for gaining nothing on the kept
+    inputs it did not learn from; the refusal records the paired figures. Without a gain asked for it publishes."""
+    configured = tmp_path / "holdout.npz"
+    np.savez(configured, inputs=holdout_images(50, 8), labels=np.zeros(50, np.int64))
+    keep_replay(redis_client, store, 300, 300, seed=12)
+    still = dict(holdout_path=configured, head_gradient="replay", head_replay_learning_rate=1e-12, guard_tolerance=1.0,
+                 guard_class_tolerance=1.0, guard_traffic_tolerance=1.0, reseed_on_refusal=False)
+    rec = Reconciler(make_settings(redis_server, store, **still), store, redis_client, MODEL)
+    feed_served(redis_client, 40, 0, seed=42)
+    out = rec.run_once()
+    assert not out.published and "no gain on" in (out.reason or "") and "pay for itself" in (out.reason or "")
+    traffic = RecordLog(redis_client, MODEL).history()[-1]["validation"]["traffic"]
+    assert (traffic["gain_z"], traffic["gain_needed"], traffic["accepted"]) == (0.0, 2.0, False)
+    assert traffic["loss"] == traffic["parent_loss"] and traffic["accuracy"] == traffic["anchor_accuracy"] == 1.0
+    assert 100 < traffic["size"] < 200  # the kept inputs' judged side
+    rec.close()
+    free = Reconciler(make_settings(redis_server, store, guard_traffic_gain_z=0.0, **still), store, redis_client,
+                      MODEL)
+    feed_served(redis_client, 40, 0, seed=43)
+    out = free.run_once()
+    assert (out.published, out.version) == (True, 1), out.reason
+    assert "gain_z" not in store.read_manifest(MODEL, 1)["validation"]["traffic"]
+    free.close()
+
+
 def test_the_traffic_anchor_stays_the_first_version_judged(
         redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
     """Accepted versions carry version 0 as the anchor; the next candidate is judged against v0's answers,
@@ -543,8 +570,9 @@ def test_the_traffic_anchor_stays_the_first_version_judged(
     np.savez(configured, inputs=holdout_images(50, 8), labels=np.zeros(50, np.int64))
     x, y = keep_replay(redis_client, store, 150, 150, seed=10)
     settings = make_settings(redis_server, store, holdout_path=configured, guard_tolerance=1.0,
-                             guard_class_tolerance=1.0, guard_traffic_tolerance=1.0, learning_rate=50.0, step="unit",
-                             keep_versions=1)  # large steps, so each version answers differently; retention on
+                             guard_class_tolerance=1.0, guard_traffic_tolerance=1.0, guard_traffic_gain_z=0.0,
+                             learning_rate=50.0, step="unit", keep_versions=1)
+    # large steps that every check lets through, so each version answers differently; retention on
     rec = Reconciler(settings, store, redis_client, MODEL)
     for version in (0, 1):
         feed_served(redis_client, 40, version, seed=50 + version)

@@ -8,13 +8,16 @@ import pytest
 
 from marketplace.data import load_fashion_mnist
 from marketplace.engine import Engine
+from marketplace.leader import LeaderAnswers
 from marketplace.models import mlp
 from model_store.holdout import decode_holdout, encode_holdout
 from redis_io.protocol import ReplayEntry
 from tests.helpers import fitted_mlp, numpy_mlp
 from worker.guard import (
     TrafficCheck,
+    answers,
     drifted_classes,
+    gain_z,
     judge_candidate,
     judged_only,
     split_replay,
@@ -68,7 +71,7 @@ def test_judge_candidate_evaluates_the_unperturbed_candidate_on_the_holdout() ->
              for k, v in parent.items()}
     before, after = independent_figures(spec, parent, holdout), independent_figures(spec, worse, holdout)
     assert before["accuracy"] > 0.6 and 0.3 < after["accuracy"] < before["accuracy"] - 0.1  # both far from trivial
-    engine = Engine(spec, 1, buckets=[64])  # 500 examples: eight chunks, the last one partial
+    engine = LeaderAnswers(Engine(spec, 1, buckets=[64]))  # 500 examples: eight chunks, the last one partial
 
     same = judge_candidate(engine, parent, holdout, before, None, 0.0, "anchor")
     assert same.accepted and same.validation["size"] == 500
@@ -96,7 +99,7 @@ def test_recent_traffic_refuses_what_the_holdout_lets_through_and_judges_against
     worse_right = numpy_mlp(spec, worse, x).argmax(1) == y
     assert worse_right.mean() < anchor_right.mean() - 0.05
     holdout = decode_holdout(encode_holdout(x[:50], y[:50]))
-    engine = Engine(spec, 1, buckets=[64])
+    engine = LeaderAnswers(Engine(spec, 1, buckets=[64]))
     before = independent_figures(spec, parent, holdout)
     check = TrafficCheck(x, y, anchor_right, 0, tolerance=0.0)
 
@@ -111,6 +114,58 @@ def test_recent_traffic_refuses_what_the_holdout_lets_through_and_judges_against
     gap = float(anchor_right.mean() - worse_right.mean())
     loose = TrafficCheck(x, y, anchor_right, 0, tolerance=gap + 0.01)
     assert judge_candidate(engine, worse, holdout, before, None, 1.0, "anchor", 1.0, loose).accepted
+
+
+def mlp_loss(spec, params, x, y) -> np.ndarray:
+    """Per-input cross-entropy by the NumPy twin (float64), not the engine."""
+    logits = numpy_mlp(spec, params, x)
+    z = logits - logits.max(1, keepdims=True)
+    return np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]
+
+
+def test_a_step_must_lower_the_loss_on_recent_inputs_beyond_its_noise() -> None:
+    """With gain_z, a candidate no better than the serving version on the recent inputs (itself, or a step back)
+    is refused, though the accuracy tolerance lets anything through; a real gain is accepted."""
+    data = load_fashion_mnist()
+    spec = mlp(hidden=(32,))
+    good = fitted_mlp(spec, data["train"].x[:3000], data["train"].y[:3000])
+    rough = fitted_mlp(spec, data["train"].x[:300], data["train"].y[:300])  # the serving version: less trained
+    x, y = data["test"].x[:300].astype(np.float32), data["test"].y[:300]
+    holdout = decode_holdout(encode_holdout(x[:50], y[:50]))
+    leader = LeaderAnswers(Engine(spec, 1, buckets=[64]))
+    before = independent_figures(spec, rough, holdout)
+    rough_right = numpy_mlp(spec, rough, x).argmax(1) == y
+
+    ids = tuple(f"r{i}" for i in range(len(y)))
+
+    def check(parent: dict) -> TrafficCheck:  # as the worker builds it: the serving version's loss by the same engine
+        return TrafficCheck(x, y, rough_right, 0, tolerance=1.0, parent_loss=answers(leader, parent, x, y, ids)[1],
+                            gain_z=2.0, ids=ids)
+
+    gained = judge_candidate(leader, good, holdout, before, None, 1.0, "anchor", 1.0, check(rough))
+    traffic = gained.validation["traffic"]
+    assert gained.accepted and traffic["gain_z"] > 2.0 and traffic["gain_needed"] == 2.0
+    assert traffic["loss"] == pytest.approx(mlp_loss(spec, good, x, y).mean(), rel=1e-4)
+    assert traffic["parent_loss"] == pytest.approx(mlp_loss(spec, rough, x, y).mean(), rel=1e-4)
+    still = judge_candidate(leader, rough, holdout, before, None, 1.0, "anchor", 1.0, check(rough))
+    assert not still.accepted and still.validation["traffic"]["gain_z"] == 0.0
+    assert "no gain on 300 recent labelled inputs" in still.reason and "pay for itself" in still.reason
+    back = judge_candidate(leader, rough, holdout, before, None, 1.0, "anchor", 1.0, check(good))  # a step back
+    assert not back.accepted and back.validation["traffic"]["gain_z"] < -2.0
+    # without a gain asked for, staying within the tolerance is enough
+    plain = TrafficCheck(x, y, rough_right, 0, tolerance=1.0)
+    assert judge_candidate(leader, rough, holdout, before, None, 1.0, "anchor", 1.0, plain).accepted
+
+
+def test_gain_z_is_the_paired_t_of_the_loss_drop() -> None:
+    rng = np.random.default_rng(0)
+    parent = rng.uniform(0.1, 3.0, 400)
+    drop = rng.normal(0.05, 0.2, 400)
+    assert gain_z(parent - drop, parent) == pytest.approx(drop.mean() / (drop.std(ddof=1) / 20))
+    assert gain_z(parent, parent) == 0.0  # the same answers: nothing gained
+    assert gain_z(parent - 0.1, parent) > 1e6 and gain_z(parent + 0.1, parent) < -1e6  # every input alike
+    assert gain_z(np.full(3, 1.0), np.full(3, 2.0)) == np.inf
+    assert gain_z(np.where(np.arange(400) == 3, np.inf, parent - 1), parent) == -np.inf  # a non-finite answer
 
 
 def test_a_class_refusal_with_too_little_traffic_to_judge_names_the_class() -> None:
@@ -168,8 +223,9 @@ def test_judge_candidate_reports_the_class_accuracy_of_an_independent_forward() 
     params = fitted_mlp(spec, data["train"].x[:3000], data["train"].y[:3000])
     right = numpy_mlp(spec, params, holdout.inputs).argmax(1) == y
     expected = [None if c == 4 else float(np.mean(right[y == c])) for c in range(10)]
-    got = judge_candidate(Engine(spec, 1, buckets=[64]), params, holdout, {"accuracy": 0.0, "loss": 1.0}, None,
-                          1.0, "parent", class_tolerance=0.0).validation["class_accuracy"]
+    leader = LeaderAnswers(Engine(spec, 1, buckets=[64]))
+    got = judge_candidate(leader, params, holdout, {"accuracy": 0.0, "loss": 1.0}, None, 1.0, "parent",
+                          class_tolerance=0.0).validation["class_accuracy"]
     assert got[4] is None and got == pytest.approx(expected)
     assert len({round(a, 3) for a in got if a is not None}) > 3  # the classes differ: not one figure repeated
 

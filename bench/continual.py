@@ -269,6 +269,7 @@ class EngineRun:
     version: int = 0
     refused: int = 0
     refused_traffic: int = 0  # of which the recent-traffic check refused (the holdout may have refused them too)
+    refused_gain: int = 0  # of those, for gaining nothing on the judged recent inputs (guard_traffic_gain_z)
     grandparent: dict[str, np.ndarray] | None = None
     parent_validation: dict[str, Any] | None = None
     before: dict[str, float] | None = None
@@ -384,6 +385,7 @@ class EngineRun:
             if not verdict.accepted:
                 self.refused += 1
                 self.refused_traffic += verdict.validation.get("traffic", {}).get("accepted") is False
+                self.refused_gain += verdict.no_gain
                 if self.settings.reseed_on_refusal:  # as the worker does: the same weights under fresh seeds
                     self.version += 1
                     self.seeds = self.fresh_seeds()
@@ -447,7 +449,8 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
             if frozen and (drift is not None or frozen_val is None):  # the base does not change; its data may
                 frozen_val = validation(run.eval_engine, run.base_params, streams, old_x)[0]
             point = curve.row(step, old_val, new_val, frozen_val)
-            point["refused"], point["refused_traffic"] = run.refused, run.refused_traffic
+            point["refused"], point["refused_traffic"], point["refused_gain"] = \
+                run.refused, run.refused_traffic, run.refused_gain
             if extra_eval:
                 point.update(extra_eval(run))
             bar.set_postfix(old=f"{old_val:.3f}", new="-" if new_val is None else f"{new_val:.3f}",
@@ -455,7 +458,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
             if on_row:
                 on_row(point)
     return {"curve": curve.rows, "seconds": time.perf_counter() - start, "refused": run.refused,
-            "refused_traffic": run.refused_traffic,
+            "refused_traffic": run.refused_traffic, "refused_gain": run.refused_gain,
             "versions": run.version, "settings": {**{k: getattr(settings, k) for k in LEARNING_KEYS},
                                                   "vendors": run.vendors,
                                                   "exploration": run.exploration},

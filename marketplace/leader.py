@@ -26,7 +26,7 @@ class LeaderAnswers:
     built (and compiled) on first use. ``max_rows``: how many inputs' features are kept (the oldest go first).
     """
 
-    def __init__(self, engine: Engine, max_rows: int = 16384) -> None:
+    def __init__(self, engine: Engine, max_rows: int = 8192) -> None:
         if engine.V != 1:
             raise ValueError("LeaderAnswers needs a leader-only engine (V=1)")
         self.engine, self.spec, self.max_rows = engine, engine.spec, max_rows
@@ -62,14 +62,20 @@ class LeaderAnswers:
         missing = [i for i, k in enumerate(ids) if k not in self._rows]
         if missing:
             got = leader_logits(self._features(), body, np.asarray(x[missing], np.float32))
-            self._rows.update({ids[i]: row for i, row in zip(missing, got, strict=True)})
-        out = np.stack([self._rows[k] for k in ids]) if len(ids) else \
-            np.zeros((0, self._features().spec.num_classes), np.float32)
-        if len(self._rows) > self.max_rows:  # the oldest rows go, these stay
-            wanted = set(ids)
-            for k in [k for k in self._rows if k not in wanted][:len(self._rows) - self.max_rows]:
-                del self._rows[k]
+            self._rows.update({ids[i]: row.copy() for i, row in zip(missing, got, strict=True)})
+        for k in ids:  # least recently used first: the holdout, judged every time, stays
+            self._rows[k] = self._rows.pop(k)
+        out = np.stack([self._rows[k] for k in ids]) if len(ids) else np.zeros((0, self.features_size), np.float32)
+        for k in list(self._rows)[:max(len(self._rows) - self.max_rows, 0)]:
+            del self._rows[k]
         return out
+
+    @property
+    def features_size(self) -> int:
+        """H, the number of features the head weighs."""
+        if self.head is None:
+            raise ValueError("the model's last group is not one linear layer after others: it has no features")
+        return int(self.spec.param_shapes()[self.head[0]][1])
 
     def _features(self) -> Engine:
         if self._feature_engine is None:

@@ -44,6 +44,13 @@ class Verdict:
     validation: dict[str, Any]  # the manifest's "validation" block (or the refusal's figures)
 
     @property
+    def no_gain(self) -> bool:
+        """Refused by the recent-traffic check for gaining nothing there, though within its accuracy tolerance."""
+        t = self.validation.get("traffic") or {}
+        return t.get("accepted") is False and "gain_needed" in t \
+            and t["accuracy"] >= t["anchor_accuracy"] - t["tolerance"] - _SLACK
+
+    @property
     def reason(self) -> str:
         v = self.validation
         own, ref = v.get("judged_accuracy", v["accuracy"]), v.get("judged_reference_accuracy", v["reference_accuracy"])
@@ -54,12 +61,12 @@ class Verdict:
                     f"{ref:.4f} ({v['reference']}{drifted})")
         traffic = v.get("traffic")
         if traffic and traffic.get("accepted") is False:
-            if traffic["accuracy"] < traffic["anchor_accuracy"] - traffic["tolerance"] - _SLACK:
+            if not self.no_gain:
                 return (f"accuracy {traffic['accuracy']:.4f} on {traffic['size']} recent labelled inputs is more "
                         f"than {traffic['tolerance']:.4f} below the anchor's {traffic['anchor_accuracy']:.4f} on the "
                         f"same inputs (version {traffic['anchor_version']}, the model kept frozen)")
             z = "not finite" if traffic.get("gain_z") is None else f"{traffic['gain_z']:.2f}"
-            return (f"no gain on {traffic['size']} recent labelled inputs it did not learn from: its loss does not "
+            return (f"no gain on {traffic['size']} recent labelled inputs: its loss there does not "
                     f"fall below the serving version's by {traffic['gain_needed']:g} standard errors (z = {z}); "
                     f"a step must pay for itself")
         c = v["worst_class"]
@@ -88,7 +95,11 @@ class TrafficCheck:
     # holdout examples has drifted away from them, and the holdout no longer judges it (`drifted_classes`)
     parent_loss: np.ndarray | None = None  # the serving version's loss on each input: what a step must beat
     gain_z: float = 0.0  # > 0: the candidate's loss must fall below parent_loss by this many standard errors
-    ids: tuple[str, ...] | None = None  # each input's name (its record id), for `LeaderAnswers`' cache
+    ids: tuple[str, ...] | None = None  # each input's name (`input_name`), for `LeaderAnswers`' cache
+
+    def __post_init__(self) -> None:
+        if self.gain_z > 0 and self.parent_loss is None:
+            raise ValueError("a gain asked for (gain_z > 0) needs the serving version's loss on each input")
 
 
 #: a class needs this many recent labelled inputs before its drift is judged
@@ -179,13 +190,20 @@ def gain_z(loss: np.ndarray, parent_loss: np.ndarray) -> float:
     from one that only moves: on traffic the model already serves well most steps are noise, and accepting every
     one that stays within a tolerance lets them add up to a random walk down to its edge. -inf: a non-finite loss.
     """
-    d = parent_loss - loss
-    if not np.isfinite(d).all() or not len(d):
+    judged = np.isfinite(parent_loss)  # an input the serving version already overflows on tells nothing
+    if not np.isfinite(loss[judged]).all():  # the candidate overflows where the serving version did not
+        return -np.inf
+    d = parent_loss[judged] - loss[judged]
+    if len(d) < GAIN_MIN_INPUTS:
         return -np.inf
     mean, sd = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
     if sd == 0.0:
         return np.inf if mean > 0 else 0.0 if mean == 0 else -np.inf
     return mean / (sd / np.sqrt(len(d)))
+
+
+#: the gain test needs at least this many judged inputs (fewer: no step can show a gain)
+GAIN_MIN_INPUTS = 30
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -328,6 +346,12 @@ def traffic_anchor(parent_version: int, parent_validation: dict[str, Any] | None
     return int(carried.get("anchor_version", parent_version))
 
 
+def input_name(entry: ReplayEntry) -> str:
+    """A kept input's name for caches of figures measured on it: its stream entry id and its record id (an entry id
+    alone could come back for another input if Redis lost the stream and it was written again)."""
+    return f"{entry.entry_id}/{entry.record_id}"
+
+
 def replay_arrays(recent: list[ReplayEntry], spec: ModelSpec) -> tuple[list[ReplayEntry], np.ndarray, np.ndarray]:
     """The replay entries that fit the model (input size, label range, finite), with their inputs and labels."""
     size = int(np.prod(spec.input_shape))
@@ -430,16 +454,16 @@ class ValidationGuard:
         if len(fit) < self.settings.guard_traffic_min:
             return None
         version, anchor = self._anchor_params(parent)
-        missing = [i for i, e in enumerate(fit) if (version, e.entry_id) not in self._anchor_correct]
+        names = [input_name(e) for e in fit]
+        missing = [i for i, k in enumerate(names) if (version, k) not in self._anchor_correct]
         if missing:
-            names = [fit[i].entry_id for i in missing]
-            right = correct_answers(leader, anchor, inputs[missing], labels[missing], names)
-            self._anchor_correct.update({(version, fit[i].entry_id): bool(r) for i, r in zip(missing, right,
+            right = correct_answers(leader, anchor, inputs[missing], labels[missing], [names[i] for i in missing])
+            self._anchor_correct.update({(version, names[i]): bool(r) for i, r in zip(missing, right,
                                                                                            strict=True)})
-        keep = {(version, e.entry_id) for e in fit}  # what the stream still holds: the cache stays that size
+        keep = {(version, k) for k in names}  # what the stream still holds: the cache stays that size
         self._anchor_correct = {k: v for k, v in self._anchor_correct.items() if k in keep}
-        anchor_correct = np.array([self._anchor_correct[(version, e.entry_id)] for e in fit])
-        ids, gain = tuple(e.entry_id for e in fit), self.settings.guard_traffic_gain_z
+        anchor_correct = np.array([self._anchor_correct[(version, k)] for k in names])
+        ids, gain = tuple(names), self.settings.guard_traffic_gain_z
         parent_loss = answers(leader, parent.params, inputs, labels, ids)[1] if gain > 0 else None
         return TrafficCheck(inputs, labels, anchor_correct, version, self.settings.guard_traffic_tolerance,
                             self.settings.guard_drift_z, parent_loss, gain, ids)

@@ -42,7 +42,7 @@ from redis_io.connect import CONNECTION_ERRORS, RedisError, SyncClient
 from redis_io.fenced import fenced_ack
 from redis_io.protocol import EntryNotPendingError, FeedbackEntry, ReplayEntry, StaleLeaderError, VersionMovedError
 from redis_io.recordlog import RecordLog
-from worker.guard import ValidationGuard, Verdict, replay_arrays, split_replay, traffic_anchor
+from worker.guard import ValidationGuard, Verdict, input_name, replay_arrays, split_replay, traffic_anchor
 from worker.head_replay import HeadReplaySource
 from worker.lease import Lease
 from worker.plan import Batch, entry_order, plan_batch
@@ -367,7 +367,7 @@ class Reconciler:
         fit, inputs, labels = replay_arrays(recent, parent.spec)
         try:
             return self.head_replay.evidence(self.guard.leader(parent.spec), parent.params, inputs, labels, holdout,
-                                             [e.entry_id for e in fit])
+                                             [input_name(e) for e in fit])
         except Exception:  # a failing forward pass must not stop learning: the logits estimate steps instead
             log.exception("%s: the kept inputs' features could not be computed; the head steps on its logits",
                           self.model)

@@ -106,9 +106,9 @@ class WorkerSettings(BaseSettings):
     guard_traffic_tolerance: float = Field(0.0, ge=0, le=1, description="refuse a candidate whose accuracy on recent "
                                            "labelled inputs is more than this below the anchor's on the same inputs")
     guard_traffic_gain_z: float = Field(2.0, ge=0, description="with the recent-traffic check: a candidate's loss on "
-                                        "the recent inputs it did not learn from must fall below the serving "
-                                        "version's by this many standard errors (paired), so steps that only move "
-                                        "the model are refused (0: staying within the tolerances is enough)")
+                                        "the recent inputs it is judged on must fall below the serving version's "
+                                        "by this many standard errors (paired), so steps that only move the model "
+                                        "are refused (0: staying within the tolerances is enough)")
     guard_drift_z: float = Field(3.0, ge=0, description="with the recent-traffic check: a class whose recent "
                                  "traffic the anchor answers this many standard errors worse than its holdout "
                                  "examples has drifted, and leaves the holdout checks (0: never)")

@@ -164,8 +164,12 @@ def test_gain_z_is_the_paired_t_of_the_loss_drop() -> None:
     assert gain_z(parent - drop, parent) == pytest.approx(drop.mean() / (drop.std(ddof=1) / 20))
     assert gain_z(parent, parent) == 0.0  # the same answers: nothing gained
     assert gain_z(parent - 0.1, parent) > 1e6 and gain_z(parent + 0.1, parent) < -1e6  # every input alike
-    assert gain_z(np.full(3, 1.0), np.full(3, 2.0)) == np.inf
-    assert gain_z(np.where(np.arange(400) == 3, np.inf, parent - 1), parent) == -np.inf  # a non-finite answer
+    assert gain_z(np.full(40, 1.0), np.full(40, 2.0)) == np.inf
+    assert gain_z(np.full(29, 1.0), np.full(29, 2.0)) == -np.inf  # too few inputs to show anything
+    assert gain_z(np.where(np.arange(400) == 3, np.inf, parent - 1), parent) == -np.inf  # a new non-finite answer
+    overflowed = np.where(np.arange(400) == 3, np.inf, parent)  # the serving version already overflows on input 3:
+    assert gain_z(parent - drop, overflowed) == pytest.approx(gain_z(np.delete(parent - drop, 3),  # it tells nothing
+                                                                     np.delete(parent, 3)))
 
 
 def test_a_class_refusal_with_too_little_traffic_to_judge_names_the_class() -> None:

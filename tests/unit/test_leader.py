@@ -39,6 +39,9 @@ def test_the_cache_keeps_the_newest_rows_and_refuses_mismatched_names() -> None:
     leader.features(params, second, [f"b{i}" for i in range(16)])
     kept = leader._rows
     assert len(kept) == 20 and all(f"b{i}" in kept for i in range(16))  # the oldest went, the newest stayed
+    leader.features(params, first[:4], [f"a{i}" for i in range(12, 16)])  # used again: the least recent are b0..b3
+    leader.features(params, first[:4], [f"c{i}" for i in range(4)])
+    assert all(f"a{i}" in kept for i in range(12, 16)) and not any(f"b{i}" in kept for i in range(4))
     with pytest.raises(ValueError, match="2 ids for 16 inputs"):
         leader.features(params, first, ["a0", "a1"])
     assert leader.features(params, first[:0], []).shape == (0, 16)

@@ -494,8 +494,10 @@ class Reconciler:
             self.buffer.pop(i, None)
         self._last_publish = time.monotonic()
         reason = f"candidate refused by the validation guard: {verdict.reason}"
-        log.warning("%s: %s; %d entries used, the weights of version %d keep serving", self.model, reason,
-                    len(entry_ids), parent.version)
+        # a step that gains nothing is the guard at work on traffic the model already serves well, not a fault
+        log.log(logging.INFO if verdict.no_gain else logging.WARNING,
+                "%s: %s; %d entries used, the weights of version %d keep serving", self.model, reason,
+                len(entry_ids), parent.version)
         if self.settings.reseed_on_refusal:
             self._reseed(parent, verdict, stats, expected)
         seconds = time.monotonic() - t0

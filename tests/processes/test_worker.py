@@ -536,9 +536,11 @@ def test_guard_refuses_a_candidate_that_serves_recent_traffic_worse_than_the_fro
 
 
 def test_guard_refuses_a_step_that_does_not_pay_for_itself_on_recent_traffic(
-        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path) -> None:
+        redis_client: redis.Redis, redis_server: RedisProcess, store: ModelStore, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A step too small to change any answer holds every tolerance, and is refused for gaining nothing on the kept
-    inputs it did not learn from; the refusal records the paired figures. Without a gain asked for it publishes."""
+    inputs it did not learn from; the refusal records the paired figures and is logged as routine (INFO), not as a
+    fault. Without a gain asked for it publishes."""
     configured = tmp_path / "holdout.npz"
     np.savez(configured, inputs=holdout_images(50, 8), labels=np.zeros(50, np.int64))
     keep_replay(redis_client, store, 300, 300, seed=12)
@@ -546,8 +548,11 @@ def test_guard_refuses_a_step_that_does_not_pay_for_itself_on_recent_traffic(
                  guard_class_tolerance=1.0, guard_traffic_tolerance=1.0, reseed_on_refusal=False)
     rec = Reconciler(make_settings(redis_server, store, **still), store, redis_client, MODEL)
     feed_served(redis_client, 40, 0, seed=42)
-    out = rec.run_once()
+    with caplog.at_level(logging.INFO, logger="worker.reconciler"):
+        out = rec.run_once()
     assert not out.published and "no gain on" in (out.reason or "") and "pay for itself" in (out.reason or "")
+    refusals = [r for r in caplog.records if "refused by the validation guard" in r.getMessage()]
+    assert [r.levelno for r in refusals] == [logging.INFO]
     traffic = RecordLog(redis_client, MODEL).history()[-1]["validation"]["traffic"]
     assert (traffic["gain_z"], traffic["gain_needed"], traffic["accepted"]) == (0.0, 2.0, False)
     assert traffic["loss"] == traffic["parent_loss"] and traffic["accuracy"] == traffic["anchor_accuracy"] == 1.0

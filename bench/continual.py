@@ -58,7 +58,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("bench.continual")
 
 CURVE_KEYS = ("step", "old_val_acc", "new_val_acc", "old_online_acc", "new_online_acc", "old_loss", "new_loss",
-              "online_acc", "frozen_online_acc", "frozen_val_acc")
+              "online_acc", "frozen_online_acc", "frozen_loss", "frozen_val_acc")
 #: the learning options a run may set; each is a WorkerSettings field, so the bench builds the worker's configs
 LEARNING_KEYS = ("learning_rate", "probe_scale", "vendors", "attribution", "normalize", "class_weights", "baseline",
                  "step", "shrink", "shrink_t", "max_step", "head_gradient",
@@ -201,15 +201,19 @@ class Curve:
     _correct: list[np.ndarray] = field(default_factory=list)
     _new: list[np.ndarray] = field(default_factory=list)
     _frozen: list[np.ndarray] = field(default_factory=list)
+    _frozen_loss: list[np.ndarray] = field(default_factory=list)
 
     def served(self, loss: np.ndarray, correct: np.ndarray, is_new: np.ndarray,
-               frozen_correct: np.ndarray | None = None) -> None:
-        """What users got; ``frozen_correct``: what the same base, never learning, would have served them."""
+               frozen_correct: np.ndarray | None = None, frozen_loss: np.ndarray | None = None) -> None:
+        """What users got; ``frozen_correct``/``frozen_loss``: what the same base, never learning, would have served
+        them (right or not, and its cross-entropy)."""
         self._loss.append(loss)
         self._correct.append(correct)
         self._new.append(is_new)
         if frozen_correct is not None:
             self._frozen.append(frozen_correct)
+        if frozen_loss is not None:
+            self._frozen_loss.append(frozen_loss)
 
     def row(self, step: int, old_val: float | None, new_val: float | None,
             frozen_val: float | None = None) -> dict[str, Any]:
@@ -225,7 +229,9 @@ class Curve:
             point["online_acc"] = float(correct.mean())
             if self._frozen:
                 point["frozen_online_acc"] = float(np.concatenate(self._frozen).mean())
-        self._loss, self._correct, self._new, self._frozen = [], [], [], []
+            if self._frozen_loss:  # over all traffic, as online_acc
+                point["frozen_loss"] = float(np.concatenate(self._frozen_loss).mean())
+        self._loss, self._correct, self._new, self._frozen, self._frozen_loss = [], [], [], [], []
         self.rows.append(point)
         return point
 
@@ -433,9 +439,10 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
             if drift is not None:
                 x = drift(x, step / steps)
             sent = relabel(y, label_rng) if relabel else y
-            frozen_correct = run.frozen_answer(x).argmax(1) == y if frozen else None
+            frozen_logits = run.frozen_answer(x) if frozen else None
             loss, correct = run.serve_and_learn(x, sent, truth=y if relabel else None)
-            curve.served(loss, correct, is_new, frozen_correct)
+            curve.served(loss, correct, is_new, None if frozen_logits is None else frozen_logits.argmax(1) == y,
+                         None if frozen_logits is None else cross_entropy(frozen_logits, y))
         if step in evals:
             if step == 0:  # the base model's own served figures: one batch served without learning from it
                 x, y, is_new = step_batch(streams, np.random.default_rng([seed, 4]), old_n, new_n)
@@ -443,7 +450,7 @@ def run_engine(spec: ModelSpec, base: dict[str, np.ndarray], streams: Streams, o
                 pair = run.engine.forward_paired(w, x, np.random.default_rng([seed, 5]))
                 logits = pair[2] if run.exploration == "paired" else pair[0]
                 curve.served(cross_entropy(logits, y), logits.argmax(1) == y, is_new,
-                             logits.argmax(1) == y if frozen else None)
+                             logits.argmax(1) == y if frozen else None, cross_entropy(logits, y) if frozen else None)
             old_x = None if drift is None else drift(streams.old_test.x, step / steps)
             old_val, new_val = validation(run.eval_engine, run.params, streams, old_x)
             if frozen and (drift is not None or frozen_val is None):  # the base does not change; its data may
@@ -475,7 +482,7 @@ def print_curve(curve: list[dict[str, Any]]) -> None:
 
     rows = [{"step": r["step"], "known val": pct(r["old_val_acc"]), "new val": pct(r["new_val_acc"]),
              "known online": pct(r["old_online_acc"]), "new online": pct(r["new_online_acc"]),
-             "known loss": num(r["old_loss"]), "new loss": num(r["new_loss"]),
+             "known loss": num(r["old_loss"]), "new loss": num(r["new_loss"]), "frozen loss": num(r.get("frozen_loss")),
              "frozen val": pct(r.get("frozen_val_acc")), "served": pct(r.get("online_acc")),
              "frozen served": pct(r.get("frozen_online_acc"))} for r in curve]
     cols = list(rows[0])
@@ -499,7 +506,7 @@ def plot_curve(curve: list[dict[str, Any]], title: str, path: Path) -> None:
                                        ("loss", "online loss (what users were served)")), strict=True):
         something_new = any(r.get("new_val_acc") is not None for r in curve)
         lines = [("old", "tab:blue", "known" if something_new else "learning"), ("new", "tab:orange", "new")]
-        if key != "loss" and any(r.get(f"frozen_{key}") is not None for r in curve):
+        if any(r.get(f"frozen_{key}") is not None for r in curve) and not (key == "loss" and something_new):
             # the frozen base's validation is on the known classes; what it served, on all traffic (new included)
             if key == "online_acc" and something_new:
                 lines += [("", "tab:green", "all traffic"), ("frozen", "tab:gray", "base kept frozen (all traffic)")]

@@ -29,7 +29,7 @@ from bench.serve import TOKEN
 from common.loading import load_version
 from marketplace.engine import Engine, leader_logits
 from marketplace.models import ModelSpec
-from marketplace.reconcile import fresh_seeds, learned_groups
+from marketplace.reconcile import cross_entropy, fresh_seeds, learned_groups
 from model_store import ModelStore, make_manifest
 from mpserve.client import AsyncMPServeClient, MPServeClient, MPServeError
 
@@ -139,8 +139,9 @@ def drive(url: str, token: str | None, store_dir: Path | None, spec: ModelSpec, 
         ids, probs, by = asyncio.run(serve_batch(url, x, model, args.request_size, args.clients))
         served_by.update(by)
         loss = -np.log(np.maximum(probs[np.arange(len(y)), y], 1e-45))
-        frozen = None if base is None else leader_logits(engine, base, x).argmax(1) == y
-        curve.served(loss, probs.argmax(1) == y, is_new, frozen)
+        frozen = None if base is None else leader_logits(engine, base, x)
+        curve.served(loss, probs.argmax(1) == y, is_new, None if frozen is None else frozen.argmax(1) == y,
+                     None if frozen is None else cross_entropy(frozen, y))
         return ids
 
     def figures(step: int) -> tuple[float | None, float | None, float | None]:

@@ -183,6 +183,10 @@ def correct_answers(leader: LeaderAnswers, params: dict[str, np.ndarray], inputs
     return answers(leader, params, inputs, labels, ids)[0]
 
 
+#: the gain test needs at least this many judged inputs (fewer: no step can show a gain)
+GAIN_MIN_INPUTS = 30
+
+
 def gain_z(loss: np.ndarray, parent_loss: np.ndarray) -> float:
     """How many standard errors the candidate's mean loss lies below the parent's on the same inputs (paired).
 
@@ -200,10 +204,6 @@ def gain_z(loss: np.ndarray, parent_loss: np.ndarray) -> float:
     if sd == 0.0:
         return np.inf if mean > 0 else 0.0 if mean == 0 else -np.inf
     return mean / (sd / np.sqrt(len(d)))
-
-
-#: the gain test needs at least this many judged inputs (fewer: no step can show a gain)
-GAIN_MIN_INPUTS = 30
 
 
 def _finite_or_none(x: float) -> float | None:

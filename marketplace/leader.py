@@ -56,7 +56,7 @@ class LeaderAnswers:
             return leader_logits(self._features(), body, np.asarray(x, np.float32))
         if len(ids) != len(x):
             raise ValueError(f"{len(ids)} ids for {len(x)} inputs")
-        digest = params_digest(params, self._body_keys)
+        digest = self.body_digest(params)
         if digest != self._body:
             self._body, self._rows = digest, {}
         missing = [i for i, k in enumerate(ids) if k not in self._rows]
@@ -69,6 +69,10 @@ class LeaderAnswers:
         for k in list(self._rows)[:max(len(self._rows) - self.max_rows, 0)]:
             del self._rows[k]
         return out
+
+    def body_digest(self, params: dict[str, np.ndarray]) -> str:
+        """Names the feature groups' weights of ``params`` (the head's left out): what features are cached under."""
+        return params_digest(params, self._body_keys)
 
     @property
     def features_size(self) -> int:

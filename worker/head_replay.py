@@ -14,7 +14,6 @@ import numpy as np
 
 from marketplace.head import HeadReplay, known_damping
 from marketplace.leader import LeaderAnswers
-from marketplace.models import params_digest
 from model_store import Holdout
 
 log = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ class HeadReplaySource:
         """The damping from the holdout's features; recomputed only when the holdout or the feature groups change."""
         if holdout is None or self.strength <= 0:
             return None
-        body = [k for k in leader.spec.param_shapes() if k not in (leader.head or ())]
-        key = (holdout.sha256, repr(leader.spec.architecture) + params_digest(params, body))
+        key = (holdout.sha256, repr(leader.spec.architecture) + leader.body_digest(params))
         if self._damping is None or self._damping[0] != key:
             known = leader.features(params, holdout.inputs.astype(np.float32), holdout.example_ids())
             known = known[np.isfinite(known).all(axis=1)]  # as the kept inputs': an overflow must not poison it

@@ -13,7 +13,8 @@ of time is recorded and the next one runs; if the device itself is unusable the 
   engine       tests/unit/test_engine.py on DEV: each input gets its own path's logits; materialize equals the
                NumPy twin bit for bit in every version
   materialize  bench.materialize: ms per version of the V=4 perturbed weights (mlp, beautiful_mnist)
-  inference    bench.inference: inputs/s of plain (V=1) and perturbed (V=4) inference per batch size
+  inference    bench.inference: inputs/s of plain (V=1) and perturbed (V=4) inference per batch size, and the
+               same model in PyTorch beside it where PyTorch is installed (on CUDA when DEV is)
   protocol_A   scripts/gpu_learning.sh's protocol A on beautiful_mnist, --a-steps steps (the rows so far are
                kept if the budget runs out)
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -57,7 +59,10 @@ def plan(work: Path, tiny: bool, a_steps: int) -> list[Step]:
     pytest = [py, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider"]
     mat = ["--models", "mlp", "--versions", "1", "--skip", "1"] if tiny else []
     inf = (["--model", "mlp", "--batches", "4", "--seconds", "0.01", "--rounds", "1"] if tiny else
-           ["--model", "beautiful_mnist", "--batches", "1,16,64,256", "--seconds", "1", "--rounds", "3"])
+           ["--model", "beautiful_mnist", "--batches", "1,16,64,256,1024", "--seconds", "1", "--rounds", "3"])
+    if not tiny and importlib.util.find_spec("torch") is not None:  # the GPU image holds PyTorch: the same table
+        cuda = os.environ.get("DEV", "").split(":")[0].upper() == "CUDA"
+        inf += ["--peer", "torch", "--torch-device", "cuda" if cuda else "cpu"]
     learn = ({"MODEL": "mlp", "BASE_STEPS": "2", "A_STEPS": "2", "A_EVAL_EVERY": "1"} if tiny else
              {"MODEL": "beautiful_mnist", "BASE_STEPS": "1000", "A_STEPS": str(a_steps),
               "A_EVAL_EVERY": str(max(1, a_steps // 8))})
@@ -71,7 +76,7 @@ def plan(work: Path, tiny: bool, a_steps: int) -> list[Step]:
                         *(["-k", "leader_engine_matches"] if tiny else [])], 120, [work / "engine.xml"]),
         Step("materialize", [py, "-m", "bench.materialize", *mat, "--json", str(work / "materialize.json")], 60,
              [work / "materialize.json"]),
-        Step("inference", [py, "-m", "bench.inference", *inf, "--json", str(work / "inference.json")], 120,
+        Step("inference", [py, "-m", "bench.inference", *inf, "--json", str(work / "inference.json")], 180,
              [work / "inference.json"]),
         Step("protocol_A", ["bash", "scripts/gpu_learning.sh", str(work / "learning"), "A"], 1e9,  # what is left
              [work / "learning" / f"continual_A_{model}.json"], env=learn),
@@ -164,7 +169,9 @@ def summarize(name: str, data: Any) -> str:
                              for r in data["rows"])
         if name == "inference":
             return "; ".join(f"batch {r['batch']}: plain {r['plain_per_s']:,.0f}/s, perturbed "
-                             f"{r['perturbed_per_s']:,.0f}/s ({r['ratio']:.2f}x)" for r in data["rows"])
+                             f"{r['perturbed_per_s']:,.0f}/s ({r['ratio']:.2f}x)"
+                             + (f", PyTorch {r['torch_per_s']:,.0f}/s" if "torch_per_s" in r else "")
+                             for r in data["rows"])
         if name == "protocol_A":
             curve = data["curve"]
             first, last = curve[0], curve[-1]

@@ -7,8 +7,9 @@ own balanced path, one kernel per layer over all vendors; naive: each input run 
 weights of its own path, as the upstream continual-learning code does. Measurements are interleaved
 and each figure is the best of several rounds, so background load hits all three alike.
 ``--peer torch``: the same model and weights in PyTorch (`bench/torch_peer.py`, its logits checked against the
-engine's), timed in the same rounds under ``torch.inference_mode()`` with ``--torch-threads`` threads; the
-table gains the engine's ratios to it. PyTorch is the benchmark's optional extra (`pip install .[peer]`).
+engine's), timed in the same rounds under ``torch.inference_mode()`` with ``--torch-threads`` threads on
+``--torch-device``; the table gains the engine's ratios to it. PyTorch is the benchmark's optional extra
+(`pip install .[peer]`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short measurements (under 60 s)")
     ap.add_argument("--peer", choices=["none", "torch"], default="none", help="time the same model in PyTorch too")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--torch-device", default="cpu", help="where the peer runs: cpu, or cuda beside DEV=CUDA")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
@@ -65,7 +67,7 @@ def main() -> None:
         from bench.torch_peer import check_peer, torch_logits, torch_model
 
         torch.set_num_threads(args.torch_threads)
-        peer = torch_model(spec, params)
+        peer = torch_model(spec, params, args.torch_device)
         probe = Engine(spec, 1, buckets=[16])
         check_peer(peer, spec, leader_logits(probe, params, data[:16]), data[:16])
 
@@ -105,7 +107,8 @@ def main() -> None:
     print()
     print_table(rows, list(rows[0]))
     write_json(args.json, {"benchmark": "inference", "model": args.model, "vendors": V, "peer": args.peer,
-                           "torch_threads": args.torch_threads if peer is not None else None, "rows": rows})
+                           "torch_threads": args.torch_threads if peer is not None else None,
+                           "torch_device": args.torch_device if peer is not None else None, "rows": rows})
 
 
 if __name__ == "__main__":

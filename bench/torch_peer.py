@@ -38,8 +38,9 @@ def _module(torch: Any, layer: Layer, weights: dict[str, np.ndarray]) -> Any:
     return m
 
 
-def torch_model(spec: ModelSpec, params: dict[str, np.ndarray]) -> Any:
-    """An eval-mode ``torch.nn.Sequential`` computing the spec's leader logits (inputs scaled as the engine does)."""
+def torch_model(spec: ModelSpec, params: dict[str, np.ndarray], device: str = "cpu") -> Any:
+    """An eval-mode ``torch.nn.Sequential`` on ``device`` computing the spec's leader logits (inputs scaled as the
+    engine does)."""
     import torch
 
     mods = []
@@ -47,15 +48,17 @@ def torch_model(spec: ModelSpec, params: dict[str, np.ndarray]) -> Any:
         for lname, layer in group.layers:
             prefix = f"{s}.{lname}."
             mods.append(_module(torch, layer, {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}))
-    return torch.nn.Sequential(*mods).eval()
+    return torch.nn.Sequential(*mods).eval().to(device)
 
 
 def torch_logits(model: Any, spec: ModelSpec, x: np.ndarray) -> np.ndarray:
+    """Host inputs in, host logits out, as the engine's forward: on a GPU the copies both ways are timed too."""
     import torch
 
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        h = torch.from_numpy(np.ascontiguousarray(x, np.float32)) * spec.input_scale + spec.input_offset
-        return model(h).numpy()
+        h = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device) * spec.input_scale + spec.input_offset
+        return model(h).cpu().numpy()
 
 
 def check_peer(model: Any, spec: ModelSpec, engine_logits: np.ndarray, x: np.ndarray, atol: float = 1e-3) -> float:

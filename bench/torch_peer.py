@@ -43,6 +43,9 @@ def torch_model(spec: ModelSpec, params: dict[str, np.ndarray], device: str = "c
     engine does)."""
     import torch
 
+    if str(device).startswith("cuda"):  # fp32 as the engine computes it: PyTorch's CUDA convs default to TF32, whose
+        torch.backends.cudnn.allow_tf32 = False  # logits missed the engine's by 0.011 on an H200 (tinygrad: no TF32)
+        torch.backends.cuda.matmul.allow_tf32 = False
     mods = []
     for s, group in enumerate(spec.groups):
         for lname, layer in group.layers:

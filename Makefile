@@ -16,6 +16,7 @@ lint:
 
 bench:
 	.venv/bin/python -m bench.inference --json results/inference.json
+	.venv/bin/python -m bench.startup --json results/startup.json
 	.venv/bin/python -m bench.reconcile --json results/reconcile.json
 	.venv/bin/python -m bench.versions --json results/versions.json
 	.venv/bin/python -m bench.materialize --json results/materialize.json

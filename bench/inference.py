@@ -10,6 +10,9 @@ and each figure is the best of several rounds, so background load hits all three
 engine's), timed in the same rounds under ``torch.inference_mode()`` with ``--torch-threads`` threads on
 ``--torch-device``; the table gains the engine's ratios to it. PyTorch is the benchmark's optional extra
 (`pip install .[peer]`).
+``--kernel-table`` (default: the shipped table, where it fits this machine): the engine's tuned kernels
+(`marketplace/kernel_table.py`); when a table is used, the same engines with tinygrad's heuristic kernels are
+timed in the same rounds (``untuned_*`` columns, and ``tuned_speedup`` = plain / untuned plain).
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from tinygrad import Device
 
 from bench.common import print_table, rate, write_json
 from marketplace.deltas import path_params
 from marketplace.engine import Engine, leader_logits, leader_seeds
+from marketplace.kernel_table import table_for
 from marketplace.models import get_model
 from marketplace.reconcile import fresh_seeds
 
@@ -39,6 +45,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=["none", "torch"], default="none", help="time the same model in PyTorch too")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--torch-device", default="cpu", help="where the peer runs: cpu, or cuda beside DEV=CUDA")
+    ap.add_argument("--kernel-table", default="shipped", help="tuned kernels (marketplace/kernel_table.py): "
+                    "shipped, off, or a path; where one is used, the untuned engine is timed beside it")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
@@ -52,8 +60,11 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     data = rng.uniform(0, 255, size=(max(batches), *spec.input_shape)).astype(np.float32)
 
+    table = table_for(args.kernel_table, Device.DEFAULT)
+    variants = {"": table, **({"untuned_": None} if table is not None else {})}  # column prefix -> kernels
+
     # naive: one leader engine at batch 1, with the weights of every path materialized up front
-    naive_engine = Engine(spec, 1, buckets=[1])
+    naive_engine = Engine(spec, 1, buckets=[1], kernels=table)
     path_weights = {p: naive_engine.materialize(path_params(spec, params, seeds, np.array(p), 0.05),
                                                 leader_seeds(spec), 0.05)
                     for p in itertools.product(range(V), repeat=S)}
@@ -74,12 +85,16 @@ def main() -> None:
     rows = []
     for batch in batches:
         x = data[:batch]
-        plain = Engine(spec, 1, buckets=[batch])
-        plain_w = plain.materialize(params, leader_seeds(spec), 0.05)
-        pert = Engine(spec, V, max_batch=max(batch, V))
-        pert_w = pert.materialize(params, seeds, 0.05)
-        plain.warmup(plain_w)
-        pert.warmup(pert_w, [pert.bucket_for(batch)])
+        runs: dict[str, Callable[[], int]] = {}
+        for prefix, kernels in variants.items():
+            plain = Engine(spec, 1, buckets=[batch], kernels=kernels)
+            plain_w = plain.materialize(params, leader_seeds(spec), 0.05)
+            pert = Engine(spec, V, max_batch=max(batch, V), kernels=kernels)
+            pert_w = pert.materialize(params, seeds, 0.05)
+            plain.warmup(plain_w)
+            pert.warmup(pert_w, [pert.bucket_for(batch)])
+            runs[f"{prefix}plain"] = lambda x=x, e=plain, w=plain_w: len(e.forward(w, x, rng)[0])
+            runs[f"{prefix}perturbed"] = lambda x=x, e=pert, w=pert_w: len(e.forward(w, x, rng)[0])
 
         def run_naive(x=x) -> int:
             for i in range(len(x)):
@@ -87,9 +102,7 @@ def main() -> None:
                 naive_engine.forward(path_weights[p], x[i:i + 1], rng)
             return len(x)
 
-        runs = {"plain": lambda x=x, e=plain, w=plain_w: len(e.forward(w, x, rng)[0]),
-                "perturbed": lambda x=x, e=pert, w=pert_w: len(e.forward(w, x, rng)[0]),
-                "naive": run_naive}
+        runs["naive"] = run_naive
         if peer is not None:
             runs["torch"] = lambda x=x: len(torch_logits(peer, spec, x))
         best = dict.fromkeys(runs, 0.0)
@@ -99,6 +112,9 @@ def main() -> None:
         row = {"batch": batch, "plain_per_s": best["plain"], "perturbed_per_s": best["perturbed"],
                "ratio": best["perturbed"] / best["plain"], "naive_per_s": best["naive"],
                "vs_naive": best["perturbed"] / best["naive"]}
+        if table is not None:
+            row.update(untuned_plain_per_s=best["untuned_plain"], untuned_perturbed_per_s=best["untuned_perturbed"],
+                       tuned_speedup=best["plain"] / best["untuned_plain"])
         if peer is not None:
             row.update(torch_per_s=best["torch"], plain_vs_torch=best["plain"] / best["torch"],
                        perturbed_vs_torch=best["perturbed"] / best["torch"])
@@ -108,7 +124,8 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     write_json(args.json, {"benchmark": "inference", "model": args.model, "vendors": V, "peer": args.peer,
                            "torch_threads": args.torch_threads if peer is not None else None,
-                           "torch_device": args.torch_device if peer is not None else None, "rows": rows})
+                           "torch_device": args.torch_device if peer is not None else None,
+                           "kernel_table": args.kernel_table if table is not None else "off", "rows": rows})
 
 
 if __name__ == "__main__":

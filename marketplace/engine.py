@@ -14,13 +14,17 @@ serves every path; paired, the leader and the path run as a two-slot bucket (V=2
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
+from tinygrad.helpers import Context
 
 from marketplace.deltas import vendor_signs
+from marketplace.kernel_table import graph_name
 from marketplace.models import ModelSpec
 from marketplace.threefry import delta_keys, uniform_delta_keyed_tg
 
@@ -75,11 +79,17 @@ def default_buckets(V: int, max_batch: int) -> list[int]:
     return [*buckets, top]
 
 
+class KernelChoice(Protocol):
+    """How a graph's kernels are chosen: a BEAM width (0: tinygrad's heuristics). `KernelTable` is one."""
+
+    def beam_for(self, graph: str) -> int: ...
+
+
 class Engine:
     """Runs a model's layer groups over V vendors; V=1 is plain (leader-only) inference."""
 
     def __init__(self, spec: ModelSpec, vendors: int, max_batch: int = 256, device: str | None = None,
-                 buckets: list[int] | None = None):
+                 buckets: list[int] | None = None, kernels: KernelChoice | None = None):
         if vendors < 1:
             raise ValueError("vendors must be >= 1")
         self.spec, self.V, self.device = spec, vendors, device or Device.DEFAULT
@@ -95,6 +105,7 @@ class Engine:
         self._group_sizes = spec.group_sizes()
         self._materialize_jit: TinyJit | None = None
         self._mat_inputs: list[Tensor] | None = None
+        self.kernels = kernels  # tuned kernels (marketplace.kernel_table): the graphs it covers compile under BEAM
 
     # ------------------------------------------------------------------------------ weights
     def materialize(self, params: dict[str, np.ndarray], seeds: np.ndarray, eps: float, version: int = 0,
@@ -263,7 +274,10 @@ class Engine:
         xt = self._lone_inputs[paired]
         _copy_into(xt, np.concatenate([x, x]) if paired else x)
         vendors = [Variable(f"vendor{s}", 0, self.V - 1).bind(int(v)) for s, v in enumerate(path)]
-        out = self._lone_jit(paired)(xt, *vendors, *weights.tensors).numpy()
+        jit = self._lone_jit(paired)
+        with self._compiling(jit, "lone", paired):
+            out_t = jit(xt, *vendors, *weights.tensors)
+        out = out_t.numpy()
         return (out[1:], path[None, :], out[:1]) if paired else (out, path[None, :], None)
 
     def bucket_for(self, n: int) -> int:
@@ -311,15 +325,27 @@ class Engine:
         for t, p in zip(perms, plan.perms if self.V > 1 else [], strict=True):
             _copy_into(t, p)
         leader = None
+        jit = self._jit_for(bucket, paired)
         if paired:
             _copy_into(x_leader, padded)
-            out_t, leader_t = self._jit_for(bucket, True)(xt, x_leader, *perms, *weights.tensors)
+            with self._compiling(jit, bucket, True):
+                out_t, leader_t = jit(xt, x_leader, *perms, *weights.tensors)
             out, leader = out_t.numpy(), leader_t.numpy()[:n]
         else:
-            out = self._jit_for(bucket)(xt, *perms, *weights.tensors).numpy()
+            with self._compiling(jit, bucket, False):
+                out_t = jit(xt, *perms, *weights.tensors)
+            out = out_t.numpy()
         logits = np.empty_like(out)
         logits[plan.order_last] = out
         return logits[:n], plan.paths, leader
+
+    def _compiling(self, jit: TinyJit, bucket: int | str, paired: bool) -> contextlib.AbstractContextManager[None]:
+        """BEAM at the kernel table's width while a covered graph compiles (TinyJit's first two calls), so its
+        kernels are the tuned ones, read from tinygrad's disk cache; tinygrad's heuristics otherwise."""
+        if self.kernels is None or jit.cnt >= 2:
+            return contextlib.nullcontext()
+        beam = self.kernels.beam_for(graph_name(self.spec.architecture, self.V, bucket, paired))
+        return Context(BEAM=beam) if beam else contextlib.nullcontext()
 
     def _forward_inputs(self, bucket: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Fixed device buffers a bucket's inputs are copied into (a memcpy: building a tensor from a host array

@@ -62,6 +62,34 @@ def train(
     typer.echo(f"test accuracy {summary['test_accuracy']:.4f} after {steps} steps ({summary['seconds']:.0f} s)")
 
 
+@app.command("tune-kernels")
+def tune_kernels(
+    out: Annotated[Path, typer.Option(help="the kernel table to write (JSON); MPSERVE_KERNEL_TABLE=PATH uses it")],
+    arch: Annotated[str, typer.Option("--model", help="beautiful_mnist, mlp, or module:factory")] = "beautiful_mnist",
+    vendors: Annotated[int, typer.Option(help="vendors per group of the learning engine")] = 4,
+    max_batch: Annotated[int, typer.Option(help="the API's MPSERVE_MAX_BATCH (its buckets are tuned)")] = 256,
+    beam: Annotated[int, typer.Option(help="tinygrad's BEAM width: wider searches longer")] = 2,
+    device: Annotated[str | None, typer.Option(envvar="MPSERVE_DEVICE", help="tinygrad device (DEV syntax)")] = None,
+    log_level: Annotated[str, typer.Option(envvar="MPSERVE_LOG_LEVEL")] = "info",
+) -> None:
+    """BEAM-tune the engine's kernels on this machine (minutes per graph; keep the machine otherwise idle)."""
+    from common.device import use_device
+    from marketplace.kernel_tuning import serving_plans, tune
+    from marketplace.models import get_model
+
+    configure_logging(log_level)
+    use_device(device)
+    spec = get_model(arch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(table) -> None:  # type: ignore[no-untyped-def]
+        out.write_text(json.dumps(table.to_json(), indent=1) + "\n")
+
+    table = tune(spec, serving_plans(vendors, max_batch), beam, on_graph=checkpoint)
+    checkpoint(table)
+    typer.echo(f"{out}: {len(table.kernels)} tuned kernels for {len(table.graphs)} graphs of {spec.name}")
+
+
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 

@@ -26,6 +26,7 @@ from common.engine_thread import EngineThread
 from common.faults import fault_point
 from common.loading import LoadedVersion, fallback_base, load_version
 from marketplace.engine import Engine, PerturbedWeights, leader_seeds
+from marketplace.kernel_table import KernelTable
 from model_store import ModelStore
 from redis_io.connect import AsyncClient
 from redis_io.events import EventSubscription
@@ -64,8 +65,9 @@ class ModelRuntime:
 
     def __init__(self, name: str, store: ModelStore, records: AsyncRecordLog, engine_thread: EngineThread,
                  metrics: ServerMetrics, max_batch: int, device: str | None, redis_timeout_s: float,
-                 learning: bool = True, paired: bool = False) -> None:
+                 learning: bool = True, paired: bool = False, kernels: KernelTable | None = None) -> None:
         self.name, self.store, self.records, self.learning, self.paired = name, store, records, learning, paired
+        self.kernels = kernels
         self.engine_thread, self.metrics = engine_thread, metrics
         self.max_batch, self.device, self.redis_timeout_s = max_batch, device, redis_timeout_s
         self.served: Served | None = None
@@ -239,7 +241,8 @@ class ModelRuntime:
             assert prev is not None
             engine = prev.engine
         else:
-            engine = await self.engine_thread.run(Engine, loaded.spec, vendors, self.max_batch, self.device)
+            engine = await self.engine_thread.run(Engine, loaded.spec, vendors, self.max_batch, self.device,
+                                                  kernels=self.kernels)
         weights = await self.engine_thread.run(engine.materialize, loaded.params, seeds, loaded.eps, loaded.version,
                                                loaded.antithetic and self.learning)
         if not reuse:

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.names import validate_model_name
 from common.settings_types import ApiKeys, ClientNames, ModelNames
+from marketplace.kernel_table import load_table
 from redis_io.connect import RedisUrl
 from redis_io.protocol import REPLAY_READ_MAX
 
@@ -58,6 +59,10 @@ class ServerSettings(BaseSettings):
     exploration: Literal["paired", "single"] = Field(
         "paired", description="paired: every input also runs through the leader, whose answer the user gets "
                               "(exploration invisible, 2x FLOPs); single: the user gets the perturbed path's answer")
+    kernel_table: str = Field("shipped", min_length=1, description="tuned kernels (tinygrad BEAM results, "
+                              "marketplace/kernel_table.py): 'shipped' (the package's table, used where it fits: the "
+                              "same tinygrad, device kind and CPU thread count), 'off' (tinygrad's heuristics), or the "
+                              "path of a table `mpserve tune-kernels` wrote")
     replay_share: float = Field(0.125, ge=0, le=1, description="share of predictions whose input is kept until "
                                 "labelled, then moved to the replay stream: the worker's head learns from it and its "
                                 "guard judges on it")
@@ -76,6 +81,14 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("kernel_table")
+    @classmethod
+    def _readable_table(cls, v: str) -> str:
+        """A table named by path is read now, so a wrong one stops the replica at start with the reason."""
+        if v not in ("shipped", "off"):
+            load_table(Path(v))
+        return v
 
     @field_validator("admin_token")
     @classmethod

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from common.device import select_device
 from common.engine_thread import EngineThread
 from common.loading import seed_default_model
+from marketplace.kernel_table import table_for
 from model_store import ModelStore
 from redis_io.connect import AsyncClient, LazyClient, api_client, blocking_client, events_client
 from redis_io.recordlog import AsyncRecordLog
@@ -76,6 +77,8 @@ class AppState:
             await asyncio.to_thread(seed_default_model, store, settings.default_model)
         device = select_device(settings.device)  # CUDA:PTX -> CUDA, with the PTX renderer chosen
         engine_thread = EngineThread()
+        # on the engine thread: tinygrad's disk cache (where the table goes) is one sqlite connection of that thread
+        kernels = await engine_thread.run(table_for, settings.kernel_table, device)
         metrics = metrics or ServerMetrics()
         models: dict[str, ModelContext] = {}
         for name in settings.models:
@@ -84,7 +87,7 @@ class AppState:
                                      replay_window_s=settings.replay_window_s)
             paired = settings.learning and settings.exploration == "paired"
             runtime = ModelRuntime(name, store, records, engine_thread, metrics, settings.max_batch,
-                                   device, t, settings.learning, paired)
+                                   device, t, settings.learning, paired, kernels)
             batcher = MicroBatcher(runtime, records, engine_thread, metrics, settings.max_batch,
                                    settings.max_wait_ms, t, settings.learning, paired,
                                    settings.replay_share if settings.replay_size else 0.0)

@@ -40,3 +40,18 @@ def test_the_readme_names_every_setting() -> None:
     missing = [f"MPSERVE_{name.upper()}" for cls in (StackSettings, ServerSettings, WorkerSettings)
                for name in cls.model_fields if f"`MPSERVE_{name.upper()}`" not in readme]
     assert not missing, f"README lacks {missing}: run python scripts/settings_tables.py"
+
+
+def test_a_kernel_table_named_by_path_is_read_at_start(monkeypatch, tmp_path):
+    """shipped and off need no file; a path must hold a readable table, or the replica stops with the reason."""
+    assert ServerSettings().kernel_table == "shipped"
+    monkeypatch.setenv("MPSERVE_KERNEL_TABLE", "off")
+    assert ServerSettings().kernel_table == "off"
+    bad = tmp_path / "table.json"
+    bad.write_text('{"tinygrad": "0.14.0"}')
+    monkeypatch.setenv("MPSERVE_KERNEL_TABLE", str(bad))
+    with pytest.raises(ValidationError, match="has no 'kernels'"):
+        ServerSettings()
+    monkeypatch.setenv("MPSERVE_KERNEL_TABLE", str(tmp_path / "missing.json"))
+    with pytest.raises(ValidationError, match="cannot read it"):
+        ServerSettings()

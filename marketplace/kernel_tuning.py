@@ -1,0 +1,109 @@
+"""BEAM-tune an engine's graphs on this machine and write the `KernelTable` the engine then ships or loads.
+
+    mpserve tune-kernels --model beautiful_mnist --out marketplace/kernels/cpu.json
+
+Each graph (V, bucket, paired) is compiled under tinygrad's ``BEAM`` with its compile workers off
+(``PARALLEL=0``): the candidates are then timed on a quiet machine rather than beside compile processes,
+which on two cores made BEAM reject every multi-threaded kernel. Run it with nothing else on the CPU.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+
+import numpy as np
+from tqdm import tqdm
+
+from marketplace.engine import Engine, default_buckets, leader_seeds
+from marketplace.kernel_table import KernelTable, TunedKernel, graph_name, recording
+from marketplace.models import ModelSpec
+from marketplace.reconcile import fresh_seeds
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """One engine configuration to tune: V, its buckets, and paired (the leader beside the probes) or not.
+    With V > 1 the lone-input graph is tuned too (a batch of one runs there)."""
+
+    vendors: int
+    buckets: tuple[int, ...]
+    paired: bool
+
+    def graphs(self, spec: ModelSpec) -> list[str]:
+        names = [graph_name(spec.architecture, self.vendors, b, self.paired) for b in self.buckets]
+        lone = [graph_name(spec.architecture, self.vendors, "lone", self.paired)] if self.vendors > 1 else []
+        return names + lone
+
+
+def serving_plans(vendors: int = 4, max_batch: int = 256) -> list[GraphPlan]:
+    """What an API replica compiles at these settings: every bucket of its leader-only engine (learning off, and
+    the worker's guard) and of its learning engine, single and paired (the default exploration); largest first,
+    the buckets that carry the most inputs."""
+    learning = tuple(reversed(default_buckets(vendors, max_batch)))
+    return [GraphPlan(1, tuple(reversed(default_buckets(1, max_batch))), False),
+            GraphPlan(vendors, learning, False), GraphPlan(vendors, learning, True)]
+
+
+class _Beam:
+    """Every graph under one BEAM width: the engine's `KernelChoice` while tuning."""
+
+    def __init__(self, beam: int) -> None:
+        self.beam = beam
+
+    def beam_for(self, graph: str) -> int:
+        return self.beam
+
+
+def tune(spec: ModelSpec, plans: list[GraphPlan], beam: int = 2, progress: bool = True,
+         on_graph: Callable[[KernelTable], None] | None = None) -> KernelTable:
+    """Compile every graph of ``plans`` under BEAM=``beam`` on tinygrad's default device; the table of its choices.
+
+    Minutes per large graph on a CPU (the search times every candidate kernel). ``on_graph`` gets the table so
+    far after each graph (a checkpoint); a kernel already in tinygrad's disk cache is read from there, so a run
+    cut short resumes where it stopped.
+    """
+    from tinygrad.helpers import Context
+
+    params = spec.init_params(0)
+    graphs: list[str] = []
+    with Context(PARALLEL=0), recording() as found:
+        steps = [(plan, b) for plan in plans for b in plan.buckets]
+        for plan, bucket in tqdm(steps, desc="tuning graphs", disable=not progress):
+            engine = Engine(spec, plan.vendors, buckets=[bucket], kernels=_Beam(beam))
+            seeds = (fresh_seeds(len(spec.groups), plan.vendors, np.random.default_rng(0)) if plan.vendors > 1
+                     else leader_seeds(spec))
+            weights = engine.materialize(params, seeds, 0.05)
+            engine.warmup(weights, [bucket], plan.paired)  # with V > 1, the lone graph too
+            names = [graph_name(spec.architecture, plan.vendors, bucket, plan.paired)]
+            if plan.vendors > 1:
+                names.append(graph_name(spec.architecture, plan.vendors, "lone", plan.paired))
+            graphs += [n for n in names if n not in graphs]
+            if on_graph is not None:
+                on_graph(_table(beam, graphs, found))
+    return _table(beam, graphs, found)
+
+
+def _table(beam: int, graphs: list[str], found: list[TunedKernel]) -> KernelTable:
+    from tinygrad import Device
+    from tinygrad.helpers import NUM_CPU_THREADS
+
+    device = Device.DEFAULT
+    kernels = {(k.ast, k.amt, k.allow_test_size, k.device, k.suffix): k for k in found}  # the last choice wins
+    return KernelTable(version("tinygrad"), device.split(":")[0].upper(), type(Device[device].renderer).__name__,
+                       int(NUM_CPU_THREADS.value), beam, _machine(), frozenset(graphs), tuple(kernels.values()))
+
+
+def _machine() -> str:
+    """What the table was tuned on, for the reader: the processor's model name and tinygrad's thread count."""
+    from tinygrad.helpers import NUM_CPU_THREADS
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{platform.machine()} {model}, {NUM_CPU_THREADS.value} threads"

@@ -21,7 +21,6 @@ from typing import Protocol
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, Variable, dtypes
-from tinygrad.helpers import Context
 
 from marketplace.deltas import vendor_signs
 from marketplace.kernel_table import graph_name
@@ -80,9 +79,9 @@ def default_buckets(V: int, max_batch: int) -> list[int]:
 
 
 class KernelChoice(Protocol):
-    """How a graph's kernels are chosen: a BEAM width (0: tinygrad's heuristics). `KernelTable` is one."""
+    """How a graph's kernels are chosen while it compiles (`KernelTable` is one; none: tinygrad's heuristics)."""
 
-    def beam_for(self, graph: str) -> int: ...
+    def compiling(self, graph: str) -> contextlib.AbstractContextManager[None]: ...
 
 
 class Engine:
@@ -340,12 +339,10 @@ class Engine:
         return logits[:n], plan.paths, leader
 
     def _compiling(self, jit: TinyJit, bucket: int | str, paired: bool) -> contextlib.AbstractContextManager[None]:
-        """BEAM at the kernel table's width while a covered graph compiles (TinyJit's first two calls), so its
-        kernels are the tuned ones, read from tinygrad's disk cache; tinygrad's heuristics otherwise."""
+        """The kernel choice's context while a graph compiles (TinyJit's first two calls: run, then capture)."""
         if self.kernels is None or jit.cnt >= 2:
             return contextlib.nullcontext()
-        beam = self.kernels.beam_for(graph_name(self.spec.architecture, self.V, bucket, paired))
-        return Context(BEAM=beam) if beam else contextlib.nullcontext()
+        return self.kernels.compiling(graph_name(self.spec.architecture, self.V, bucket, paired))
 
     def _forward_inputs(self, bucket: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Fixed device buffers a bucket's inputs are copied into (a memcpy: building a tensor from a host array

@@ -2,35 +2,46 @@
 
 tinygrad picks each kernel's loop transformations (upcasts, unrolls, threads) by hand-written heuristics, or,
 with ``BEAM=n``, by timing candidates on the device: on this project's 2-core CPU that doubles the engine's
-throughput, but the search takes minutes per graph. tinygrad keeps each search's result in its disk cache,
-keyed by the kernel's AST, and looks there before searching. A `KernelTable` is such results written down as
-JSON (never tinygrad's pickled cache), with the graphs they cover and the machine they were tuned for:
+throughput, but the search takes minutes per graph. A `KernelTable` is such results written down as JSON, by
+the kernel's AST, with the graphs they cover and the machine they were tuned for:
 
-- `tune` runs the engine's graphs under BEAM and records what tinygrad chose (``mpserve tune-kernels``);
-- `KernelTable.unusable` says why a table does not fit this process (another tinygrad, device, renderer or
-  thread count, or tinygrad's disk cache off: then BEAM would search), and `install` writes its results into
-  tinygrad's disk cache, so compiling a covered graph under BEAM finds every kernel there and searches nothing;
-- `KernelTable.beam_for` is what the engine asks before compiling a graph: the BEAM width if the table
-  covers it, else 0 (tinygrad's heuristics, never a search on the request path).
+- `tune` (``marketplace/kernel_tuning.py``, ``mpserve tune-kernels``) runs the engine's graphs under BEAM and
+  records what tinygrad chose (`recording`);
+- `KernelTable.unusable` says why a table does not fit this process (another tinygrad, device kind, renderer,
+  target or CPU thread count);
+- `KernelTable.compiling` is what the engine enters while a graph compiles: for a graph the table covers,
+  tinygrad's BEAM step takes each kernel's choices from the table instead of searching (`applying`); a kernel
+  the table lacks, or whose choices do not apply, gets tinygrad's heuristics. Nothing is ever searched and
+  nothing is written to tinygrad's disk cache.
 
-The shipped table (`SHIPPED`) covers `beautiful_mnist`'s serving and benchmark graphs on a 2-thread x86-64 CPU.
+The shipped table (`SHIPPED`) covers the graphs of `beautiful_mnist` it lists, on a 2-thread x86-64 CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from functools import cached_property
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).parent / "kernels" / "cpu.json"
-_BEAM_TABLE = "beam_search"  # tinygrad's disk-cache table of BEAM results
+OptArg = int | tuple[int, ...] | None  # an Opt's axis or arg: tensor-core opts carry a tuple
+
+
+def tinygrad_version() -> str:
+    try:
+        return version("tinygrad")
+    except PackageNotFoundError:  # a source checkout without metadata: no table can claim to match it
+        return "unknown"
 
 
 def graph_name(architecture: dict[str, Any], vendors: int, bucket: int | str, paired: bool) -> str:
@@ -49,11 +60,7 @@ class TunedKernel:
     allow_test_size: bool
     device: str
     suffix: str
-    opts: tuple[tuple[str, int | None, int | None], ...]
-
-    def cache_key(self) -> dict[str, Any]:
-        return {"ast": bytes.fromhex(self.ast), "amt": self.amt, "allow_test_size": self.allow_test_size,
-                "device": self.device, "suffix": self.suffix}
+    opts: tuple[tuple[str, OptArg, OptArg], ...]
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class KernelTable:
     tinygrad: str
     device: str  # the device kind, e.g. CPU
     renderer: str  # tinygrad's renderer class, e.g. ClangRenderer
+    target: str  # the renderer's target architecture, e.g. x86_64,native or sm_90
     threads: int  # tinygrad's NUM_CPU_THREADS when tuned: the THREAD choices assume it
     beam: int
     machine: str
@@ -73,37 +81,69 @@ class KernelTable:
     def unusable(self, device: str) -> str | None:
         """Why this table does not fit a process on ``device``; None if it does."""
         from tinygrad import Device
-        from tinygrad.helpers import CACHELEVEL, NUM_CPU_THREADS
+        from tinygrad.helpers import NUM_CPU_THREADS
 
-        here = {"tinygrad": version("tinygrad"), "device": device.split(":")[0].upper(),
-                "renderer": type(Device[device].renderer).__name__}
+        renderer = Device[device].renderer
+        here = {"tinygrad": tinygrad_version(), "device": device.split(":")[0].upper(),
+                "renderer": type(renderer).__name__, "target": str(getattr(renderer.target, "arch", ""))}
         for name, value in here.items():
             if getattr(self, name) != value:
                 return f"tuned for {name} {getattr(self, name)!r}, this process has {value!r}"
         if here["device"] == "CPU" and NUM_CPU_THREADS.value != self.threads:
             return f"tuned for {self.threads} CPU threads, tinygrad uses {NUM_CPU_THREADS.value} here"
-        if CACHELEVEL.value < 1:
-            return "tinygrad's disk cache is off (CACHELEVEL=0), so BEAM would search instead of reading the table"
+        if not renderer.has_threads and any(op == "THREAD" for k in self.kernels for op, _, _ in k.opts):
+            return "tinygrad's threads are off here (THREADS=0), and the table's kernels use them"
         return None
 
-    def install(self) -> None:
-        """Write every result into tinygrad's disk cache (its CACHEDB), where BEAM looks before searching."""
-        from tinygrad.codegen.opt import Opt, OptOps
-        from tinygrad.helpers import diskcache_put
+    def covers(self, graph: str) -> bool:
+        return graph in self.graphs
 
-        for k in self.kernels:
-            diskcache_put(_BEAM_TABLE, k.cache_key(), [Opt(OptOps[op], axis, arg) for op, axis, arg in k.opts])
+    def compiling(self, graph: str) -> contextlib.AbstractContextManager[None]:
+        """Entered while ``graph`` compiles: the table's kernels if it covers the graph, else tinygrad's choice."""
+        if not self.covers(graph):
+            return contextlib.nullcontext()
+        from tinygrad.helpers import Context
 
-    def beam_for(self, graph: str) -> int:
-        """BEAM width to compile ``graph`` with: the table's if it covers the graph, else 0 (heuristics)."""
-        return self.beam if graph in self.graphs else 0
+        stack = contextlib.ExitStack()
+        stack.enter_context(Context(BEAM=self.beam))  # so tinygrad asks its BEAM step, which `applying` answers
+        stack.enter_context(applying(self))
+        return stack
+
+    @cached_property
+    def _by_ast(self) -> dict[str, tuple[tuple[str, OptArg, OptArg], ...]]:
+        return {k.ast: k.opts for k in self.kernels}
+
+    def schedule(self, s: Any) -> Any:
+        """tinygrad's scheduler ``s`` with this table's choices for its kernel applied; tinygrad's heuristics
+        (logged) if the table lacks the kernel or its choices do not apply."""
+        from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
+        from tinygrad.codegen.opt.heuristic import hand_coded_optimizations
+        from tinygrad.uop.ops import Ops
+
+        key = s.ast.key.hex()
+        opts = self._by_ast.get(key)
+        if opts is not None:
+            try:
+                ret = s.copy()
+                for op, axis, arg in opts[len(s.applied_opts):]:
+                    ret.apply_opt(Opt(OptOps[op], axis, arg))
+                return ret
+            except KernelOptError as exc:
+                log.warning("kernel table: the choices for kernel %s do not apply here (%s); tinygrad's "
+                            "heuristics instead", key[:12], exc)
+        else:
+            log.warning("kernel table: no entry for kernel %s of a covered graph; tinygrad's heuristics instead",
+                        key[:12])
+        if any(u.op is Ops.STAGE for u in s.ast.backward_slice):  # as tinygrad: no heuristics for multiblock
+            return s
+        return hand_coded_optimizations(s.copy())
 
     # ---------------------------------------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:
-        return {"tinygrad": self.tinygrad, "device": self.device, "renderer": self.renderer, "threads": self.threads,
-                "beam": self.beam, "machine": self.machine, "graphs": sorted(self.graphs),
+        return {"tinygrad": self.tinygrad, "device": self.device, "renderer": self.renderer, "target": self.target,
+                "threads": self.threads, "beam": self.beam, "machine": self.machine, "graphs": sorted(self.graphs),
                 "kernels": [{"ast": k.ast, "amt": k.amt, "allow_test_size": k.allow_test_size, "device": k.device,
-                             "suffix": k.suffix, "opts": [list(o) for o in k.opts]}
+                             "suffix": k.suffix, "opts": [[op, _to_json(a), _to_json(b)] for op, a, b in k.opts]}
                             for k in sorted(self.kernels, key=lambda k: (k.ast, k.amt))]}
 
     @classmethod
@@ -131,19 +171,44 @@ class KernelTable:
             opts = []
             for j, o in enumerate(need(k, "opts", list, where)):
                 if (not isinstance(o, list) or len(o) != 3 or o[0] not in OptOps.__members__
-                        or not all(a is None or (isinstance(a, int) and not isinstance(a, bool)) for a in o[1:])):
+                        or not all(_is_opt_arg(a) for a in o[1:])):
                     raise ValueError(f"kernel table: {where}.opts[{j}] must be [op, axis, arg] with op one of "
-                                     f"{sorted(OptOps.__members__)} and integer (or null) axis and arg, got {o!r}")
-                opts.append((o[0], o[1], o[2]))
+                                     f"{sorted(OptOps.__members__)}, axis and arg integers, lists of integers or "
+                                     f"null, got {o!r}")
+                opts.append((o[0], _from_json(o[1]), _from_json(o[2])))
             kernels.append(TunedKernel(ast, need(k, "amt", int, where), need(k, "allow_test_size", bool, where),
                                        need(k, "device", str, where), need(k, "suffix", str, where), tuple(opts)))
         graphs = need(data, "graphs", list, "the table")
         if not all(isinstance(g, str) for g in graphs):
             raise ValueError("kernel table: graphs must be strings")
+        if need(data, "beam", int, "the table") < 1:
+            raise ValueError("kernel table: beam must be at least 1")
         return cls(need(data, "tinygrad", str, "the table"), need(data, "device", str, "the table"),
-                   need(data, "renderer", str, "the table"), need(data, "threads", int, "the table"),
-                   need(data, "beam", int, "the table"), need(data, "machine", str, "the table"),
+                   need(data, "renderer", str, "the table"), need(data, "target", str, "the table"),
+                   need(data, "threads", int, "the table"), data["beam"], need(data, "machine", str, "the table"),
                    frozenset(graphs), tuple(kernels))
+
+    def write(self, path: Path) -> None:
+        """As JSON, atomically (a checkpoint cut short never leaves a half-written table)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        os.replace(tmp, path)
+
+
+def _is_opt_arg(a: Any) -> bool:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    return a is None or is_int(a) or (isinstance(a, list) and all(is_int(v) for v in a))
+
+
+def _to_json(a: OptArg) -> Any:
+    return list(a) if isinstance(a, tuple) else a
+
+
+def _from_json(a: Any) -> OptArg:
+    return tuple(a) if isinstance(a, list) else a
 
 
 def load_table(path: Path) -> KernelTable:
@@ -156,7 +221,7 @@ def load_table(path: Path) -> KernelTable:
 
 def table_for(setting: str, device: str) -> KernelTable | None:
     """The table a process uses from its ``kernel_table`` setting (``shipped``, ``off`` or a path an operator
-    chose), installed into tinygrad's disk cache; None (with the reason logged) when there is none to use."""
+    chose); None (with the reason logged) when there is none to use on ``device``."""
     if setting == "off":
         return None
     path = SHIPPED if setting == "shipped" else Path(setting)
@@ -165,15 +230,31 @@ def table_for(setting: str, device: str) -> KernelTable | None:
         log.info("kernel table %s not used on %s: %s; tinygrad's heuristics pick the kernels "
                  "(`mpserve tune-kernels` tunes for this machine)", path, device, why)
         return None
-    try:
-        table.install()
-    except Exception as exc:  # e.g. a read-only cache folder: serve untuned rather than not at all
-        log.warning("kernel table %s not used: writing it into tinygrad's disk cache failed (%s: %s)", path,
-                    type(exc).__name__, exc)
-        return None
-    log.info("kernel table %s: %d tuned kernels for %d graphs (BEAM=%d, tuned on %s)", path, len(table.kernels),
-             len(table.graphs), table.beam, table.machine)
+    log.info("kernel table %s: %d tuned kernels for %d graphs (tuned on %s)", path, len(table.kernels),
+             len(table.graphs), table.machine)
     return table
+
+
+@contextmanager
+def applying(table: KernelTable) -> Iterator[None]:
+    """Inside it, tinygrad's BEAM step (`beam_search`, called when BEAM >= 1) answers from ``table``: no search.
+
+    tinygrad's optimizer imports its search function from its module at each call, so the module attribute is
+    swapped for the duration. Only the engine thread compiles, so no other compile sees it.
+    """
+    import tinygrad.codegen.opt.search as search
+
+    original = search.beam_search
+
+    def from_table(s: Any, rawbufs: Any, var_vals: Any, amt: int, allow_test_size: bool = True,
+                   disable_cache: Any = False) -> Any:
+        return table.schedule(s)
+
+    search.beam_search = from_table
+    try:
+        yield
+    finally:
+        search.beam_search = original
 
 
 @contextmanager

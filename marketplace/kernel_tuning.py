@@ -9,16 +9,16 @@ which on two cores made BEAM reject every multi-threaded kernel. Run it with not
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 
 import numpy as np
 from tqdm import tqdm
 
 from marketplace.engine import Engine, default_buckets, leader_seeds
-from marketplace.kernel_table import KernelTable, TunedKernel, graph_name, recording
+from marketplace.kernel_table import KernelTable, TunedKernel, graph_name, recording, tinygrad_version
 from marketplace.models import ModelSpec
 from marketplace.reconcile import fresh_seeds
 
@@ -47,14 +47,32 @@ def serving_plans(vendors: int = 4, max_batch: int = 256) -> list[GraphPlan]:
             GraphPlan(vendors, learning, False), GraphPlan(vendors, learning, True)]
 
 
+def parse_graphs(text: str) -> list[GraphPlan]:
+    """Plans from ``V1:256,V4:64,V4p:256``: V, ``p`` for paired, and a bucket per entry (in the order given)."""
+    plans: dict[tuple[int, bool], list[int]] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        head, _, bucket = item.partition(":")
+        paired = head.endswith("p")
+        try:
+            vendors, size = int(head[1:-1] if paired else head[1:]), int(bucket)
+        except ValueError:
+            raise ValueError(f"graph {item!r}: write V<vendors>[p]:<bucket>, e.g. V4p:256") from None
+        if not head.startswith("V") or vendors < 1 or size < 1 or size % vendors:
+            raise ValueError(f"graph {item!r}: V<vendors>[p]:<bucket> with the bucket a multiple of V")
+        plans.setdefault((vendors, paired), []).append(size)
+    return [GraphPlan(v, tuple(b), paired) for (v, paired), b in plans.items()]
+
+
 class _Beam:
-    """Every graph under one BEAM width: the engine's `KernelChoice` while tuning."""
+    """Every graph compiled under tinygrad's BEAM search: the engine's `KernelChoice` while tuning."""
 
     def __init__(self, beam: int) -> None:
         self.beam = beam
 
-    def beam_for(self, graph: str) -> int:
-        return self.beam
+    def compiling(self, graph: str) -> contextlib.AbstractContextManager[None]:
+        from tinygrad.helpers import Context
+
+        return Context(BEAM=self.beam)
 
 
 def tune(spec: ModelSpec, plans: list[GraphPlan], beam: int = 2, progress: bool = True,
@@ -91,9 +109,11 @@ def _table(beam: int, graphs: list[str], found: list[TunedKernel]) -> KernelTabl
     from tinygrad.helpers import NUM_CPU_THREADS
 
     device = Device.DEFAULT
-    kernels = {(k.ast, k.amt, k.allow_test_size, k.device, k.suffix): k for k in found}  # the last choice wins
-    return KernelTable(version("tinygrad"), device.split(":")[0].upper(), type(Device[device].renderer).__name__,
-                       int(NUM_CPU_THREADS.value), beam, _machine(), frozenset(graphs), tuple(kernels.values()))
+    renderer = Device[device].renderer
+    kernels = {k.ast: k for k in found}  # the last choice wins
+    return KernelTable(tinygrad_version(), device.split(":")[0].upper(), type(renderer).__name__,
+                       str(getattr(renderer.target, "arch", "")), int(NUM_CPU_THREADS.value), beam, _machine(),
+                       frozenset(graphs), tuple(kernels.values()))
 
 
 def _machine() -> str:

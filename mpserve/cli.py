@@ -69,12 +69,14 @@ def tune_kernels(
     vendors: Annotated[int, typer.Option(help="vendors per group of the learning engine")] = 4,
     max_batch: Annotated[int, typer.Option(help="the API's MPSERVE_MAX_BATCH (its buckets are tuned)")] = 256,
     beam: Annotated[int, typer.Option(help="tinygrad's BEAM width: wider searches longer")] = 2,
+    graphs: Annotated[str | None, typer.Option(help="only these graphs, e.g. V1:256,V4:64,V4p:256 (p: paired); "
+                                                    "default: every bucket the API compiles")] = None,
     device: Annotated[str | None, typer.Option(envvar="MPSERVE_DEVICE", help="tinygrad device (DEV syntax)")] = None,
     log_level: Annotated[str, typer.Option(envvar="MPSERVE_LOG_LEVEL")] = "info",
 ) -> None:
     """BEAM-tune the engine's kernels on this machine (minutes per graph; keep the machine otherwise idle)."""
     from common.device import use_device
-    from marketplace.kernel_tuning import serving_plans, tune
+    from marketplace.kernel_tuning import parse_graphs, serving_plans, tune
     from marketplace.models import get_model
 
     configure_logging(log_level)
@@ -82,11 +84,12 @@ def tune_kernels(
     spec = get_model(arch)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def checkpoint(table) -> None:  # type: ignore[no-untyped-def]
-        out.write_text(json.dumps(table.to_json(), indent=1) + "\n")
-
-    table = tune(spec, serving_plans(vendors, max_batch), beam, on_graph=checkpoint)
-    checkpoint(table)
+    try:
+        plans = parse_graphs(graphs) if graphs else serving_plans(vendors, max_batch)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--graphs") from exc
+    table = tune(spec, plans, beam, on_graph=lambda t: t.write(out))  # a checkpoint after each graph
+    table.write(out)
     typer.echo(f"{out}: {len(table.kernels)} tuned kernels for {len(table.graphs)} graphs of {spec.name}")
 
 

@@ -105,7 +105,10 @@ class KernelTable:
         from tinygrad.helpers import Context
 
         stack = contextlib.ExitStack()
-        stack.enter_context(Context(BEAM=self.beam))  # so tinygrad asks its BEAM step, which `applying` answers
+        # BEAM: tinygrad asks its BEAM step, which `applying` answers. With BEAM on, tinygrad compiles in this
+        # thread, not in its compile workers, and its disk cache is one sqlite connection that belongs to the thread
+        # that opened it (in the API, the main thread, opening the device): CACHELEVEL=0 keeps this compile off it
+        stack.enter_context(Context(BEAM=self.beam, CACHELEVEL=0))
         stack.enter_context(applying(self))
         return stack
 

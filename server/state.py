@@ -77,7 +77,8 @@ class AppState:
             await asyncio.to_thread(seed_default_model, store, settings.default_model)
         device = select_device(settings.device)  # CUDA:PTX -> CUDA, with the PTX renderer chosen
         engine_thread = EngineThread()
-        kernels = await asyncio.to_thread(table_for, settings.kernel_table, device)  # None: tinygrad's heuristics
+        # on the engine thread, as everything tinygrad: its disk cache is one sqlite connection, of the first thread
+        kernels = await engine_thread.run(table_for, settings.kernel_table, device)  # None: tinygrad's heuristics
         metrics = metrics or ServerMetrics()
         models: dict[str, ModelContext] = {}
         for name in settings.models:

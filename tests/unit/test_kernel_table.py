@@ -97,10 +97,13 @@ def test_table_for_off_unreadable_unfit_and_fit(tmp_path, caplog):
 def test_the_shipped_table_covers_the_default_serving_graphs():
     table = load_table(SHIPPED)
     spec = beautiful_mnist()
-    wanted = {name for plan in serving_plans(4, 256) for name in plan.graphs(spec)}
-    assert table.graphs == wanted
-    assert table.beam >= 1 and table.kernels
-    assert graph_name(spec.architecture, 4, "lone", True) in table.graphs
+    serving = {name for plan in serving_plans(4, 256) for name in plan.graphs(spec)}
+    assert table.graphs <= serving  # only graphs an API replica compiles at the defaults
+    arch = spec.architecture
+    for V, bucket, paired in [(1, 256, False), (1, 64, False), (1, 1, False), (4, 256, True), (4, 64, True),
+                              (4, "lone", True), (4, 256, False), (4, 64, False), (4, "lone", False)]:
+        assert graph_name(arch, V, bucket, paired) in table.graphs  # the benchmark's and the busiest serving ones
+    assert table.beam >= 1 and len({k.ast for k in table.kernels}) == len(table.kernels)
 
 
 def _child(code: str, cache: Path, *args: str) -> str:

@@ -158,6 +158,7 @@ _SERVE = """
 """
 
 
+@pytest.mark.extended  # 16 s: the tuning child; CI checks the shipped table's round trip below instead
 def test_a_tuned_table_compiles_its_graphs_without_searching(tmp_path):
     """Tune one small graph in a child; in another (a fresh disk cache), that graph compiles with the table's
     choices and no search, an uncovered bucket compiles with tinygrad's heuristics (no search either), and the

@@ -44,6 +44,7 @@ def test_the_readme_names_every_setting() -> None:
 
 def test_a_kernel_table_named_by_path_is_read_at_start(monkeypatch, tmp_path):
     """shipped and off need no file; a path must hold a readable table, or the replica stops with the reason."""
+    monkeypatch.delenv("MPSERVE_KERNEL_TABLE", raising=False)  # the suite sets off for the servers it starts
     assert ServerSettings().kernel_table == "shipped"
     monkeypatch.setenv("MPSERVE_KERNEL_TABLE", "off")
     assert ServerSettings().kernel_table == "off"

@@ -39,8 +39,8 @@ class GraphPlan:
 
 
 def serving_plans(vendors: int = 4, max_batch: int = 256) -> list[GraphPlan]:
-    """What an API replica compiles at these settings: every bucket of its leader-only engine (learning off, and
-    the worker's guard) and of its learning engine, single and paired (the default exploration); largest first,
+    """What an API replica compiles at these settings: every bucket of its leader-only engine (learning off; the
+    worker loads no table) and of its learning engine, single and paired (the default exploration); largest first,
     the buckets that carry the most inputs."""
     learning = tuple(reversed(default_buckets(vendors, max_batch)))
     return [GraphPlan(1, tuple(reversed(default_buckets(1, max_batch))), False),

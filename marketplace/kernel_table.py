@@ -239,25 +239,32 @@ def table_for(setting: str, device: str) -> KernelTable | None:
 
 
 @contextmanager
-def applying(table: KernelTable) -> Iterator[None]:
-    """Inside it, tinygrad's BEAM step (`beam_search`, called when BEAM >= 1) answers from ``table``: no search.
+def _search_replaced(make: Any) -> Iterator[None]:
+    """tinygrad's BEAM step (`beam_search`) replaced by ``make(original)`` for the duration.
 
-    tinygrad's optimizer imports its search function from its module at each call, so the module attribute is
-    swapped for the duration. Only the engine thread compiles, so no other compile sees it.
+    tinygrad's optimizer imports its search function from its module at each call, so swapping the module attribute
+    is enough. Only the engine thread (or the tuner) compiles, so no other compile sees it.
     """
     import tinygrad.codegen.opt.search as search
 
     original = search.beam_search
+    search.beam_search = make(original)
+    try:
+        yield
+    finally:
+        search.beam_search = original
+
+
+@contextmanager
+def applying(table: KernelTable) -> Iterator[None]:
+    """Inside it, tinygrad's BEAM step (called when BEAM >= 1) answers from ``table``: no search."""
 
     def from_table(s: Any, rawbufs: Any, var_vals: Any, amt: int, allow_test_size: bool = True,
                    disable_cache: Any = False) -> Any:
         return table.schedule(s)
 
-    search.beam_search = from_table
-    try:
+    with _search_replaced(lambda original: from_table):
         yield
-    finally:
-        search.beam_search = original
 
 
 @contextmanager
@@ -267,20 +274,18 @@ def recording() -> Iterator[list[TunedKernel]]:
     The tuner's only window on tinygrad's choices (its disk cache holds them pickled, which this project does
     not read): tinygrad's search function is wrapped for the duration, in this process only.
     """
-    import tinygrad.codegen.opt.search as search
-
     found: list[TunedKernel] = []
-    original = search.beam_search
 
-    def beam_search(s: Any, rawbufs: Any, var_vals: Any, amt: int, allow_test_size: bool = True,
-                    disable_cache: Any = search.IGNORE_BEAM_CACHE.value) -> Any:
-        out = original(s, rawbufs, var_vals, amt, allow_test_size, disable_cache)
-        found.append(TunedKernel(s.ast.key.hex(), amt, bool(allow_test_size), s.ren.target.device, s.ren.suffix,
-                                 tuple((o.op.name, o.axis, o.arg) for o in out.applied_opts)))
-        return out
+    def wrap(original: Any) -> Any:
+        def beam_search(s: Any, rawbufs: Any, var_vals: Any, amt: int, allow_test_size: bool = True,
+                        disable_cache: Any = None) -> Any:
+            out = (original(s, rawbufs, var_vals, amt, allow_test_size) if disable_cache is None
+                   else original(s, rawbufs, var_vals, amt, allow_test_size, disable_cache))
+            found.append(TunedKernel(s.ast.key.hex(), amt, bool(allow_test_size), s.ren.target.device, s.ren.suffix,
+                                     tuple((o.op.name, o.axis, o.arg) for o in out.applied_opts)))
+            return out
 
-    search.beam_search = beam_search
-    try:
+        return beam_search
+
+    with _search_replaced(wrap):
         yield found
-    finally:
-        search.beam_search = original
